@@ -1,6 +1,7 @@
 """megachat.engine: the GPT under DeepSpeed on the tp x pp x dp grid, and one train step for every layout.
 
-- `init_distributed()` joins the launcher's world (gloo on CPU, nccl on CUDA: one switch).
+- `init_distributed()` joins the launcher's world (gloo on CPU, nccl on CUDA: one switch); base_train and
+  base_eval both call it.
 - `build_trainer(cfg)` checks the layout before any process group is created, builds the grid, builds the
   model on the meta device, materializes and initializes it (every tp shard is the slice of the same full
   init), and wraps it: pp > 1 -> DeepSpeed `PipelineModule` (embedding stage, blocks split evenly, head+loss)
@@ -73,9 +74,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(timeout_minutes: float = 30) -> None:
-    """Join the world the launcher (deepspeed / torchrun) describes in the environment; a plain `python`
-    run becomes a world of one. nccl on CUDA, gloo on CPU."""
+def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> None:
+    """Join the world the launcher (deepspeed / torchrun) describes in the environment; nccl on CUDA, gloo on
+    CPU. A plain `python` run (no RANK in the environment) becomes a world of one (the DeepSpeed engine needs
+    a process group), or with world_of_one=False stays without one and leaves os.environ alone (base_eval,
+    whose code runs with or without a group and is also called in-process by the tests)."""
+    if "RANK" not in os.environ and not world_of_one:
+        return
     import deepspeed
     if "RANK" not in os.environ:  # plain `python script.py`: one process, no MPI discovery
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",

@@ -52,19 +52,6 @@ def parse_args(argv=None):
     return args
 
 
-def init_distributed():
-    """Join the launcher's world (deepspeed/torchrun env); a plain `python` run is a world of one."""
-    if "RANK" not in os.environ:
-        return
-    import deepspeed
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    from megachat.parallel import without_deepspeed_shm_allreduce
-    without_deepspeed_shm_allreduce()
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
 def load_state_dict(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no weights at {path}: pass --checkpoint FILE (a full state dict under nanochat's "
@@ -138,6 +125,7 @@ def write_report(run_dir, rows, core_result, samples):
 
 def main(argv=None):
     args = parse_args(argv)
+    from megachat.engine import init_distributed
     from megachat.evaluation.core_eval import evaluate_core
     from megachat.evaluation.core_tasks import load_core_tasks
     from megachat.evaluation.loss_eval import evaluate_bpb
@@ -151,7 +139,7 @@ def main(argv=None):
     with open(cfg_path) as f:
         run_cfg = json.load(f)
     tokenizer = Tokenizer.load(args.tokenizer or run_cfg["tokenizer"])
-    init_distributed()
+    init_distributed(world_of_one=False)  # a plain `python` run evaluates without a process group
     grid = init_grid(args.tp, args.pp)
     rank = dist.get_rank() if dist.is_initialized() else 0
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
