@@ -18,7 +18,6 @@ with the same total batch sees the same samples at the same step, and a resume c
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megachat.evaluation.loss_eval import bpb_from_sums
 from megachat.parallel import Grid, check_layout, init_grid, without_deepspeed_shm_allreduce
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ds"
@@ -247,8 +247,8 @@ class Trainer:
     @torch.no_grad()
     def evaluate_bpb(self, dataset, token_bytes: torch.Tensor, num_samples: int) -> float:
         """Bits per byte over samples 0..num_samples-1 of `dataset`, split over dp ranks and computed through
-        the same engine (tp and pp included): sum(nats) / (ln 2 * sum(bytes)), special tokens (0 bytes)
-        excluded. num_samples must be a multiple of device_batch_size * dp."""
+        the same engine (tp and pp included), special tokens (0 bytes) excluded; the formula is
+        loss_eval.bpb_from_sums, as in base_eval. num_samples must be a multiple of device_batch_size * dp."""
         B, dp = self.cfg.device_batch_size, self.grid.dp
         if num_samples % (B * dp) or num_samples == 0:
             raise ValueError(f"eval samples {num_samples} must be a positive multiple of device_batch_size * dp "
@@ -284,7 +284,7 @@ class Trainer:
             # each dp rank has its own samples; tp ranks of one dp rank hold the same numbers
             dist.all_reduce(nats, group=self.grid.dp_group)
             dist.all_reduce(n_bytes, group=self.grid.dp_group)
-        return (nats / (math.log(2) * n_bytes)).item()
+        return bpb_from_sums(nats.item(), n_bytes.item())
 
     def gather_universal_state(self) -> dict | None:
         """Layout-independent training state on rank 0 (None elsewhere; collective over the world):

@@ -94,8 +94,8 @@ def greedy_samples(fwd, tokenizer, grid, device, n_tokens=16):
 
 def val_batches(val_prefix, seq_len, eval_tokens, device_batch_size, grid, device):
     """This rank's share of the first eval_tokens tokens of the validation data, as (x, y) batches."""
-    from megachat.data import GPTDataset
-    ds = GPTDataset([val_prefix], None, seq_len=seq_len, seed=0)
+    from megachat.evaluation.loss_eval import val_dataset
+    ds = val_dataset(val_prefix, seq_len)  # the order base_train's val bpb reads
     global_batch = device_batch_size * grid.dp
     steps = max(1, eval_tokens // (seq_len * global_batch))
     for step in range(steps):

@@ -89,6 +89,7 @@ def greedy_sample(cfg, state_dict, tokenizer, prompt: str, n_tokens: int) -> str
 def main(argv=None):
     args = parse_args(argv)
     from megachat.data import GPTDataset
+    from megachat.evaluation.loss_eval import val_dataset
     from megachat.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.tokenizer)
@@ -142,7 +143,7 @@ def main(argv=None):
 
     val, token_bytes, eval_samples = None, None, 0
     if args.val_data:
-        val = GPTDataset([args.val_data], None, seq_len=cfg.seq_len, seed=cfg.seed)
+        val = val_dataset(args.val_data, cfg.seq_len)  # the order base_eval's bpb reads, whatever --seed
         per_round = cfg.device_batch_size * grid.dp
         eval_samples = max(per_round, args.eval_tokens // cfg.seq_len // per_round * per_round)
         token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.int64)

@@ -222,3 +222,14 @@ def test_bad_layout_fails_before_training_with_a_clear_message(corpus, tmp_path)
     assert proc.returncode != 0
     assert "DeepSpeed's pipeline engine supports ZeRO-0/1 only" in proc.stdout
     assert "step      1" not in proc.stdout
+
+
+def test_val_bpb_of_training_equals_base_eval_on_the_final_weights(reference, tmp_path):
+    # the trainer's engine and base_eval's GridForward + loss_eval score the same validation samples
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import base_eval
+    for name in ("config.json", "model.pt"):  # base_eval writes its reports and TensorBoard events into --run
+        shutil.copy(reference / name, tmp_path / name)
+    base_eval.main(["--run", str(tmp_path), "--eval", "bpb", "--eval-tokens", "256", "--device-batch-size", "2"])
+    rows = dict(line.split(",", 1) for line in (tmp_path / "base_eval.csv").read_text().splitlines()[1:])
+    assert float(rows["val_bpb"]) == pytest.approx(curve(reference, "val_bpb")[STEPS], rel=1e-5)

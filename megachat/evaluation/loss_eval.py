@@ -10,6 +10,9 @@ ignore_index (-1). The model side is one function, so any layout plugs in (model
 `None` marks a rank that holds no loss (a pipeline stage before the last, or a tp rank other than 0, whose
 loss is a copy of tp rank 0's). The two sums are all-reduced over the whole world, so every rank returns the
 same bpb and each (dp slice) counts once.
+
+`val_dataset` gives the validation samples in one fixed order (VAL_SEED, not the run's --seed), so the val
+bpb that base_train logs and the one base_eval reports score the same first samples, for every run.
 """
 from __future__ import annotations
 
@@ -17,6 +20,15 @@ import math
 
 import torch
 import torch.distributed as dist
+
+VAL_SEED = 0  # the validation sample order; independent of the training seed so runs compare on the same samples
+
+
+def val_dataset(prefix, seq_len):
+    """The validation samples of PREFIX.bin/.idx as a GPTDataset in the VAL_SEED order (collective when a
+    process group exists, like every GPTDataset)."""
+    from megachat.data import GPTDataset
+    return GPTDataset([prefix], None, seq_len=seq_len, seed=VAL_SEED)
 
 
 def all_reduce_sum(t):
