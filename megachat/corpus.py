@@ -201,24 +201,25 @@ def _encode_task(job):
     """(task, all_val) -> (train_tokens, train_lengths, val_tokens, val_lengths, n_docs)."""
     task, all_val = job
     s = _state
-    enc, cap, fraction = s["tok"].enc, s["max_doc_tokens"], s["val_fraction"]
-    bos = np.array([s["tok"].bos_id], dtype=np.uint32)
+    # tiktoken's Rust encoder, called as encode_to_numpy calls it (no special tokens: their text stays plain
+    # text, = encode_ordinary) minus ~2 µs of Python wrapper a document; the uint32 buffers are joined as bytes.
+    encode, no_special = s["tok"].enc._core_bpe.encode_to_tiktoken_buffer, set()
+    cap, fraction = s["max_doc_tokens"], s["val_fraction"]
+    bos = np.array([s["tok"].bos_id], dtype=np.uint32).tobytes()
     pieces, lengths = {False: [], True: []}, {False: [], True: []}  # per split: bos, ids, bos, ids, ...
-    no_special = set()
     for text in read_task(task, s["text_column"], s["json_key"]):
-        # = encode_ordinary (special-token text stays plain text) but straight into numpy: ~10 % faster
-        ids = enc.encode_to_numpy(text, allowed_special=no_special, disallowed_special=())
-        if len(ids) + 1 > cap:
-            raise ValueError(f"{task[0]}: a document of {len(ids) + 1} tokens (starting {text[:40]!r}) exceeds "
+        ids = encode(text, no_special)
+        n = memoryview(ids).nbytes // 4 + 1
+        if n > cap:
+            raise ValueError(f"{task[0]}: a document of {n} tokens (starting {text[:40]!r}) exceeds "
                              f"--max-doc-tokens {cap}; split it into smaller documents (e.g. jsonl, one per line)")
         split = all_val or _is_val(text, fraction)
         pieces[split] += (bos, ids)
-        lengths[split].append(len(ids) + 1)
+        lengths[split].append(n)
     out = []
     for split in (False, True):
-        # one C-level copy; ids < vocab_size, so the narrowing cast is exact
-        tokens = np.concatenate(pieces[split], dtype=s["dtype"], casting="unsafe") if pieces[split] else \
-            np.empty(0, s["dtype"])
+        # ids < vocab_size, so the narrowing cast is exact
+        tokens = np.frombuffer(b"".join(pieces[split]), dtype=np.uint32).astype(s["dtype"])
         out += [tokens, np.array(lengths[split], dtype=np.int64)]
     return (*out, len(lengths[False]) + len(lengths[True]))
 

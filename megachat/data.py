@@ -151,14 +151,14 @@ class IndexedDatasetWriter:
         if lengths.size and int(lengths.max()) > MAX_DOC_TOKENS:
             raise ValueError(f"{self.prefix}: a document of {int(lengths.max())} tokens exceeds the .idx limit of "
                              f"{MAX_DOC_TOKENS} (int32 lengths); split it into smaller documents")
-        if tokens.size:
+        if tokens.size and tokens.dtype != self.dtype:  # ids already in self.dtype fit it by definition
             lo, hi = int(tokens.min()), int(tokens.max())
             if lo < self._limits[0] or hi > self._limits[1]:
                 bad = hi if hi > self._limits[1] else lo
                 raise ValueError(f"{self.prefix}.bin: token id {bad} does not fit {self.dtype}; write it with "
                                  "dtype int32 (vocabularies above 65,536 ids need int32)")
-        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
-        self._lens.write(lengths.astype(np.int32).tobytes())
+        self._bin.write(np.ascontiguousarray(tokens, self.dtype).data)
+        self._lens.write(lengths.astype(np.int32).data)
         self.num_docs += lengths.size
         self.num_tokens += tokens.size
 

@@ -10,6 +10,7 @@
 This module must not import torch: the preprocessing workers import it.
 """
 import base64
+import functools
 import json
 import os
 
@@ -41,7 +42,6 @@ class Tokenizer:
         self.enc = enc
         self.bos_id = enc._special_tokens["<|bos|>"]
         self.vocab_size = enc.n_vocab
-        self.token_bytes = self._byte_lengths()
 
     # ---- training, saving, loading ----
     @classmethod
@@ -91,7 +91,10 @@ class Tokenizer:
         return cls(tiktoken.Encoding("megachat", pat_str=meta["pattern"], mergeable_ranks=ranks,
                                      special_tokens=meta["special_tokens"]))
 
-    def _byte_lengths(self):
+    @functools.cached_property
+    def token_bytes(self):
+        """int32 [vocab]: the UTF-8 byte length of every id (what bits-per-byte divides by); computed on first use,
+        since preprocessing, which loads the tokenizer in every run, never needs it."""
         lengths = np.zeros(self.vocab_size, dtype=np.int32)
         for tok, rank in self.enc._mergeable_ranks.items():
             lengths[rank] = len(tok)

@@ -4,8 +4,8 @@
 
 Rows (printed as a markdown table):
 - limit: cores x tiktoken's single-thread encode_ordinary speed on the same documents (measured here);
-- preprocessing end to end: `tools/preprocess_data.py` in a fresh process on the corpus repeated --multiple times
-  (start-up, reading, writing included), tokens / wall seconds;
+- preprocessing end to end: `tools/preprocess_data.py` in a fresh process on the corpus repeated 1, 10 and
+  --multiple times (start-up, reading, writing included), tokens / wall seconds;
 - loader: GPTDataset random global-sample access on one core (seq_len 2048) and get_batch, next to copying the
   same bytes from the same offsets of the memory-mapped .bin;
 - peak RSS of the preprocessing parent and of its largest worker at 1x and --multiple x the input.
@@ -63,7 +63,9 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--samples", type=int, default=20000, help="random samples read in the loader benchmark")
-    p.add_argument("--multiple", type=int, default=10, help="the large input is the corpus repeated this many times")
+    p.add_argument("--multiple", type=int, default=70,
+                   help="the large input is the corpus repeated this many times (70: ~240 MB of text, about one "
+                        "FineWeb-Edu shard of ~250 M characters); 1x and 10x are always measured too")
     p.add_argument("--repeat", type=int, default=3, help="preprocessing rounds; the best of each is reported")
     p.add_argument("--vocab-sweep", action="store_true", help="also compare demo tokenizer vocabulary sizes")
     args = p.parse_args(argv)
@@ -93,29 +95,28 @@ def main(argv=None):
 
     with tempfile.TemporaryDirectory() as tmp:
         m = args.multiple
-        big = os.path.join(tmp, f"x{m}.jsonl")
-        with open(big, "wb") as f:
-            data = open(corpus, "rb").read()
-            for _ in range(m):
-                f.write(data)
-        small = os.path.join(tmp, "x1.jsonl")
-        shutil.copy(corpus, small)
-        # Best of --repeat rounds, each measuring the limit and the runs back to back: on a shared machine the
-        # cores other processes leave us change from second to second.
+        data = open(corpus, "rb").read()
+        inputs = {}
+        for k in sorted({1, 10, m}):
+            inputs[k] = os.path.join(tmp, f"x{k}.jsonl")
+            with open(inputs[k], "wb") as f:
+                for _ in range(k):
+                    f.write(data)
         tiny = os.path.join(tmp, "tiny.jsonl")
         with open(tiny, "w") as f:
             f.write(json.dumps({"text": "one short document"}) + "\n")
-        speeds, parallel, runs = [], [], {"x1": [], "big": [], "big1": [], "tiny": []}
+        # Best of --repeat rounds, each measuring the limit and the runs back to back: on a shared machine the
+        # cores other processes leave us change from second to second.
+        speeds, parallel, runs = [], [], {"tiny": [], **{k: [] for k in inputs}, "big1": []}
         for r in range(args.repeat):
             speeds.append(encode_speed())
             parallel.append(parallel_encode_speed())
             runs["tiny"].append(preprocess_run(tiny, tok_dir, os.path.join(tmp, f"tiny_{r}"), args.workers))
-            runs["x1"].append(preprocess_run(small, tok_dir, os.path.join(tmp, f"x1_{r}"), args.workers))
-            runs["big"].append(preprocess_run(big, tok_dir, os.path.join(tmp, f"x{m}_{r}"), args.workers))
+            for k, path in inputs.items():
+                runs[k].append(preprocess_run(path, tok_dir, os.path.join(tmp, f"x{k}_{r}"), args.workers))
             # one worker against one thread: the pipeline's own overhead, whatever else runs on the other core
-            runs["big1"].append(preprocess_run(big, tok_dir, os.path.join(tmp, f"x{m}_1worker_{r}"), 1))
-        (n1, wall1, rss1), (n10, wall10, rss10), (n1w, wall1w, _), (_, wall0, _) = (
-            min(v, key=lambda x: x[1]) for v in runs.values())
+            runs["big1"].append(preprocess_run(inputs[m], tok_dir, os.path.join(tmp, f"x{m}_1worker_{r}"), 1))
+        best = {k: min(v, key=lambda x: x[1]) for k, v in runs.items()}  # (tokens, wall, rss) of the fastest round
         single, single_cpu = max(w for w, _ in speeds), max(c for _, c in speeds)
         limit = args.workers * single
         rows.append(("tiktoken encode_ordinary, 1 thread, same text", f"{single / 1e6:.2f} M tokens/s",
@@ -124,22 +125,25 @@ def main(argv=None):
         rows.append((f"encode_ordinary in {args.workers} processes at once (workers x slowest)",
                      f"{max(parallel) / 1e6:.2f} M tokens/s",
                      f"{100 * max(parallel) / limit:.0f} % of limit: the cores we get; best of {args.repeat}"))
-        rows.append(("preprocess end to end, 1 short document (start-up cost)", f"{wall0:.2f} s", ""))
-        rows.append((f"preprocess end to end, 1x input ({n1 / 1e6:.2f} M tokens)", f"{n1 / wall1 / 1e6:.2f} M tokens/s",
-                     f"{100 * n1 / wall1 / limit:.0f} % of limit; best of {args.repeat}"))
-        rows.append((f"preprocess end to end, {m}x input ({n10 / 1e6:.2f} M tokens)",
-                     f"{n10 / wall10 / 1e6:.2f} M tokens/s",
-                     f"{100 * n10 / wall10 / limit:.0f} % of limit; best of {args.repeat}"))
-        rows.append((f"preprocess end to end, {m}x input, --workers 1", f"{n1w / wall1w / 1e6:.2f} M tokens/s",
-                     f"{100 * n1w / wall1w / single:.0f} % of 1 thread; best of {args.repeat}"))
+        rows.append(("preprocess end to end, 1 short document (start-up cost)", f"{best['tiny'][1]:.2f} s", ""))
+        for k in inputs:
+            n, wall, _ = best[k]
+            what = " (about one FineWeb-Edu shard of text)" if k == m and m >= 50 else ""
+            rows.append((f"preprocess end to end, {k}x input ({n / 1e6:.2f} M tokens){what}",
+                         f"{n / wall / 1e6:.2f} M tokens/s",
+                         f"{100 * n / wall / limit:.0f} % of limit; best of {args.repeat}"))
+        n, wall, _ = best["big1"]
+        rows.append((f"preprocess end to end, {m}x input, --workers 1", f"{n / wall / 1e6:.2f} M tokens/s",
+                     f"{100 * n / wall / single:.0f} % of 1 thread; best of {args.repeat}"))
         # CPU seconds do not depend on how many cores other jobs leave us: the pipeline's own efficiency
-        cpu_speed = max(n10 / run[2]["cpu_s"] for run in runs["big"])
+        cpu_speed = max(best[m][0] / run[2]["cpu_s"] for run in runs[m])
         rows.append(("tiktoken encode_ordinary, tokens per CPU second", f"{single_cpu / 1e6:.2f} M tokens/s", ""))
         rows.append((f"preprocess {m}x input, {args.workers} workers: tokens per CPU second (parent + workers, "
                      "start-up included)", f"{cpu_speed / 1e6:.2f} M tokens/s",
                      f"{100 * cpu_speed / single_cpu:.0f} % of encode_ordinary; best of {args.repeat}"))
-        for label, rss in (("1x", rss1), (f"{m}x", rss10)):
-            rows.append((f"preprocess peak RSS, {label} input", f"parent {rss['parent_kb'] / 1024:.0f} MiB",
+        for k in (1, m):
+            rss = best[k][2]
+            rows.append((f"preprocess peak RSS, {k}x input", f"parent {rss['parent_kb'] / 1024:.0f} MiB",
                          f"largest worker {rss['worker_kb'] / 1024:.0f} MiB"))
 
         # loader: one core, random global samples
