@@ -53,12 +53,36 @@ def rope(x, cos, sin, offset=0):
     return reference.rope(x, cos, sin, offset)
 
 
+class ReLU2(torch.autograd.Function):
+    """relu(x)**2 that saves only its output y for backward: dx = 2 * sqrt(y) * dy (relu(x) = sqrt(y)).
+
+    The MLP's down-projection saves y anyway, so no copy of x (the up-projection's [tokens, 4 * n_embd] output)
+    is kept. The same function runs on both paths: the Triton kernels or the torch reference compute each step.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        if use_triton(x):
+            from .relu2_kernel import relu2_forward
+            y = relu2_forward(x.contiguous())
+        else:
+            y = reference.relu2(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        if use_triton(y):
+            from .relu2_kernel import relu2_backward
+            return relu2_backward(dy.contiguous(), y)
+        return reference.relu2_backward(dy, y)
+
+
 def relu2(x):
-    """relu(x)**2, same shape/dtype."""
-    if use_triton(x):
-        from .relu2_kernel import relu2 as fused
-        return fused(x)
-    return reference.relu2(x)
+    """relu(x)**2, same shape/dtype; autograd keeps only the output (see ReLU2)."""
+    return ReLU2.apply(x)
 
 
 def newton_schulz(G, steps=5, compute_dtype=torch.bfloat16):

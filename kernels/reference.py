@@ -4,7 +4,7 @@ Each function reproduces nanochat's numerics (late-October-2025 `gpt.py` / `muon
 - rmsnorm: `F.rms_norm(x, (x.size(-1),))`, eps = torch's default: the epsilon of the
   op-math type (fp32's 1.19e-7 for bf16/fp16/fp32 inputs, not bf16's 0.0078).
 - rope: `apply_rotary_emb` with half-split pairs; the multiply-adds run in fp32 on the (bf16) table values.
-- relu2: `F.relu(x).square()`.
+- relu2: `F.relu(x).square()`; its gradient from the output, 2·sqrt(y)·dy (`relu2_backward`).
 - newton_schulz: `zeropower_via_newtonschulz5` (bf16 by default), cast back to G's dtype.
 - softcap_cross_entropy: `15 * tanh(logits / 15)`, `.float()`, `F.cross_entropy(ignore_index=-1)` per token,
   written for a vocab shard with the max / sum-exp / target logit all-reduced over the tp group.
@@ -35,6 +35,12 @@ def rope(x, cos, sin, offset=0):
 
 def relu2(x):
     return F.relu(x).square()
+
+
+def relu2_backward(dy, y):
+    """Gradient of relu2 from its output y = relu(x)**2: 2 * sqrt(y) * dy, in fp32 (or fp64), y's dtype."""
+    math_dtype = torch.promote_types(y.dtype, torch.float32)
+    return (2 * y.to(math_dtype).sqrt() * dy.to(math_dtype)).to(y.dtype)
 
 
 def softcap(logits, cap=15.0):

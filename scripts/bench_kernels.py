@@ -18,6 +18,7 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, 
 
 import torch  # noqa: E402
 
+from megachat import kernels  # noqa: E402
 from megachat.kernels import h100  # noqa: E402
 
 HBM = h100.H100_HBM_BYTES_PER_S
@@ -89,7 +90,7 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
     if "relu2" in only:
         x = torch.randn(tokens, 4 * n_embd, device=dev, dtype=bf)
         f, b = relu2_kernel.h100_specs(tokens, n_embd)
-        three_way(f"relu2 [{tokens}x{4 * n_embd}] bf16", relu2_kernel.relu2, reference.relu2, x,
+        three_way(f"relu2 [{tokens}x{4 * n_embd}] bf16", kernels.relu2, reference.relu2, x,
                   fwd_bytes=f.bytes_moved, bwd_bytes=b.bytes_moved)
     if "softcap_ce" in only:
         n, v = ce_tokens, vocab  # 16K tokens: the unfused path's fp32 copies of 64K tokens would not fit in 80 GB

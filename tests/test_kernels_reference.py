@@ -77,6 +77,44 @@ def test_rope_rejects_tables_not_shaped_t_by_half_head_dim():
         kernels.rope(torch.zeros(1, 5, 1, 4), cos[None, :, None], sin[None, :, None])
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1.5 * 2.0 ** -8)])
+def test_relu2_gradient_from_its_output_matches_float64(dtype, tol):
+    # dx = 2 * sqrt(y) * dy: the stored y's rounding is halved by sqrt, then dx is rounded once.
+    torch.manual_seed(0)
+    x = (torch.randn(300, 257) * 4).to(dtype)
+    dy = torch.randn(300, 257).to(dtype)
+    xr = x.clone().requires_grad_()
+    kernels.relu2(xr).backward(dy)
+    want = 2 * x.double().clamp(min=0) * dy.double()
+    err = (xr.grad.double() - want).abs()
+    assert xr.grad.dtype == dtype
+    assert (err <= tol * want.abs() + 1e-30).all(), f"max rel err {(err / want.abs().clamp(min=1e-30)).max()}"
+
+
+def test_mlp_autograd_keeps_the_relu2_output_but_not_the_up_projection():
+    from megachat.model import MLP, GPTConfig
+    from megachat.parallel import Grid
+    torch.manual_seed(0)
+    mlp = MLP(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=4, n_kv_head=4, n_embd=64), Grid())
+    for p in mlp.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    params = {p.untyped_storage().data_ptr() for p in mlp.parameters()}
+    saved = {}  # storage -> bytes of every activation autograd keeps for backward
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(2, 16, 64, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = mlp(x)
+    # c_fc keeps x, c_proj keeps y = relu2(c_fc(x)) [.., 256]; relu2 adds nothing (h or relu(h) would add 4 * x).
+    assert sorted(saved.values()) == [x.nbytes, 4 * x.nbytes]
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all()
+
+
 def nanochat_loss(logits, targets):
     capped = (15 * torch.tanh(logits / 15)).float()
     return F.cross_entropy(capped, targets, ignore_index=-1, reduction="none")
