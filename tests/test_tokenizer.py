@@ -1,25 +1,10 @@
-"""Tokenizer: rustbpe training, tiktoken save/load, the specials, token byte lengths, chat rendering and its errors."""
-import json
-import os
-
+"""Tokenizer: rustbpe training, tiktoken save/load, the specials, token byte lengths, chat rendering and its errors.
+`tok` (conftest.py) is a 512-id tokenizer trained on the demo corpus sample `texts`."""
 import numpy as np
 import pytest
 import tiktoken
 
 from megachat.tokenizer import SPECIAL_TOKENS, Tokenizer
-
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "demo_corpus_sample.jsonl")
-
-
-@pytest.fixture(scope="module")
-def texts():
-    with open(FIXTURE, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
-
-@pytest.fixture(scope="module")
-def tok(texts):
-    return Tokenizer.train(iter(texts), vocab_size=512)
 
 
 def test_vocab_is_bytes_merges_then_the_nine_specials(tok):

@@ -27,21 +27,8 @@ def load_tool(name):
     return module
 
 
-train_tokenizer, preprocess_data, merge_shards, fetch_data = map(
-    load_tool, ["train_tokenizer", "preprocess_data", "merge_shards", "fetch_data"])
-
-
-@pytest.fixture(scope="module")
-def texts():
-    with open(FIXTURE, encoding="utf-8") as f:
-        return [json.loads(line)["text"] for line in f]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("tok") / "tokenizer")
-    train_tokenizer.main(["--input", FIXTURE, "--vocab-size", "512", "--output", out])
-    return out
+preprocess_data, merge_shards, fetch_data = map(load_tool, ["preprocess_data", "merge_shards", "fetch_data"])
+# texts (the documents of FIXTURE) and tok_dir (tools/train_tokenizer.py's 512-id tokenizer of them): conftest.py
 
 
 def write_jsonl(path, docs, key="text"):
