@@ -11,7 +11,7 @@ import torch
 
 from . import reference
 
-__all__ = ["rmsnorm", "rope", "relu2", "newton_schulz", "softcap_cross_entropy", "softcap", "attention",
+__all__ = ["rmsnorm", "rope", "rope_qk", "relu2", "newton_schulz", "softcap_cross_entropy", "softcap", "attention",
            "use_triton"]
 
 
@@ -39,18 +39,35 @@ def rmsnorm(x):
     return reference.rmsnorm(x)
 
 
-def rope(x, cos, sin, offset=0):
-    """x [B, T, H, D] rotated with table rows offset..offset+T of cos/sin [T_max, D//2]; fp32 math, x's dtype."""
+def _check_rope(x, cos, sin, offset):
     if cos.ndim != 2 or sin.shape != cos.shape or x.ndim != 4 or cos.size(1) * 2 != x.size(3):
         raise ValueError(f"rope: expected x [B, T, H, D] and cos/sin [T_max, D//2], got {tuple(x.shape)}, "
                          f"{tuple(cos.shape)}, {tuple(sin.shape)}; squeeze the tables to 2-D")
     if x.size(1) + offset > cos.size(0):
         raise ValueError(f"rope: positions {offset}..{offset + x.size(1) - 1} exceed the cos/sin table of "
                          f"{cos.size(0)} rows; build the tables for a longer sequence")
+
+
+def rope(x, cos, sin, offset=0):
+    """x [B, T, H, D] rotated with table rows offset..offset+T of cos/sin [T_max, D//2]; fp32 math, x's dtype."""
+    _check_rope(x, cos, sin, offset)
     if use_triton(x):
         from .rope_kernel import rope as fused
         return fused(x, cos, sin, offset)
     return reference.rope(x, cos, sin, offset)
+
+
+def rope_qk(q, k, cos, sin, offset=0):
+    """(rope(q), rope(k)) for q [B, T, Hq, D] and k [B, T, Hk, D] (GQA: Hk < Hq); one Triton launch for both."""
+    _check_rope(q, cos, sin, offset)
+    _check_rope(k, cos, sin, offset)
+    if q.shape[:2] != k.shape[:2] or q.size(3) != k.size(3) or q.dtype != k.dtype:
+        raise ValueError(f"rope_qk: q and k must share B, T, head_dim and dtype, got {tuple(q.shape)} "
+                         f"{q.dtype} and {tuple(k.shape)} {k.dtype}; rotate them with two rope calls")
+    if use_triton(q):
+        from .rope_kernel import rope_qk as fused
+        return fused(q, k, cos, sin, offset)
+    return reference.rope(q, cos, sin, offset), reference.rope(k, cos, sin, offset)
 
 
 class ReLU2(torch.autograd.Function):

@@ -138,7 +138,7 @@ class CausalSelfAttention(nn.Module):
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = kernels.rope(q, self.cos, self.sin), kernels.rope(k, self.cos, self.sin)
+        q, k = kernels.rope_qk(q, k, self.cos, self.sin)
         q, k = kernels.rmsnorm(q), kernels.rmsnorm(k)  # QK-norm, after RoPE as in nanochat
         y = kernels.attention(q, k, v, causal=True)
         return self.c_proj(y.reshape(B, T, -1))

@@ -51,11 +51,13 @@ def _row(label, ms, nbytes=None, flops=None):
     print(f"  {label:34s} {ms * 1e3:10.1f} us  {extra}")
 
 
-def _fwd_bwd(fn, x, *args):
+def _fwd_bwd(fn, *args, n_grad=1):
+    """Forward + backward of fn(*args) with gradients for the first n_grad args (fn may return a tuple)."""
     def run():
-        xx = x.detach().requires_grad_()
-        y = fn(xx, *args)
-        y.backward(torch.ones_like(y))
+        xs = [a.detach().requires_grad_() for a in args[:n_grad]]
+        ys = fn(*xs, *args[n_grad:])
+        ys = ys if isinstance(ys, tuple) else (ys,)
+        torch.autograd.backward(ys, [torch.ones_like(y) for y in ys])
     return run
 
 
@@ -68,12 +70,12 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
     print(f"\nGPU timings on {name} (median of triton.testing.do_bench; % of 3.35 TB/s HBM or 989 TFLOP/s bf16)")
     bf = torch.bfloat16
 
-    def three_way(name, fused, ref, x, *args, fwd_bytes, bwd_bytes):
+    def three_way(name, fused, ref, *args, n_grad=1, fwd_bytes, bwd_bytes):
         print(name)
         compiled = torch.compile(ref)
         for label, fn in (("triton", fused), ("torch eager", ref), ("torch.compile", compiled)):
-            _row(f"{label} fwd", _bench_ms(lambda: fn(x, *args)), fwd_bytes)
-            _row(f"{label} fwd+bwd", _bench_ms(_fwd_bwd(fn, x, *args)), fwd_bytes + bwd_bytes)
+            _row(f"{label} fwd", _bench_ms(lambda: fn(*args)), fwd_bytes)
+            _row(f"{label} fwd+bwd", _bench_ms(_fwd_bwd(fn, *args, n_grad=n_grad)), fwd_bytes + bwd_bytes)
 
     if "rmsnorm" in only:
         x = torch.randn(tokens, n_embd, device=dev, dtype=bf)
@@ -81,12 +83,16 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
         three_way(f"rmsnorm [{tokens}x{n_embd}] bf16", rmsnorm_kernel.rmsnorm, reference.rmsnorm, x,
                   fwd_bytes=f.bytes_moved, bwd_bytes=b.bytes_moved)
     if "rope" in only:
-        x = torch.randn(tokens // seq, seq, n_head, head_dim, device=dev, dtype=bf)
+        q = torch.randn(tokens // seq, seq, n_head, head_dim, device=dev, dtype=bf)
+        k = torch.randn(tokens // seq, seq, n_head, head_dim, device=dev, dtype=bf)  # d20: no GQA
         cos = torch.randn(10 * seq, head_dim // 2, device=dev, dtype=bf)
         sin = torch.randn(10 * seq, head_dim // 2, device=dev, dtype=bf)
-        f, b = rope_kernel.h100_specs(tokens, n_head, head_dim, seq)
-        three_way(f"rope {list(x.shape)} bf16", rope_kernel.rope, reference.rope, x, cos, sin, 0,
-                  fwd_bytes=f.bytes_moved, bwd_bytes=b.bytes_moved)
+        f, b = rope_kernel.h100_specs(tokens, n_head, n_head, head_dim, seq)
+
+        def rope_qk_reference(q, k, cos, sin):
+            return reference.rope(q, cos, sin), reference.rope(k, cos, sin)
+        three_way(f"rope q and k {list(q.shape)} each, bf16", kernels.rope_qk, rope_qk_reference, q, k, cos, sin,
+                  n_grad=2, fwd_bytes=f.bytes_moved, bwd_bytes=b.bytes_moved)
     if "relu2" in only:
         x = torch.randn(tokens, 4 * n_embd, device=dev, dtype=bf)
         f, b = relu2_kernel.h100_specs(tokens, n_embd)

@@ -116,11 +116,63 @@ def test_rope_bf16_matches_float64_on_bf16_inputs():
 
 def test_rope_writes_every_element_of_poisoned_buffers():
     cos, sin = tables(50, 24)
-    x = torch.randn(2, 50, 3, 48)
-    y = rope_kernel.rope_apply(x, cos, sin, 0, out=poisoned(x))
-    torch.testing.assert_close(y, reference.rope(x, cos, sin, 0), rtol=1e-6, atol=1e-6)
-    back = rope_kernel.rope_apply(y, cos, sin, 0, backward=True, out=poisoned(x))
-    assert torch.isfinite(back).all()
+    q, k = torch.randn(2, 50, 3, 48), torch.randn(2, 50, 1, 48)
+    yq, yk = rope_kernel.rope_apply((q, k), cos, sin, 0, outs=(poisoned(q), poisoned(k)))
+    torch.testing.assert_close(yq, reference.rope(q, cos, sin, 0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(yk, reference.rope(k, cos, sin, 0), rtol=1e-6, atol=1e-6)
+    bq, bk = rope_kernel.rope_apply((yq, yk), cos, sin, 0, backward=True, outs=(poisoned(q), poisoned(k)))
+    # The backward is the transposed rotation: sin negated (the random tables are not unit rotations).
+    torch.testing.assert_close(bq, reference.rope(yq, cos, -sin, 0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(bk, reference.rope(yk, cos, -sin, 0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("hq,hk,offset", [(1, 1, 0), (6, 2, 3), (5, 5, 11)])
+def test_rope_qk_fp32_forward_and_backward_match_reference_with_gqa(hq, hk, offset):
+    cos, sin = tables(400, 33)
+    q, k = torch.randn(3, 257, hq, 66), torch.randn(3, 257, hk, 66)  # q and k rows end mid-program
+    q1, k1 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q2, k2 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    yq, yk = kernels.rope_qk(q1, k1, cos, sin, offset)
+    wq, wk = reference.rope(q2, cos, sin, offset), reference.rope(k2, cos, sin, offset)
+    torch.testing.assert_close(yq, wq, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(yk, wk, rtol=1e-6, atol=1e-6)
+    gq, gk = torch.randn_like(wq), torch.randn_like(wk)
+    ((yq * gq).sum() + (yk * gk).sum()).backward()
+    ((wq * gq).sum() + (wk * gk).sum()).backward()
+    torch.testing.assert_close(q1.grad, q2.grad, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(k1.grad, k2.grad, rtol=1e-6, atol=1e-6)
+
+
+def test_rope_qk_bf16_matches_float64_on_bf16_inputs():
+    cos, sin = tables(64, 16)
+    q, k = torch.randn(2, 30, 4, 32).bfloat16(), torch.randn(2, 30, 2, 32).bfloat16()
+    dq, dk = torch.randn_like(q), torch.randn_like(k)
+    qr, kr = q.clone().requires_grad_(), k.clone().requires_grad_()
+    yq, yk = kernels.rope_qk(qr, kr, cos, sin, 7)
+    ((yq.float() * dq).sum() + (yk.float() * dk).sum()).backward()
+    for x, y, d, grad in ((q, yq, dq, qr.grad), (k, yk, dk, kr.grad)):
+        x64 = x.double().requires_grad_()
+        y64 = reference.rope(x64, cos.double(), sin.double(), 7)
+        y64.backward(d.double())
+        assert y.dtype == grad.dtype == torch.bfloat16
+        assert_bf16_close(y, y64.detach())
+        assert_bf16_close(grad, x64.grad)
+
+
+def test_rope_qk_rotates_q_and_k_in_one_launch_each_way(monkeypatch):
+    launches = []
+    kernel = rope_kernel._rope_kernel
+
+    class Counting:
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return kernel[grid]
+    monkeypatch.setattr(rope_kernel, "_rope_kernel", Counting())
+    cos, sin = tables(16, 8)
+    q, k = torch.randn(1, 16, 4, 16, requires_grad=True), torch.randn(1, 16, 2, 16, requires_grad=True)
+    yq, yk = kernels.rope_qk(q, k, cos, sin)
+    (yq.sum() + yk.sum()).backward()
+    assert len(launches) == 2 and q.grad is not None and k.grad is not None
 
 
 # ---------------------------------------------------------------- relu2
