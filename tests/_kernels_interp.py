@@ -304,6 +304,23 @@ def test_newton_schulz_symmetric_products_match_matmul_and_fill_poisoned_buffers
     torch.testing.assert_close(Y, 3.4445 * X + B @ X, rtol=1e-5, atol=1e-2)
 
 
+def test_newton_schulz_tile_pair_numbering_covers_the_upper_triangle_once():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def pairs(OUT, n, BLOCK: tl.constexpr):
+        p = tl.arange(0, BLOCK)
+        i, j = newton_schulz_kernel._tile_pair(p)
+        tl.store(OUT + 2 * p, i, mask=p < n)
+        tl.store(OUT + 2 * p + 1, j, mask=p < n)
+    tiles = 181  # 16,471 pairs: more tile pairs than 4096 rows in 32-row tiles give
+    n = tiles * (tiles + 1) // 2
+    out = torch.full((n, 2), -1, dtype=torch.int32)
+    pairs[(1,)](out, n, BLOCK=triton.next_power_of_2(n))
+    assert out.tolist() == [[i, j] for j in range(tiles) for i in range(j + 1)]
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (33, 33), (2, 70, 45), (45, 70)])
 def test_newton_schulz_fp32_matches_reference(shape):
     G = torch.randn(shape)
@@ -323,6 +340,11 @@ def test_newton_schulz_bf16_tracks_float64_iteration_on_bf16_inputs():
     assert out.dtype == torch.bfloat16
     # bf16 storage of X, A, B between products: a few percent, like nanochat's own bf16 iteration.
     assert ((out.double() - X).norm() / X.norm()).item() < 0.03
+
+
+def test_newton_schulz_rejects_compute_dtypes_without_kernels():
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        kernels.newton_schulz(torch.randn(8, 8), compute_dtype=torch.float16)
 
 
 def test_newton_schulz_bf16_matches_nanochat_golden():
