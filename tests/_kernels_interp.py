@@ -7,7 +7,6 @@ fp32 against its reference, in bf16 against a float64 computation on the same bf
 (one row, non-power-of-two widths, many rows), and with NaN-poisoned output buffers so unwritten elements fail.
 """
 import os
-import socket
 
 if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MEGACHAT_TRITON") != "1":
     raise RuntimeError("tests/_kernels_interp.py needs TRITON_INTERPRET=1 and MEGACHAT_TRITON=1 in the environment; "
@@ -15,12 +14,12 @@ if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MEGACHAT_TRITON"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from megachat import kernels  # noqa: E402
 from megachat.kernels import newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel, rope_kernel  # noqa: E402
 from megachat.kernels import softcap_ce_kernel  # noqa: E402
+
+from _dist import run_gloo, vocab_split_softcap_ce  # noqa: E402
 
 BF16_EPS = 2.0 ** -8  # unit roundoff of bf16 (8 significant bits)
 
@@ -259,35 +258,14 @@ def test_softcap_ce_writes_every_element_of_poisoned_buffers():
     assert torch.isfinite(d).all()
 
 
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _tp2_worker(rank, port, logits, targets, w, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        v = logits.size(1) // 2
-        shard = logits[:, rank * v:(rank + 1) * v].clone().requires_grad_()
-        loss = kernels.softcap_cross_entropy(shard, targets, vocab_start=rank * v, group=dist.group.WORLD)
-        (loss * w).sum().backward()
-        torch.save({"loss": loss.detach(), "grad": shard.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_softcap_ce_tp2_triton_matches_unsharded_reference(tmp_path):
+def test_softcap_ce_tp2_triton_matches_unsharded_reference():
     logits, targets = ce_inputs(23, 600)
     targets[1], targets[2] = 299, 300  # the last id of shard 0 and the first of shard 1
     w = torch.rand(23)
-    mp.spawn(_tp2_worker, args=(_free_port(), logits, targets, w, str(tmp_path)), nprocs=2, join=True)
+    r = run_gloo(vocab_split_softcap_ce, 2, logits, targets, w)
     full = logits.clone().requires_grad_()
     want = reference.softcap_cross_entropy(full, targets)
     (want * w).sum().backward()
-    r = [torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in range(2)]
     for ri in r:
         torch.testing.assert_close(ri["loss"], want.detach(), rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(torch.cat([r[0]["grad"], r[1]["grad"]], 1), full.grad, rtol=1e-4, atol=1e-6)

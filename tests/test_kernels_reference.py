@@ -1,14 +1,11 @@
 """The torch references of megachat.kernels reproduce nanochat's numerics (golden fixture and nanochat's formulas),
 and the vocab-parallel cross-entropy over a real 2-process gloo group equals the unsharded one."""
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
+from _dist import run_gloo, vocab_split_softcap_ce
 
 from megachat import kernels
 from megachat.kernels import reference
@@ -136,40 +133,18 @@ def test_softcap_cross_entropy_matches_nanochat_loss_and_gradient():
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _tp2_worker(rank, port, logits, targets, weights, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=__import__("datetime").timedelta(seconds=60))
-    try:
-        v_local = logits.size(1) // 2
-        shard = logits[:, rank * v_local:(rank + 1) * v_local].clone().requires_grad_()
-        loss = kernels.softcap_cross_entropy(shard, targets, vocab_start=rank * v_local, group=dist.group.WORLD)
-        (loss * weights).sum().backward()
-        torch.save({"loss": loss.detach(), "grad": shard.grad}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.timeout(120)
-def test_softcap_cross_entropy_tp2_matches_unsharded(tmp_path):
+def test_softcap_cross_entropy_tp2_matches_unsharded():
     torch.manual_seed(0)
     logits = torch.randn(11, 64) * 20
     targets = torch.randint(0, 64, (11,))
     targets[3] = -1
     targets[5], targets[6] = 0, 63  # the first and last id of the two shards' ranges
     weights = torch.rand(11)
-    mp.spawn(_tp2_worker, args=(_free_port(), logits, targets, weights, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = run_gloo(vocab_split_softcap_ce, 2, logits, targets, weights)
     full = logits.clone().requires_grad_()
     want = kernels.softcap_cross_entropy(full, targets)
     (want * weights).sum().backward()
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2))
     torch.testing.assert_close(r0["loss"], want.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(r1["loss"], want.detach(), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(torch.cat([r0["grad"], r1["grad"]], 1), full.grad, rtol=1e-5, atol=1e-7)
