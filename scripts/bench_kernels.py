@@ -1,11 +1,13 @@
 """Numbers for the fused Triton kernels (issue 5).
 
 Always (no GPU needed): for every kernel launch at d20 sizes (n_embd 1280, seq 2048, batch 32 -> 65,536 tokens,
-vocab 65,536, 10 heads of 128) the HBM bytes and FLOPs per call, and from the code compiled for an H100 (sm_90):
-registers, spills, shared memory, whether global loads are 16 bytes wide, and the H100 lower bound on the time
-(bytes / 3.35 TB/s or FLOPs / 989 TFLOP/s).
+vocab 65,536, 10 heads of 128; Newton-Schulz in every tile its autotuner may pick) the HBM bytes and FLOPs per
+call, and from the code compiled for an H100 (sm_90): registers, spills, shared memory, whether global loads
+are 16 bytes wide, and the H100 lower bound on the time (bytes / 3.35 TB/s or FLOPs / 989 TFLOP/s); and the
+activation memory relu2 no longer keeps.
 With a CUDA GPU: each kernel timed against the torch eager reference and torch.compile of it, with % of HBM
-bandwidth (memory-bound kernels) or % of dense bf16 peak (Newton-Schulz), and the cross-entropy's peak memory.
+bandwidth (memory-bound kernels) or % of dense bf16 peak (Newton-Schulz), the cross-entropy's peak memory, and
+the Newton-Schulz tiles the autotuner picked.
 
     python scripts/bench_kernels.py            # static report; GPU timings too when CUDA is available
     python scripts/bench_kernels.py --only rope
@@ -26,15 +28,24 @@ PEAK = h100.H100_BF16_FLOPS
 
 
 def static_report(specs):
-    print(f"{'kernel (d20 shape)':56s} {'MB/call':>9s} {'GFLOP':>8s} {'regs':>5s} {'spill B':>7s} {'smem KB':>7s} "
-          f"{'16B loads':>9s} {'H100 floor us':>13s}")
+    width = max(len(s.name) for s in specs)
+    print(f"{'kernel (d20 shape)':{width}s} {'MB/call':>9s} {'GFLOP':>8s} {'regs':>5s} {'spill B':>7s} "
+          f"{'smem KB':>7s} {'16B loads':>9s} {'H100 floor us':>13s}")
     for spec in specs:
         compiled = h100.compile_spec(spec)
         st = h100.ptxas_stats(compiled)
         floor_s = max(spec.bytes_moved / HBM, spec.flops / PEAK)
-        print(f"{spec.name:56s} {spec.bytes_moved / 1e6:9.1f} {spec.flops / 1e9:8.2f} {st['registers']:5d} "
-              f"{st['spill_bytes']:7d} {st['shared'] / 1024:7.1f} {'yes' if h100.has_16_byte_loads(compiled) else 'NO':>9s} "
-              f"{floor_s * 1e6:13.1f}")
+        wide = "yes" if h100.has_16_byte_loads(compiled) else "NO"
+        print(f"{spec.name:{width}s} {spec.bytes_moved / 1e6:9.1f} {spec.flops / 1e9:8.2f} {st['registers']:5d} "
+              f"{st['spill_bytes']:7d} {st['shared'] / 1024:7.1f} {wide:>9s} {floor_s * 1e6:13.1f}")
+
+
+def relu2_memory_report(tokens=65536, n_embd=1280, n_layer=20):
+    """Bytes autograd no longer keeps since relu2's backward reads its output y (which c_proj keeps anyway)."""
+    h = tokens * 4 * n_embd * 2  # h = c_fc(x), bf16
+    print(f"\nReLU² activation memory, d20 bf16, tp = 1 (divide by tp): relu2 kept h = c_fc(x) [{tokens} x "
+          f"{4 * n_embd}]\nbeside y = relu(h)², which c_proj keeps; its backward now reads y: "
+          f"{h / 1e6:.1f} MB less per layer, {n_layer * h / 1e9:.2f} GB less over {n_layer} layers per micro-batch")
 
 
 def _bench_ms(fn):
@@ -131,6 +142,9 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
             for label, fn in (("triton (symmetric)", newton_schulz_kernel.newton_schulz),
                               ("torch eager", reference.newton_schulz), ("torch.compile", compiled)):
                 _row(label, _bench_ms(lambda: fn(G)), flops=flops)
+        for name, tuned in (("syrk", newton_schulz_kernel._SYRK), ("gemm", newton_schulz_kernel._GEMM)):
+            for key, config in tuned[torch.bfloat16].cache.items():
+                print(f"  autotuned ns_{name} {key}: {config}")
 
 
 KERNELS = ("rmsnorm", "rope", "relu2", "softcap_ce", "newton_schulz")
@@ -147,6 +161,8 @@ def main(argv=None):
     specs = [s for s in h100.all_specs() if any(s.name.startswith(prefixes[k]) for k in only)]
     print("Static report: triton.compile for GPUTarget('cuda', 90, 32), ptxas -v from the triton wheel\n")
     static_report(specs)
+    if "relu2" in only:
+        relu2_memory_report()
     if torch.cuda.is_available() and not args.no_gpu:
         gpu_report(only)
     else:
