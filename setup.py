@@ -17,7 +17,7 @@ setup(
         "torch>=2.4",  # a range: keeps an installed CUDA torch; `make setup` puts the CPU wheel on a CPU box
         "deepspeed>=0.17",
         "triton>=3.0",
-        "tiktoken>=0.7",
+        "tiktoken>=0.9",  # 0.9 added the buffer encoder (encode_to_numpy) that preprocessing calls
         "rustbpe>=0.1",
         "pyarrow>=14",
         "numpy>=1.24",

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import KernelSpec, interpreting
+from .h100 import FP_FUSION, KernelSpec, interpreting
 from .reference import NS_COEFFS, newton_schulz_start
 
 
@@ -115,12 +115,13 @@ def tiles(compute_dtype, interpret):
 def _autotuned(kernel, key, gemm):
     """{compute dtype: kernel under triton.autotune over that dtype's tiles} (BLOCK_N = BLOCK_M for the gemm).
 
-    cache_results keeps each shape's pick in triton's disk cache, so a restarted run on the same machine skips
-    the timing and uses the same tiles (tiles may round differently in the last bit)."""
+    Each process times the tiles once per shape at its first call (no `cache_results`: that needs triton >= 3.4,
+    and torch < 2.8 ships older triton); a restarted run may pick other tiles, which round differently in the last
+    bit. The outputs never alias the inputs, so the repeated timing launches leave the results right."""
     def config(block, block_k, num_warps, num_stages):
         sizes = dict(BLOCK_M=block, BLOCK_K=block_k, **({"BLOCK_N": block} if gemm else {}))
         return triton.Config(sizes, num_warps=num_warps, num_stages=num_stages)
-    return {dt: triton.autotune([config(*t) for t in tiles(dt, interpreting())], key=key, cache_results=True)(kernel)
+    return {dt: triton.autotune([config(*t) for t in tiles(dt, interpreting())], key=key)(kernel)
             for dt in (torch.bfloat16, torch.float32)}
 
 
@@ -147,7 +148,7 @@ def syrk(X, out, C=None, alpha=1.0, beta=0.0):
         return tiles_m * (tiles_m + 1) // 2, nb
     _SYRK[X.dtype][grid](
         X, Cx, out, m, k, *X.stride(), *Cx.stride(), *out.stride(), float(alpha), float(beta),
-        HAS_C=C is not None, FP32_DOT=fp32_dot, PRECISION=precision)
+        HAS_C=C is not None, FP32_DOT=fp32_dot, PRECISION=precision, enable_fp_fusion=FP_FUSION)
     return out
 
 
@@ -161,7 +162,7 @@ def gemm(P, Q, C, out, alpha=1.0, beta=1.0):
         return triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), nb
     _GEMM[P.dtype][grid](
         P, Q, C, out, m, n, k, *P.stride(), *Q.stride(), *C.stride(), *out.stride(), float(alpha), float(beta),
-        FP32_DOT=fp32_dot, PRECISION=precision)
+        FP32_DOT=fp32_dot, PRECISION=precision, enable_fp_fusion=FP_FUSION)
     return out
 
 

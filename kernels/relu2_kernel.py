@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import KernelSpec, interpreting
+from .h100 import FP_FUSION, KernelSpec, interpreting
 
 
 @triton.jit
@@ -46,7 +46,8 @@ def relu2_forward(x, out=None):
     block, num_warps = _config(interpreting())
     if x.numel() == 0:
         return y
-    _relu2_fwd[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block, num_warps=num_warps)
+    _relu2_fwd[(triton.cdiv(x.numel(), block),)](x, y, x.numel(), BLOCK=block, num_warps=num_warps,
+                                                 enable_fp_fusion=FP_FUSION)
     return y
 
 
@@ -56,7 +57,8 @@ def relu2_backward(dy, y, out=None):
     block, num_warps = _config(interpreting())
     if y.numel() == 0:
         return dx
-    _relu2_bwd[(triton.cdiv(y.numel(), block),)](dy, y, dx, y.numel(), BLOCK=block, num_warps=num_warps)
+    _relu2_bwd[(triton.cdiv(y.numel(), block),)](dy, y, dx, y.numel(), BLOCK=block, num_warps=num_warps,
+                                                 enable_fp_fusion=FP_FUSION)
     return dx
 
 

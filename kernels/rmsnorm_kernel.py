@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import KernelSpec, interpreting
+from .h100 import FP_FUSION, KernelSpec, interpreting
 
 # F.rms_norm(eps=None) takes eps from the op-math type: fp32's epsilon for bf16, fp16 and fp32 inputs.
 EPS = torch.finfo(torch.float32).eps
@@ -68,7 +68,7 @@ def rmsnorm_forward(x2d, out=None):
         return y, rstd
     _rmsnorm_fwd[(triton.cdiv(n_rows, block_r),)](
         x2d, y, rstd, n_rows, n_cols, EPS, x2d.stride(0), y.stride(0),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return y, rstd
 
 
@@ -81,7 +81,7 @@ def rmsnorm_backward(dy2d, x2d, rstd, out=None):
         return dx
     _rmsnorm_bwd[(triton.cdiv(n_rows, block_r),)](
         dy2d, x2d, rstd, dx, n_rows, n_cols, dy2d.stride(0), x2d.stride(0), dx.stride(0),
-        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps)
+        BLOCK_R=block_r, BLOCK_C=block_c, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return dx
 
 

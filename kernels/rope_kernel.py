@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import KernelSpec, interpreting
+from .h100 import FP_FUSION, KernelSpec, interpreting
 
 
 @triton.jit
@@ -76,7 +76,8 @@ def rope_apply(xs, cos, sin, offset=0, backward=False, outs=None):
         return outs
     _rope_kernel[(grid,)](
         q, k, cos, sin, outs[0], outs[-1], q_rows, k_rows, q_blocks, T, q.size(2), k.size(2), offset, D // 2,
-        cos.stride(0), BACKWARD=backward, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
+        cos.stride(0), BACKWARD=backward, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps,
+        enable_fp_fusion=FP_FUSION)
     return outs
 
 

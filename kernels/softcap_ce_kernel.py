@@ -12,7 +12,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from .h100 import KernelSpec, interpreting
+from .h100 import FP_FUSION, KernelSpec, interpreting
 
 
 @triton.jit
@@ -82,7 +82,7 @@ def softcap_ce_partials(logits, targets, cap, ignore_index, vocab_start, out=Non
         return m, s, t
     _softcap_ce_fwd[(triton.cdiv(n_rows, block_n),)](
         logits, targets, m, s, t, n_rows, n_cols, logits.stride(0), vocab_start, ignore_index, float(cap),
-        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+        BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return m, s, t
 
 
@@ -107,7 +107,7 @@ def softcap_ce_backward(logits, targets, lse, dloss, cap, ignore_index, vocab_st
         return d
     _softcap_ce_bwd[(triton.cdiv(n_rows, block_n),)](
         logits, targets, lse, dloss, d, n_rows, n_cols, logits.stride(0), d.stride(0), vocab_start, ignore_index,
-        float(cap), BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps)
+        float(cap), BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return d
 
 
