@@ -1,15 +1,11 @@
 """Tensor parallelism over 2 real gloo processes versus one process: the golden nanochat vectors with the weights
 split over tp = 2 (its single KV head replicated), a model with split KV heads and a padded vocab, init, and the
 pipeline stages. One spawn computes everything (start-up dominates on 2 cores); each test checks one behaviour."""
-import os
-import socket
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import run_gloo
 
 from megachat import kernels
 from megachat.model import (GPT, GPTConfig, full_state_dict, load_nanochat_state_dict, nanochat_shapes,
@@ -66,10 +62,7 @@ def run_model(model, idx, targets):
     return dict(logits=logits, loss=loss.detach(), per_token=per_token, grads=grads)
 
 
-def worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+def worker(rank):
     grid = init_grid(tp=2)
     golden = torch.load(GOLDEN, weights_only=True)
     model = build(GPTConfig(**golden["config"]), grid, golden["state_dict"])
@@ -87,23 +80,13 @@ def worker(rank, world, port, out_dir):
         results["pipeline_logits"] = model.gather_logits(kernels.softcap(x))
         results["pipeline_loss"] = pipeline_loss_fn(model)(x, targets)
     results["init"] = full_state_dict(build(config, grid, seed=7))
-    torch.save(results, Path(out_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return results
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory):
+def tp2():
     """Results of both tp = 2 ranks: [rank0, rank1]."""
-    out = tmp_path_factory.mktemp("tp2")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    return run_gloo(worker, 2)
 
 
 @pytest.fixture(scope="module")
