@@ -1,13 +1,7 @@
 """bpb and CORE on tp2, pp2 and dp2 equal one process (real gloo process groups; megachat.evaluation.model_eval)."""
-import datetime
-import json
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import run_gloo
 
 from megachat.evaluation.chat_tasks import evaluate_categorical
 from megachat.evaluation.core_eval import evaluate_core
@@ -86,23 +80,8 @@ def evaluate(grid):
             "predictions": predictions, "categorical": chat}
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank, port, tp, pp, out_dir):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        result = evaluate(init_grid(tp=tp, pp=pp))
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank, tp, pp):
+    return evaluate(init_grid(tp=tp, pp=pp))
 
 
 @pytest.fixture(scope="module")
@@ -116,9 +95,8 @@ def test_single_process_scores_every_toy_task(single_process):
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (1, 1)], ids=["tp2", "pp2", "dp2"])
-def test_layout_matches_single_process(tmp_path, single_process, tp, pp):
-    mp.spawn(_worker, args=(_free_port(), tp, pp, str(tmp_path)), nprocs=2, join=True)
-    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+def test_layout_matches_single_process(single_process, tp, pp):
+    results = run_gloo(_worker, 2, tp, pp)
     reporting = [r["predictions"] for r in results if r["predictions"] is not None]
     assert len(reporting) == (2 if tp == pp == 1 else 1)  # tp rank 0 of the last stage in each dp slice
     assert all(p == single_process["predictions"] for p in reporting)
