@@ -20,7 +20,9 @@ def free_port():
 
 
 def _rank_main(rank, world, port, fn, args, out_dir, timeout_s):
-    os.environ["OMP_NUM_THREADS"] = "1"
+    # the launcher's variables too: DeepSpeed (PipelineModule, the engine) reads LOCAL_RANK from the environment
+    os.environ.update(OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))  # a rank that dies fails the others in time
@@ -31,7 +33,10 @@ def _rank_main(rank, world, port, fn, args, out_dir, timeout_s):
 
 
 def run_gloo(fn, world, *args, timeout_s=60):
-    """fn(rank, *args) (a module-level function) on `world` processes in one gloo group -> its results by rank."""
+    """fn(rank, *args) (a module-level function) on `world` processes in one gloo group -> its results by rank.
+
+    Each rank's environment is the deepspeed launcher's on one node, so fn may call deepspeed.init_distributed /
+    deepspeed.initialize (after megachat.parallel.without_deepspeed_shm_allreduce()): they adopt this group."""
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_rank_main, args=(world, free_port(), fn, args, out_dir, timeout_s), nprocs=world, join=True)
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world)]

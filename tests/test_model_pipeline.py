@@ -1,14 +1,10 @@
 """The model's pipeline stages inside DeepSpeed's real PipelineModule over pp = 2 gloo processes: the stage split,
 the parameter names, only the stage's own layers materialized, and the two stages chained by hand (hidden state sent from
 stage 0 to stage 1) giving the single-process loss. Training through the pipeline engine is the trainer's test."""
-import os
-import socket
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _dist import run_gloo
 
 from megachat.model import (GPT, GPTConfig, full_state_dict, materialize, pipeline_layers, pipeline_loss_fn,
                             pipeline_stage_bounds, pipeline_to_nanochat_name)
@@ -40,14 +36,11 @@ def batch():
     return idx, targets
 
 
-def worker(rank, world, port, out_dir):
+def worker(rank):
     import deepspeed
     from deepspeed.pipe import PipelineModule
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK="0")
     without_deepspeed_shm_allreduce()
-    deepspeed.init_distributed("gloo", verbose=False)
+    deepspeed.init_distributed("gloo", verbose=False)  # adopts run_gloo's process group
     grid = init_grid(tp=1, pp=2)
     model = build(grid)
     pipe = PipelineModule(layers=pipeline_layers(model), loss_fn=pipeline_loss_fn(model), topology=grid.topology(),
@@ -67,21 +60,14 @@ def worker(rank, world, port, out_dir):
         hidden = torch.empty(2, CONFIG["sequence_len"], CONFIG["n_embd"])
         dist.recv(hidden, src=0)
         loss = pipe.loss_fn(pipe(hidden), targets).detach()
-    torch.save(dict(names=names, meta=sorted(n for n, p in model.named_parameters() if p.is_meta), loss=loss,
-                    state=full_state_dict(model)), Path(out_dir) / f"rank{rank}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    return dict(names=names, meta=sorted(n for n, p in model.named_parameters() if p.is_meta), loss=loss,
+                state=full_state_dict(model))
 
 
 @pytest.fixture(scope="module")
-def pp2(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp2")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(worker, args=(2, port, str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+def pp2():
+    return run_gloo(worker, 2)
 
 
 @pytest.fixture(scope="module")
