@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -236,16 +235,11 @@ def _reshard(torch, first, second, steps):
     return _error(engine, grid, oracle(torch, dps, steps))
 
 
-def _worker(rank, world, port, layouts, out_dir, ckpt_dir):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
-    import datetime
+def _worker(rank, layouts, ckpt_dir):
     import torch
     import torch.distributed as dist
-    torch.set_num_threads(1)
     from megachat.parallel import without_deepspeed_shm_allreduce
     without_deepspeed_shm_allreduce()
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
     results = {}
     for key, (tp, pp, zero, bf16, resume) in layouts.items():
         t0 = time.time()
@@ -263,26 +257,18 @@ def _worker(rank, world, port, layouts, out_dir, ckpt_dir):
         dist.barrier()
         if rank == 0:
             print(f"layout {key}: {time.time() - t0:.1f}s", flush=True)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return results
 
 
 def launch(world: int, layouts: dict, timeout: int) -> dict:
     """Run `layouts` {key: (tp, pp, zero, bf16, resume)} on `world` gloo ranks; per key, the worst rank."""
     with tempfile.TemporaryDirectory() as out:
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        cmd = [sys.executable, __file__, str(world), str(_free_port()), json.dumps(layouts), out]
+        cmd = [sys.executable, __file__, str(world), json.dumps(layouts), os.path.join(out, "ranks.json")]
         proc = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
         if proc.returncode != 0:
             raise AssertionError(f"launch failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-        per_rank = [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+        per_rank = json.load(open(os.path.join(out, "ranks.json")))
     merged = {}
     for key in layouts:
         rows = [r[key] for r in per_rank]
@@ -428,7 +414,9 @@ def test_exchange_volume_is_the_minimum_of_the_scheme(world8):
 
 
 if __name__ == "__main__":
-    import torch.multiprocessing as mp
-    world, port, layouts, out = int(sys.argv[1]), int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    from _dist import run_gloo
+    world, layouts, out = int(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     with tempfile.TemporaryDirectory() as ckpt:
-        mp.spawn(_worker, args=(world, port, layouts, out, ckpt), nprocs=world)
+        per_rank = run_gloo(_worker, world, layouts, ckpt, timeout_s=120)
+    with open(out, "w") as f:
+        json.dump(per_rank, f)
