@@ -9,19 +9,14 @@ import torch
 
 from megachat.data import IndexedDatasetWriter
 from megachat.model import GPTConfig, nanochat_shapes
-from megachat.tokenizer import Tokenizer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import base_eval  # noqa: E402
 
-FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "demo_corpus_sample.jsonl")
-
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, texts, tok):
     root = tmp_path_factory.mktemp("run")
-    texts = [json.loads(line)["text"] for line in open(FIXTURE)]
-    tok = Tokenizer.train(iter(texts), vocab_size=300)
     tok.save(str(root / "tok"))
     writer = IndexedDatasetWriter(str(root / "val"))
     for text in texts[:20]:
