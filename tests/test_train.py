@@ -7,40 +7,19 @@ the last checkpoint in charge, and a bad layout fails with its message before an
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _dist import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE = ROOT / "tests" / "fixtures" / "demo_corpus_sample.jsonl"
 STEPS = 6
 # depth 4: n_embd 256, 2 heads (tp 2 splits them), 4 layers (pp 2 gets 2 blocks per stage); 256 tokens per step
 # = 8 sequences of 32, so dp 1 accumulates 4 micro-batches of 2 and dp 2 accumulates 2.
 TINY = ["--depth", "4", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "256",
         "--num-iterations", str(STEPS), "--sample-tokens", "6", "--dtype", "fp32", "--zero", "0"]
-
-
-def make_corpus(out: Path) -> dict:
-    """A 512-id tokenizer trained on the fixture text, and its train / val shards (last 10 documents held out)."""
-    from megachat.data import IndexedDatasetWriter, dtype_for_vocab
-    from megachat.tokenizer import Tokenizer
-    docs = [json.loads(line)["text"] for line in FIXTURE.read_text().splitlines() if line.strip()]
-    tok = Tokenizer.train(iter(docs), vocab_size=512)
-    tok.save(str(out / "tokenizer"))
-    for name, part in (("train", docs[:-10]), ("val", docs[-10:])):
-        with IndexedDatasetWriter(str(out / name), dtype_for_vocab(tok.vocab_size)) as w:
-            for d in part:
-                w.add_document(tok.encode(d, prepend=tok.bos_id))
-    return {"tokenizer": str(out / "tokenizer"), "train": str(out / "train"), "val": str(out / "val")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(corpus: dict, out: Path, nprocs: int, *args: str, timeout: int = 300, check: bool = True):
@@ -75,8 +54,16 @@ def assert_same_curve(got: dict, want: dict, rel: float = 1e-4, steps=range(1, S
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    return make_corpus(tmp_path_factory.mktemp("corpus"))
+def corpus(tmp_path_factory, texts, tok):
+    """conftest's 512-id tokenizer, saved, and train / val shards of its texts (last 10 documents held out)."""
+    from megachat.data import IndexedDatasetWriter, dtype_for_vocab
+    out = tmp_path_factory.mktemp("corpus")
+    tok.save(str(out / "tokenizer"))
+    for name, part in (("train", texts[:-10]), ("val", texts[-10:])):
+        with IndexedDatasetWriter(str(out / name), dtype_for_vocab(tok.vocab_size)) as w:
+            for d in part:
+                w.add_document(tok.encode(d, prepend=tok.bos_id))
+    return {"tokenizer": str(out / "tokenizer"), "train": str(out / "train"), "val": str(out / "val")}
 
 
 def tiny(corpus):
