@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from _dist import run_gloo
 
 from megachat.data import (BLEND_BLOCK, GPTDataset, IndexedDataset, IndexedDatasetWriter, batch_indices,
                            dtype_for_vocab)
@@ -269,26 +270,16 @@ def test_resume_at_step_k_continues_exactly_for_any_dp_size(two_shards, tmp_path
     assert all(torch.equal(a, b) for a, b in zip(before + after, uninterrupted))
 
 
-def _dist_worker(rank, world, port, prefixes, cache, out):
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                         world_size=world, timeout=__import__("datetime").timedelta(seconds=60))
+def _dist_worker(rank, prefixes, cache):
     ds = GPTDataset(prefixes, [1, 1], seq_len=16, seed=9, cache_dir=cache)
-    torch.save([ds.get_batch(s, 4, rank, world)[0] for s in range(3)], os.path.join(out, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    return [ds.get_batch(s, 4, rank, torch.distributed.get_world_size())[0] for s in range(3)]
 
 
 @pytest.mark.timeout(120)
 def test_two_ranks_share_one_cached_index_and_split_each_batch(two_shards, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     cache = str(tmp_path / "cache")
-    torch.multiprocessing.spawn(_dist_worker, args=(2, port, list(two_shards), cache, str(tmp_path)), nprocs=2)
+    ranks = run_gloo(_dist_worker, 2, list(two_shards), cache)
     assert len([f for f in os.listdir(cache) if f.endswith(".npy")]) == 2  # one file per dataset, not per rank
     shutil.rmtree(cache)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     single = run_steps(GPTDataset(list(two_shards), [1, 1], 16, 9, cache_dir=cache), range(3), 4, 1)
     assert all(torch.equal(torch.cat([ranks[0][s], ranks[1][s]]), single[s]) for s in range(3))
