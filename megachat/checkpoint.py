@@ -7,7 +7,9 @@ DeepSpeed's own `latest` is written by rank 0 right after its own files, before 
 plain open('w'): other ranks may still be writing their ZeRO shards, and a kill mid-write leaves a torn
 `latest`. So we save with save_latest=False, wait for every rank, fsync the tag's files, and only then
 replace `latest` atomically (temp file + fsync + os.replace). A checkpoint that `latest` does not name is
-never loaded, so an interrupted save leaves the previous checkpoint in charge.
+never loaded, so an interrupted save leaves the previous checkpoint in charge. A resume first runs `verify`:
+every file's records against their CRC-32, so damage after the save (a truncated copy, flipped bits) stops the
+run with the file's name instead of loading garbage.
 
 Client state (same on every rank, saved by DeepSpeed with the model states): step, consumed samples (the
 data position: the data is indexed by global sample number), the layout, and the RNG states. The same facts
@@ -28,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import zipfile
 
 import numpy as np
 import torch
@@ -77,6 +80,40 @@ def latest_tag(ckpt_dir: str) -> str | None:
         raise RuntimeError(f"{path} names {tag!r}, which is not a checkpoint directory in {ckpt_dir}; "
                            f"point it at an existing step_NNNNNN directory or delete it to start over")
     return tag
+
+
+def archive_damage(path: str) -> str | None:
+    """What is wrong with the torch.save file at path (truncated, overwritten, a record whose bytes no longer
+    match their CRC-32), or None when it is intact; reads the whole file once."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{path}: not a complete torch.save file ({e})"
+    return f"{path}: record {bad} fails its CRC-32 check" if bad is not None else None
+
+
+def verify(ckpt_dir: str, tag: str) -> None:
+    """Check checkpoint `tag` before loading it: every .pt file must be a complete torch.save archive whose
+    records match their CRC-32 (torch.load itself reads flipped bits without a word). The ranks split the files
+    between them and share what they find, so all stop together with one message naming the file and the
+    previous checkpoint, instead of one rank failing inside DeepSpeed while the others wait in a collective."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    files = sorted(os.path.join(root, f) for root, _, names in os.walk(tag_dir) for f in names if f.endswith(".pt"))
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    damage = next(filter(None, map(archive_damage, files[rank::world])), None)
+    if world > 1:
+        found = [None] * world
+        dist.all_gather_object(found, damage)
+        damage = next((d for d in found if d), None)
+    if damage:
+        steps = sorted(int(TAG_RE.match(t).group(1)) for t in os.listdir(ckpt_dir)
+                       if TAG_RE.match(t) and os.path.isfile(os.path.join(ckpt_dir, t, "megachat.json")))
+        earlier = [t for t in steps if t < int(TAG_RE.match(tag).group(1))]
+        fix = (f"resume from the previous checkpoint: echo {tag_for(earlier[-1])} > {os.path.join(ckpt_dir, 'latest')}"
+               if earlier else "no earlier checkpoint is kept: restore the file from a copy or start over without "
+               "--resume")
+        raise RuntimeError(f"checkpoint {tag_dir} is damaged: {damage}; {fix}")
 
 
 def rng_state() -> dict:

@@ -56,6 +56,11 @@ def load_state_dict(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"no weights at {path}: pass --checkpoint FILE (a full state dict under nanochat's "
                                 f"names) or write RUN_DIR/model.pt at the end of training")
+    from megachat.checkpoint import archive_damage
+    damage = archive_damage(path)  # torch.load would read flipped bits as weights without a word
+    if damage:
+        raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (an earlier "
+                           f"RUN_DIR/checkpoints/step_*/universal.pt holds the weights of that step)")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):  # a {"state_dict": ...} file, or a checkpoint's universal.pt
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):

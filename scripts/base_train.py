@@ -113,6 +113,7 @@ def main(argv=None):
         if tag is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir} (no 'latest' file); run "
                                     f"without --resume to start fresh")
+        checkpoint.verify(ckpt_dir, tag)
         meta = checkpoint.read_meta(ckpt_dir, tag)
         start = meta["step"]
         if meta["consumed_samples"] != start * cfg.global_batch:

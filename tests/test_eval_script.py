@@ -56,6 +56,14 @@ def test_base_eval_without_weights_says_where_they_should_be(run_dir, tmp_path):
         base_eval.main(["--run", str(tmp_path), "--eval", "sample"])
 
 
+def test_base_eval_refuses_weights_whose_bytes_changed(run_dir, tmp_path):
+    data = bytearray((run_dir / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0x10  # torch.load alone would return the flipped weights
+    (tmp_path / "flipped.pt").write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match="flipped.pt: record .* fails its CRC-32 check; the weights are damaged"):
+        base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "flipped.pt"), "--eval", "sample"])
+
+
 def test_base_eval_reads_a_training_checkpoints_universal_file(run_dir, tmp_path, capsys):
     weights = torch.load(run_dir / "model.pt", weights_only=True)
     torch.save({"model": weights, "optimizer": {"params": {}}}, tmp_path / "universal.pt")

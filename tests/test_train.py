@@ -204,6 +204,42 @@ def test_nan_loss_stops_with_the_step_and_leaves_the_checkpoint_in_charge(corpus
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
 
 
+def damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "flip":  # one bit in the middle of a tensor: torch.load would read it without a word
+        data[len(data) // 2] ^= 0x10
+    else:
+        del data[len(data) // 2:]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_checkpoint_stops_the_resume_naming_the_file_and_the_previous_checkpoint(corpus, reference,
+                                                                                          tmp_path, how):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    bad = tmp_path / "checkpoints" / "step_000006" / "mp_rank_00_model_states.pt"
+    damage(bad, how)
+    proc = train(corpus, tmp_path, 1, *tiny(corpus), "--resume", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert f"checkpoint {bad.parent} is damaged: {bad}: " in proc.stdout
+    assert f"resume from the previous checkpoint: echo step_000004 > {tmp_path / 'checkpoints' / 'latest'}" \
+        in proc.stdout
+    assert "step      1" not in proc.stdout
+
+
+def test_a_damaged_file_that_another_rank_checks_stops_every_rank(corpus, dp2_zero1, tmp_path):
+    # rank 1 checks every second file of the sorted list: the last ZeRO shard falls to it, and rank 0 must stop
+    # too (not wait in a collective)
+    shutil.copytree(dp2_zero1, tmp_path, dirs_exist_ok=True)
+    files = sorted((tmp_path / "checkpoints" / "step_000006").glob("*.pt"))
+    assert len(files) % 2 == 0 and files[-1].name.startswith("zero_pp_rank_1"), files
+    damage(files[-1], "truncate")
+    proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--resume", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stdout.count(f"is damaged: {files[-1]}: not a complete torch.save file") == 2, proc.stdout[-3000:]
+    assert "echo step_000003 > " in proc.stdout
+
+
 def test_bad_layout_fails_before_training_with_a_clear_message(corpus, tmp_path):
     proc = train(corpus, tmp_path, 2, *TINY, "--pp", "2", "--zero", "2", check=False, timeout=120)
     assert proc.returncode != 0
