@@ -122,12 +122,31 @@ def check_config(cfg: TrainConfig, world: int) -> int:
     return dp
 
 
+def check_ds_config(conf: dict, cfg: TrainConfig, path) -> None:
+    """What a user's DeepSpeed JSON must leave to megachat: the optimizer and schedule (Muon + AdamW is passed to
+    DeepSpeed as a client optimizer) and the precision, which --dtype sets (the model is built in it)."""
+    for key in ("optimizer", "scheduler"):
+        if key in conf:
+            raise ValueError(f"DeepSpeed config {path} sets {key!r}, but megachat passes its own optimizer and "
+                             f"schedule (--optimizer {cfg.optimizer}); remove the {key!r} section")
+    if conf.get("fp16", {}).get("enabled"):
+        raise ValueError(f"DeepSpeed config {path} enables fp16, which megachat does not train in; remove the fp16 "
+                         f"section and use --dtype bf16 or fp32")
+    if bool(conf.get("bf16", {}).get("enabled")) != (cfg.dtype == "bf16"):
+        raise ValueError(f"DeepSpeed config {path} {'enables' if cfg.dtype != 'bf16' else 'does not enable'} bf16 "
+                         f"but --dtype is {cfg.dtype}; make them agree (bf16: {{\"bf16\": {{\"enabled\": true}}}})")
+
+
 def ds_config(cfg: TrainConfig, dp: int) -> dict:
     """The DeepSpeed config: configs/ds/zero{Z}_{dtype}.json (or cfg.ds_config) with the batch filled in."""
     path = Path(cfg.ds_config) if cfg.ds_config else CONFIG_DIR / f"zero{cfg.zero}_{cfg.dtype}.json"
     if not path.is_file():
         raise FileNotFoundError(f"DeepSpeed config {path} not found: pass --ds-config PATH or restore configs/ds/")
-    conf = json.loads(path.read_text())
+    try:
+        conf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON ({e}); fix the file") from None
+    check_ds_config(conf, cfg, path)
     conf.update(train_batch_size=cfg.global_batch, train_micro_batch_size_per_gpu=cfg.device_batch_size,
                 gradient_accumulation_steps=cfg.global_batch // (cfg.device_batch_size * dp),
                 # HybridOptimizer clips inside its step by the true global norm; AdamW leaves it to DeepSpeed

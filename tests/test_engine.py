@@ -47,3 +47,30 @@ def test_ds_config_fills_the_batch_from_the_cli_and_clips_in_muon():
     assert conf["gradient_clipping"] == 0.0  # HybridOptimizer clips by the true global norm itself
     assert ds_config(cfg(optimizer="adamw", zero=3, dtype="fp32"), dp=1)["gradient_clipping"] == 1.0
     assert "bf16" not in ds_config(cfg(dtype="fp32"), dp=1)
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"zero_optimization": {"stage": 1}', "is not valid JSON"),
+    ('{"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}', "sets 'optimizer'"),
+    ('{"scheduler": {"type": "WarmupLR"}}', "sets 'scheduler'"),
+    ('{"fp16": {"enabled": true}}', "enables fp16"),
+    ('{"bf16": {"enabled": true}}', "enables bf16 but --dtype is fp32"),
+])
+def test_a_users_ds_config_that_fights_megachat_is_refused_naming_the_file(tmp_path, content, message):
+    path = tmp_path / "ds.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message) as e:
+        ds_config(cfg(dtype="fp32", ds_config=str(path)), dp=1)
+    assert str(path) in str(e.value)
+    path.write_text('{"zero_optimization": {"stage": 1}}')  # and a bf16 run needs bf16 in its file
+    with pytest.raises(ValueError, match="does not enable bf16 but --dtype is bf16"):
+        ds_config(cfg(dtype="bf16", zero=1, ds_config=str(path)), dp=1)
+
+
+def test_a_users_ds_config_keeps_its_own_settings_under_the_cli_batch(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 1, "reduce_bucket_size": 1000}, "train_batch_size": 3, '
+                    '"wall_clock_breakdown": true}')
+    conf = ds_config(cfg(zero=1, ds_config=str(path)), dp=1)
+    assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and conf["wall_clock_breakdown"]
+    assert conf["train_batch_size"] == 8  # the CLI's global batch wins over the file's
