@@ -108,6 +108,10 @@ def main(argv=None):
     ckpt_dir = os.path.join(args.out, "checkpoints")
     layout = {"tp": cfg.tp, "pp": cfg.pp, "dp": world // (cfg.tp * cfg.pp), "zero": cfg.zero}
     start, universal = 0, None
+    earlier = [f for f in ("checkpoints/latest", "model.pt") if os.path.exists(os.path.join(args.out, f))]
+    if earlier and not args.resume:  # a fresh start would prune its checkpoints and overwrite its weights
+        raise FileExistsError(f"{args.out} already holds a run ({', '.join(earlier)}): pass --resume to continue it, "
+                              f"or choose another --out (delete the directory to start over)")
     if args.resume:
         tag = checkpoint.latest_tag(ckpt_dir)
         if tag is None:

@@ -240,6 +240,15 @@ def test_a_damaged_file_that_another_rank_checks_stops_every_rank(corpus, dp2_ze
     assert "echo step_000003 > " in proc.stdout
 
 
+def test_a_fresh_start_into_an_earlier_runs_directory_is_refused_and_leaves_it_alone(corpus, reference, tmp_path):
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
+    proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", check=False, timeout=120)
+    assert proc.returncode != 0
+    assert f"{tmp_path} already holds a run (checkpoints/latest, model.pt): pass --resume" in proc.stdout
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 def test_bad_layout_fails_before_training_with_a_clear_message(corpus, tmp_path):
     proc = train(corpus, tmp_path, 2, *TINY, "--pp", "2", "--zero", "2", check=False, timeout=120)
     assert proc.returncode != 0
