@@ -5,6 +5,8 @@ import http.server
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import threading
 import zipfile
 
@@ -350,6 +352,15 @@ def test_preprocessing_never_imports_torch(tok_dir, tmp_path):
                     "--tokenizer", tok_dir, "--output-prefix", str(tmp_path / "d"), "--workers", "2", "--quiet"],
                    check=True, timeout=120, capture_output=True)
     assert os.path.exists(tmp_path / "d.idx")
+
+
+def test_tokenizer_training_refuses_to_replace_an_existing_tokenizer(tok_dir):
+    before = {f: open(os.path.join(tok_dir, f), "rb").read() for f in os.listdir(tok_dir)}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", FIXTURE,
+                           "--vocab-size", "300", "--output", tok_dir], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert f"{tok_dir} already holds a tokenizer" in proc.stderr.strip().splitlines()[-1]
+    assert {f: open(os.path.join(tok_dir, f), "rb").read() for f in os.listdir(tok_dir)} == before
 
 
 def test_tokenizer_training_text_stops_at_max_chars(texts):

@@ -3,12 +3,13 @@
     python tools/train_tokenizer.py --input 'data/*.parquet' --max-chars 2000000000 --output tokenizer
 """
 import argparse
+import os
 import time
 
 import numpy as np
 
 from megachat.corpus import expand_inputs, iter_texts
-from megachat.tokenizer import Tokenizer
+from megachat.tokenizer import META_FILE, RANKS_FILE, Tokenizer
 
 
 def main(argv=None):
@@ -23,6 +24,10 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     files = expand_inputs(args.input)
+    existing = [f for f in (RANKS_FILE, META_FILE) if os.path.exists(os.path.join(args.output, f))]
+    if existing:  # shards made with that tokenizer would silently mean other text under a new one
+        raise FileExistsError(f"{args.output} already holds a tokenizer ({', '.join(existing)}); shards encoded "
+                              f"with it would no longer match: choose another --output (or delete it first)")
     chars = [0]
 
     def texts():
