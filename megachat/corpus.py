@@ -24,7 +24,7 @@ from json.scanner import make_scanner
 import numpy as np
 
 from megachat.data import MAX_DOC_TOKENS, IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
-from megachat.tokenizer import RANKS_FILE, Tokenizer
+from megachat.tokenizer import Tokenizer
 from megachat.fileio import atomic_write_json
 
 KINDS = {".parquet": "parquet", ".jsonl": "jsonl", ".txt": "txt"}
@@ -246,11 +246,9 @@ def _finer_tail(tasks, n_workers, parts=4):
     return head
 
 
-def _job_key(files, val_files, tokenizer_dir, **options):
-    with open(os.path.join(tokenizer_dir, RANKS_FILE), "rb") as f:
-        tok_hash = hashlib.sha256(f.read()).hexdigest()
+def _job_key(files, val_files, tok, **options):
     ident = {"inputs": [os.path.abspath(p) for p in files], "val_inputs": [os.path.abspath(p) for p in val_files],
-             "tokenizer": tok_hash, **options}
+             "tokenizer": tok.fingerprint, **options}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -273,7 +271,7 @@ def preprocess(inputs, tokenizer_dir, output_prefix, workers=None, text_column="
     tok = Tokenizer.load(tokenizer_dir)
     dtype = dtype_for_vocab(tok.vocab_size)
     has_val = val_fraction > 0 or bool(val_files)
-    key = _job_key(files, val_files, tokenizer_dir, text_column=text_column, json_key=json_key,
+    key = _job_key(files, val_files, tok, text_column=text_column, json_key=json_key,
                    val_fraction=val_fraction, max_doc_tokens=max_doc_tokens)
     sources = [(p, False) for p in files] + [(p, True) for p in val_files]
     identities = [_identity(p) for p, _ in sources]
@@ -366,11 +364,13 @@ def preprocess(inputs, tokenizer_dir, output_prefix, workers=None, text_column="
     train = IndexedDataset(output_prefix)
     val = IndexedDataset(outputs["val"]) if has_val else None
     summary = {"job": key, "inputs": identities, "tokenizer": os.path.abspath(tokenizer_dir),
-               "vocab_size": tok.vocab_size, "dtype": dtype.name, "train_documents": len(train),
+               "tokenizer_sha256": tok.fingerprint, "vocab_size": tok.vocab_size, "dtype": dtype.name, "train_documents": len(train),
                "train_tokens": train.num_tokens, "val_documents": len(val) if val else 0,
                "val_tokens": val.num_tokens if val else 0, "seconds_this_run": round(elapsed, 3),
                "tokens_this_run": n_tokens}
     atomic_write_json(meta_path, summary)
+    if has_val:  # the val shard names its tokenizer too (megachat.data.check_tokenizer reads PREFIX_val.meta.json)
+        atomic_write_json(outputs["val"] + ".meta.json", summary)
     if os.path.exists(progress_path):
         os.remove(progress_path)
     return summary

@@ -41,6 +41,22 @@ def dtype_for_vocab(vocab_size):
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
+def check_tokenizer(prefix, tokenizer):
+    """Refuse shards made with another tokenizer than `tokenizer`, as far as PREFIX.meta.json (written by
+    tools/preprocess_data.py) records it; shards without one (Megatron's, merged ones) are taken as they are."""
+    path = prefix + ".meta.json"
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        meta = json.load(f)
+    made_with = meta.get("tokenizer_sha256")
+    if meta.get("vocab_size") != tokenizer.vocab_size or (made_with and tokenizer.fingerprint
+                                                          and made_with != tokenizer.fingerprint):
+        raise ValueError(f"{prefix} was tokenized with another tokenizer ({meta.get('tokenizer')}, "
+                         f"{meta.get('vocab_size')} ids) than the one given ({tokenizer.vocab_size} ids): pass "
+                         f"--tokenizer {meta.get('tokenizer')}, or preprocess the data again with this one")
+
+
 class IndexedDataset:
     """PREFIX.bin/.idx as numpy views: len(ds) sequences (documents), ds[i] -> 1-D array of token ids."""
 

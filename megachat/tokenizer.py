@@ -11,6 +11,7 @@ This module must not import torch: the preprocessing workers import it.
 """
 import base64
 import functools
+import hashlib
 import json
 import os
 
@@ -35,13 +36,16 @@ RANKS_FILE, META_FILE, TOKEN_BYTES_FILE = "mergeable_ranks.tiktoken", "tokenizer
 class Tokenizer:
     """A tiktoken.Encoding with nanochat's special tokens and chat format."""
 
-    def __init__(self, enc: tiktoken.Encoding):
+    def __init__(self, enc: tiktoken.Encoding, fingerprint: str | None = None):
         missing = [s for s in SPECIAL_TOKENS if s not in enc._special_tokens]
         if missing:
             raise ValueError(f"tokenizer lacks the special tokens {missing}; train it with tools/train_tokenizer.py")
         self.enc = enc
         self.bos_id = enc._special_tokens["<|bos|>"]
         self.vocab_size = enc.n_vocab
+        # sha256 of the saved mergeable_ranks.tiktoken (None until saved or loaded): what shards record as the
+        # tokenizer they were made with (PREFIX.meta.json), so training refuses shards of another tokenizer
+        self.fingerprint = fingerprint
 
     # ---- training, saving, loading ----
     @classmethod
@@ -68,8 +72,9 @@ class Tokenizer:
         """Write the tokenizer directory (each file atomically)."""
         os.makedirs(directory, exist_ok=True)
         ranks = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
-        atomic_write(os.path.join(directory, RANKS_FILE),
-                      b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in ranks))
+        data = b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in ranks)
+        atomic_write(os.path.join(directory, RANKS_FILE), data)
+        self.fingerprint = hashlib.sha256(data).hexdigest()
         meta = {"pattern": self.enc._pat_str, "special_tokens": self.enc._special_tokens,
                 "vocab_size": self.vocab_size}
         atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=1).encode())
@@ -88,8 +93,10 @@ class Tokenizer:
         with open(os.path.join(directory, META_FILE)) as f:
             meta = json.load(f)
         ranks = load_tiktoken_bpe(os.path.join(directory, RANKS_FILE))
+        with open(os.path.join(directory, RANKS_FILE), "rb") as f:
+            fingerprint = hashlib.sha256(f.read()).hexdigest()
         return cls(tiktoken.Encoding("megachat", pat_str=meta["pattern"], mergeable_ranks=ranks,
-                                     special_tokens=meta["special_tokens"]))
+                                     special_tokens=meta["special_tokens"]), fingerprint)
 
     @functools.cached_property
     def token_bytes(self):

@@ -130,6 +130,7 @@ def write_report(run_dir, rows, core_result, samples):
 
 def main(argv=None):
     args = parse_args(argv)
+    from megachat.data import check_tokenizer
     from megachat.engine import init_distributed
     from megachat.evaluation.core_eval import evaluate_core
     from megachat.evaluation.core_tasks import load_core_tasks
@@ -159,6 +160,7 @@ def main(argv=None):
         val = args.val_data or run_cfg.get("val_data")
         if not val:
             raise ValueError("--eval bpb needs validation data: pass --val-data PREFIX (config.json has none)")
+        check_tokenizer(val, tokenizer)
         token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.int64)
         bpb = evaluate_bpb(fwd.token_loss, val_batches(val, model.config.sequence_len, args.eval_tokens,
                                                        args.device_batch_size, grid, device), token_bytes)

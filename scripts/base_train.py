@@ -88,11 +88,13 @@ def greedy_sample(cfg, state_dict, tokenizer, prompt: str, n_tokens: int) -> str
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.data import GPTDataset
+    from megachat.data import GPTDataset, check_tokenizer
     from megachat.evaluation.loss_eval import val_dataset
     from megachat.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(args.tokenizer)
+    for prefix in [*args.data, *([args.val_data] if args.val_data else [])]:
+        check_tokenizer(prefix, tokenizer)
     init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     cfg0 = TrainConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, seq_len=args.max_seq_len,

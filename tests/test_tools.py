@@ -354,6 +354,25 @@ def test_preprocessing_never_imports_torch(tok_dir, tmp_path):
     assert os.path.exists(tmp_path / "d.idx")
 
 
+def test_shards_remember_their_tokenizer_and_training_refuses_another(texts, tok_dir, tmp_path):
+    from megachat.data import check_tokenizer
+    run([FIXTURE], tok_dir, tmp_path / "d", "--val-fraction", "0.2")
+    made_with = Tokenizer.load(tok_dir)
+    for prefix in ("d", "d_val"):  # each shard names the tokenizer it was made with
+        check_tokenizer(str(tmp_path / prefix), made_with)
+    same_size = Tokenizer.train(iter(texts[::-1][:40]), vocab_size=512)  # same vocab size, other merges
+    same_size.save(str(tmp_path / "other"))
+    assert same_size.fingerprint != made_with.fingerprint
+    for other in (same_size, Tokenizer.train(iter(texts), vocab_size=300)):
+        with pytest.raises(ValueError, match=f"d_val was tokenized with another tokenizer \\({tok_dir}, 512 ids\\)"):
+            check_tokenizer(str(tmp_path / "d_val"), other)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "base_train.py"), "--data",
+                           str(tmp_path / "d"), "--tokenizer", str(tmp_path / "other"), "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and f"pass --tokenizer {tok_dir}" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_tokenizer_training_refuses_to_replace_an_existing_tokenizer(tok_dir):
     before = {f: open(os.path.join(tok_dir, f), "rb").read() for f in os.listdir(tok_dir)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", FIXTURE,
