@@ -237,6 +237,15 @@ def test_merge_concatenates_shards_in_order(texts, tok_dir, tmp_path):
     merge_shards.main(["--input", str(tmp_path / "a"), str(tmp_path / "b.idx"),
                        "--output-prefix", str(tmp_path / "ab")])
     assert decoded_docs(Tokenizer.load(tok_dir), tmp_path / "ab") == texts
+    from megachat.data import check_tokenizer
+    check_tokenizer(str(tmp_path / "ab"), Tokenizer.load(tok_dir))  # the merged shard names the tokenizer too
+    other = Tokenizer.train(iter(texts), vocab_size=300)
+    other.save(str(tmp_path / "other"))
+    run([b], str(tmp_path / "other"), tmp_path / "b300")
+    with pytest.raises(ValueError, match="were tokenized with different tokenizers"):
+        merge_shards.main(["--input", str(tmp_path / "a"), str(tmp_path / "b300"), "--output-prefix",
+                           str(tmp_path / "mixed")])
+    assert not os.path.exists(tmp_path / "mixed.bin")
     with pytest.raises(FileExistsError, match=r"ab\.bin/\.idx exist"):
         merge_shards.main(["--input", str(tmp_path / "a"), "--output-prefix", str(tmp_path / "ab")])
     with pytest.raises(FileNotFoundError, match=r"nothing\.idx not found"):

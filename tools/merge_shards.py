@@ -4,19 +4,44 @@
 """
 import argparse
 import glob
+import json
 import os
 
 from megachat.data import IndexedDataset, IndexedDatasetWriter
+from megachat.fileio import atomic_write_json
+
+
+def common_tokenizer(prefixes):
+    """The tokenizer the shards' PREFIX.meta.json files (tools/preprocess_data.py) name, when every shard has one
+    and they agree; None when any shard has none (Megatron's); an error when two name different tokenizers."""
+    metas = {}
+    for prefix in prefixes:
+        if not os.path.isfile(prefix + ".meta.json"):
+            return None
+        with open(prefix + ".meta.json") as f:
+            meta = json.load(f)
+        metas[prefix] = {k: meta.get(k) for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
+    (first, want), *rest = metas.items()
+    for prefix, meta in rest:
+        if (meta["tokenizer_sha256"], meta["vocab_size"]) != (want["tokenizer_sha256"], want["vocab_size"]):
+            raise ValueError(f"{first} and {prefix} were tokenized with different tokenizers ({want['tokenizer']}, "
+                             f"{meta['tokenizer']}): merge only shards of one tokenizer")
+    return want
 
 
 def merge_shards(prefixes, output_prefix):
-    """Write output_prefix.bin/.idx = the shards in order; returns (documents, tokens)."""
+    """Write output_prefix.bin/.idx = the shards in order (and output_prefix.meta.json naming their tokenizer,
+    when they all name the same one); returns (documents, tokens)."""
     if os.path.exists(output_prefix + ".idx") or os.path.exists(output_prefix + ".bin"):
         raise FileExistsError(f"{output_prefix}.bin/.idx exist; delete them or choose another --output-prefix")
     shards = [IndexedDataset(p) for p in prefixes]  # opens (and validates) every shard before writing anything
+    tokenizer = common_tokenizer(prefixes)
     with IndexedDatasetWriter(output_prefix, shards[0].dtype) as out:
         for shard in shards:
             out.add_index(shard)
+    if tokenizer:
+        atomic_write_json(output_prefix + ".meta.json", {**tokenizer, "merged_from": [os.path.abspath(p) for p in
+                          prefixes], "train_documents": out.num_docs, "train_tokens": out.num_tokens})
     return out.num_docs, out.num_tokens
 
 
