@@ -43,7 +43,7 @@ def dtype_for_vocab(vocab_size):
 
 def check_tokenizer(prefix, tokenizer):
     """Refuse shards made with another tokenizer than `tokenizer`, as far as PREFIX.meta.json (written by
-    tools/preprocess_data.py) records it; shards without one (Megatron's, merged ones) are taken as they are."""
+    tools/preprocess_data.py) records it; shards without one (Megatron's, or merged from such) are taken as they are."""
     path = prefix + ".meta.json"
     if not os.path.isfile(path):
         return
