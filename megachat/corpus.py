@@ -364,7 +364,8 @@ def preprocess(inputs, tokenizer_dir, output_prefix, workers=None, text_column="
     train = IndexedDataset(output_prefix)
     val = IndexedDataset(outputs["val"]) if has_val else None
     summary = {"job": key, "inputs": identities, "tokenizer": os.path.abspath(tokenizer_dir),
-               "tokenizer_sha256": tok.fingerprint, "vocab_size": tok.vocab_size, "dtype": dtype.name, "train_documents": len(train),
+               "tokenizer_sha256": tok.fingerprint, "vocab_size": tok.vocab_size, "dtype": dtype.name,
+               "train_documents": len(train),
                "train_tokens": train.num_tokens, "val_documents": len(val) if val else 0,
                "val_tokens": val.num_tokens if val else 0, "seconds_this_run": round(elapsed, 3),
                "tokens_this_run": n_tokens}

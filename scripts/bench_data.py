@@ -147,7 +147,8 @@ def main(argv=None):
                          f"{100 * n / wall / limit:.0f} % of limit; best of {args.repeat}"))
         n, wall, _ = best["parquet"]
         rows.append((f"preprocess end to end, {m}x input as parquet (row groups of 1024 documents)",
-                     f"{n / wall / 1e6:.2f} M tokens/s", f"{100 * n / wall / limit:.0f} % of limit; best of {args.repeat}"))
+                     f"{n / wall / 1e6:.2f} M tokens/s",
+                     f"{100 * n / wall / limit:.0f} % of limit; best of {args.repeat}"))
         n, wall, _ = best["big1"]
         rows.append((f"preprocess end to end, {m}x input, --workers 1", f"{n / wall / 1e6:.2f} M tokens/s",
                      f"{100 * n / wall / single:.0f} % of 1 thread; best of {args.repeat}"))
