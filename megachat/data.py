@@ -41,20 +41,26 @@ def dtype_for_vocab(vocab_size):
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 
 
-def check_tokenizer(prefix, tokenizer):
-    """Refuse shards made with another tokenizer than `tokenizer`, as far as PREFIX.meta.json (written by
-    tools/preprocess_data.py) records it; shards without one (Megatron's, or merged from such) are taken as they are."""
-    path = prefix + ".meta.json"
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
+def shard_tokenizer(prefix):
+    """{"tokenizer", "tokenizer_sha256", "vocab_size"} as PREFIX.meta.json (tools/preprocess_data.py,
+    tools/merge_shards.py) records them, or None for shards without one (Megatron's, or merged from such)."""
+    if not os.path.isfile(prefix + ".meta.json"):
+        return None
+    with open(prefix + ".meta.json") as f:
         meta = json.load(f)
-    made_with = meta.get("tokenizer_sha256")
-    if meta.get("vocab_size") != tokenizer.vocab_size or (made_with and tokenizer.fingerprint
-                                                          and made_with != tokenizer.fingerprint):
-        raise ValueError(f"{prefix} was tokenized with another tokenizer ({meta.get('tokenizer')}, "
-                         f"{meta.get('vocab_size')} ids) than the one given ({tokenizer.vocab_size} ids): pass "
-                         f"--tokenizer {meta.get('tokenizer')}, or preprocess the data again with this one")
+    return {k: meta.get(k) for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
+
+
+def check_tokenizer(prefix, tokenizer):
+    """Refuse shards made with another tokenizer than `tokenizer`, as far as their meta.json records it."""
+    made = shard_tokenizer(prefix)
+    if made is None:
+        return
+    if made["vocab_size"] != tokenizer.vocab_size or (made["tokenizer_sha256"] and tokenizer.fingerprint
+                                                      and made["tokenizer_sha256"] != tokenizer.fingerprint):
+        raise ValueError(f"{prefix} was tokenized with another tokenizer ({made['tokenizer']}, "
+                         f"{made['vocab_size']} ids) than the one given ({tokenizer.vocab_size} ids): pass "
+                         f"--tokenizer {made['tokenizer']}, or preprocess the data again with this one")
 
 
 class IndexedDataset:

@@ -4,24 +4,19 @@
 """
 import argparse
 import glob
-import json
 import os
 
-from megachat.data import IndexedDataset, IndexedDatasetWriter
+from megachat.data import IndexedDataset, IndexedDatasetWriter, shard_tokenizer
 from megachat.fileio import atomic_write_json
 
 
 def common_tokenizer(prefixes):
-    """The tokenizer the shards' PREFIX.meta.json files (tools/preprocess_data.py) name, when every shard has one
-    and they agree; None when any shard has none (Megatron's); an error when two name different tokenizers."""
-    metas = {}
-    for prefix in prefixes:
-        if not os.path.isfile(prefix + ".meta.json"):
-            return None
-        with open(prefix + ".meta.json") as f:
-            meta = json.load(f)
-        metas[prefix] = {k: meta.get(k) for k in ("tokenizer", "tokenizer_sha256", "vocab_size")}
-    (first, want), *rest = metas.items()
+    """The tokenizer the shards' meta.json files name, when every shard has one and they agree; None when any
+    shard has none (Megatron's); an error when two name different tokenizers."""
+    made = {prefix: shard_tokenizer(prefix) for prefix in prefixes}
+    if None in made.values():
+        return None
+    (first, want), *rest = made.items()
     for prefix, meta in rest:
         if (meta["tokenizer_sha256"], meta["vocab_size"]) != (want["tokenizer_sha256"], want["vocab_size"]):
             raise ValueError(f"{first} and {prefix} were tokenized with different tokenizers ({want['tokenizer']}, "
