@@ -1,9 +1,17 @@
 """megachat.kernels: the dispatching functions the model and the optimizer call.
 
+Files: `reference.py` (torch references: the CPU path and the tests' ground truth), one `*_kernel.py` per fused
+Triton kernel (launcher and `h100_specs()`), `runtime.py` (what those share at run time), and `sm90_aot.py`
+(compile-ahead for sm_90 and the report on the compiled code: tooling that imports the kernels, never the reverse).
+
 One switch (`use_triton`): a CUDA tensor runs the fused Triton kernel; a CPU tensor runs the torch reference
-(`reference.py`; so does any float64 tensor), unless MEGACHAT_TRITON=1 and TRITON_INTERPRET=1 are set, in which case the same Triton kernels
-run in Triton's interpreter (how the tests prove the kernels without a GPU). Triton is imported only when a
-kernel is dispatched to it, so a CPU run never imports it.
+(so does any float64 tensor), unless MEGACHAT_TRITON=1 and TRITON_INTERPRET=1 are set, in which case the same
+Triton kernels run in Triton's interpreter (how the tests prove the kernels without a GPU). Triton is imported
+only when a kernel is dispatched to it, so a CPU run never imports it.
+
+Kernels compute: they run no collective and know no process group. The softcapped cross-entropy is
+split as Megatron-core's `tensor_parallel/cross_entropy.py`: `softcap_ce_stats` and `softcap_ce_backward` are the
+local math of one vocab shard, and `megachat.tensor_parallel.vocab_parallel_loss` all-reduces the statistics.
 """
 import os
 
@@ -11,8 +19,8 @@ import torch
 
 from . import reference
 
-__all__ = ["rmsnorm", "rope", "rope_qk", "relu2", "newton_schulz", "softcap_cross_entropy", "softcap", "attention",
-           "use_triton"]
+__all__ = ["rmsnorm", "rope", "rope_qk", "relu2", "newton_schulz", "softcap_ce_stats", "softcap_ce_backward", "softcap",
+           "attention", "use_triton"]
 
 
 def use_triton(t):
@@ -43,15 +51,21 @@ def _check_rope(x, cos, sin, offset):
     if cos.ndim != 2 or sin.shape != cos.shape or x.ndim != 4 or cos.size(1) * 2 != x.size(3):
         raise ValueError(f"rope: expected x [B, T, H, D] and cos/sin [T_max, D//2], got {tuple(x.shape)}, "
                          f"{tuple(cos.shape)}, {tuple(sin.shape)}; squeeze the tables to 2-D")
-    if x.size(1) + offset > cos.size(0):
-        raise ValueError(f"rope: positions {offset}..{offset + x.size(1) - 1} exceed the cos/sin table of "
+    last = int(offset.max()) if torch.is_tensor(offset) else offset
+    if x.size(1) + last > cos.size(0):
+        raise ValueError(f"rope: positions up to {last + x.size(1) - 1} exceed the cos/sin table of "
                          f"{cos.size(0)} rows; build the tables for a longer sequence")
+    if torch.is_tensor(offset) and (offset.shape != (x.size(0),) or offset.dtype != torch.int64):
+        raise ValueError(f"rope: a per-row offset must be int64 [B = {x.size(0)}], got {offset.dtype} "
+                         f"{tuple(offset.shape)}")
 
 
 def rope(x, cos, sin, offset=0):
-    """x [B, T, H, D] rotated with table rows offset..offset+T of cos/sin [T_max, D//2]; fp32 math, x's dtype."""
+    """x [B, T, H, D] rotated with table rows offset..offset+T of cos/sin [T_max, D//2]; fp32 math, x's dtype.
+    offset: an int, or int64 [B] (one per row: the KV-cache engine's left-padded batches), which takes the torch
+    path on every device (decode rotates one token per row: nothing for a fused kernel to save)."""
     _check_rope(x, cos, sin, offset)
-    if use_triton(x):
+    if use_triton(x) and not torch.is_tensor(offset):
         from .rope_kernel import rope as fused
         return fused(x, cos, sin, offset)
     return reference.rope(x, cos, sin, offset)
@@ -64,7 +78,7 @@ def rope_qk(q, k, cos, sin, offset=0):
     if q.shape[:2] != k.shape[:2] or q.size(3) != k.size(3) or q.dtype != k.dtype:
         raise ValueError(f"rope_qk: q and k must share B, T, head_dim and dtype, got {tuple(q.shape)} "
                          f"{q.dtype} and {tuple(k.shape)} {k.dtype}; rotate them with two rope calls")
-    if use_triton(q):
+    if use_triton(q) and not torch.is_tensor(offset):
         from .rope_kernel import rope_qk as fused
         return fused(q, k, cos, sin, offset)
     return reference.rope(q, cos, sin, offset), reference.rope(k, cos, sin, offset)
@@ -113,19 +127,34 @@ def newton_schulz(G, steps=5, compute_dtype=torch.bfloat16):
     return reference.newton_schulz(G, steps, compute_dtype)
 
 
-def softcap_cross_entropy(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0, group=None):
-    """Per-token loss fp32 [N] (0 at ignored targets) of cap*tanh(logits/cap) on a vocab shard.
-
-    logits [N, V_local]: raw (un-capped) logits of global ids vocab_start..vocab_start+V_local-1;
-    targets [N] int64 global ids; group: the tp process group (None = the whole vocab is here).
-    """
+def _check_ce(logits, targets):
     if logits.ndim != 2 or targets.shape != logits.shape[:1]:
-        raise ValueError(f"softcap_cross_entropy: expected logits [N, V] and targets [N], got "
+        raise ValueError(f"softcap cross-entropy: expected logits [N, V] and targets [N], got "
                          f"{tuple(logits.shape)} and {tuple(targets.shape)}; flatten the batch first")
+
+
+def softcap_ce_stats(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0):
+    """Local statistics of c = cap*tanh(logits/cap) on one vocab shard, fp32 [N] each: (row max, sum of
+    exp(c - max), c at the target or 0 where the target is ignored or not in this shard).
+
+    logits [N, V_local]: raw logits of global ids vocab_start..vocab_start+V_local-1; targets [N] int64 global ids.
+    No communication: `megachat.tensor_parallel.vocab_parallel_loss` combines the shards' statistics.
+    """
+    _check_ce(logits, targets)
     if use_triton(logits):
-        from .softcap_ce_kernel import softcap_cross_entropy as fused
-        return fused(logits, targets, cap, ignore_index, vocab_start, group)
-    return reference.softcap_cross_entropy(logits, targets, cap, ignore_index, vocab_start, group)
+        from .softcap_ce_kernel import softcap_ce_stats as fused
+        return fused(logits, targets, cap, ignore_index, vocab_start)
+    return reference.softcap_ce_stats(logits, targets, cap, ignore_index, vocab_start)
+
+
+def softcap_ce_backward(logits, targets, lse, dloss, cap=15.0, ignore_index=-1, vocab_start=0):
+    """d loss / d logits [N, V_local] in logits' dtype, for the global log-sum-exp lse fp32 [N] (over all
+    shards) and the loss gradient dloss [N]; 0 on rows whose target is ignored."""
+    _check_ce(logits, targets)
+    if use_triton(logits):
+        from .softcap_ce_kernel import softcap_ce_backward as fused
+        return fused(logits, targets, lse, dloss, cap, ignore_index, vocab_start)
+    return reference.softcap_ce_backward(logits, targets, lse, dloss, cap, ignore_index, vocab_start)
 
 
 def softcap(logits, cap=15.0):
@@ -133,10 +162,11 @@ def softcap(logits, cap=15.0):
     return reference.softcap(logits, cap)
 
 
-def attention(q, k, v, causal=True):
+def attention(q, k, v, causal=True, mask=None):
     """q [B, T, H, D], k/v [B, Tk, Hkv, D] (GQA when Hkv < H) -> [B, T, H, D]; flash-attn on CUDA when installed
-    (bf16/fp16), else torch SDPA with the same math."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    (bf16/fp16), else torch SDPA with the same math. mask: bool [B, 1, T, Tk], True = attend (the KV-cache engine's
+    left-padded batches; SDPA on every device)."""
+    if mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
         try:
             from flash_attn import flash_attn_func
         except ImportError:
@@ -144,4 +174,4 @@ def attention(q, k, v, causal=True):
         if flash_attn_func is not None:
             # flash-attn aligns the causal mask bottom-right when T < Tk, the same as the reference's KV-cache mask.
             return flash_attn_func(q, k, v, causal=causal)
-    return reference.attention(q, k, v, causal)
+    return reference.attention(q, k, v, causal, mask)

@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import FP_FUSION, KernelSpec, interpreting
 from .reference import NS_COEFFS, newton_schulz_start
+from .runtime import FP_FUSION, KernelSpec, interpreting
 
 
 @triton.jit

@@ -6,11 +6,11 @@ Each function reproduces nanochat's numerics (late-October-2025 `gpt.py` / `muon
 - rope: `apply_rotary_emb` with half-split pairs; the multiply-adds run in fp32 on the (bf16) table values.
 - relu2: `F.relu(x).square()`; its gradient from the output, 2·sqrt(y)·dy (`relu2_backward`).
 - newton_schulz: `zeropower_via_newtonschulz5` (bf16 by default), cast back to G's dtype.
-- softcap_cross_entropy: `15 * tanh(logits / 15)`, `.float()`, `F.cross_entropy(ignore_index=-1)` per token,
-  written for a vocab shard with the max / sum-exp / target logit all-reduced over the tp group.
+- softcap_ce_stats / softcap_ce_backward: `15 * tanh(logits / 15)`, `.float()`, `F.cross_entropy(ignore_index=-1)`
+  per token, split as Megatron's cross_entropy.py: the local statistics of one vocab shard and the local backward.
+  Combining the shards' statistics over the tp group is `megachat.tensor_parallel`'s job, not a kernel's.
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -22,11 +22,16 @@ def rmsnorm(x):
 
 
 def rope(x, cos, sin, offset=0):
-    """x [B, T, H, D]; cos/sin [T_max, D//2]; rows offset..offset+T; fp32 math, output in x's dtype."""
-    T, D = x.size(1), x.size(3)
+    """x [B, T, H, D]; cos/sin [T_max, D//2]; rows offset..offset+T (offset an int, or int64 [B]: one per row);
+    fp32 math, output in x's dtype."""
+    B, T, D = x.size(0), x.size(1), x.size(3)
     d = D // 2
-    c = cos[offset:offset + T].float().view(1, T, 1, d)
-    s = sin[offset:offset + T].float().view(1, T, 1, d)
+    if torch.is_tensor(offset):  # per-row positions (left-padded batches in the KV-cache engine)
+        rows = (offset.view(B, 1) + torch.arange(T, device=offset.device)).clamp(min=0)  # padding: any row will do
+        c, s = cos[rows].float().view(B, T, 1, d), sin[rows].float().view(B, T, 1, d)
+    else:
+        c = cos[offset:offset + T].float().view(1, T, 1, d)
+        s = sin[offset:offset + T].float().view(1, T, 1, d)
     x1, x2 = x[..., :d].float(), x[..., d:].float()
     y1 = x1 * c + x2 * s
     y2 = x1 * (-s) + x2 * c
@@ -70,64 +75,44 @@ def newton_schulz(G, steps=5, compute_dtype=torch.bfloat16):
     return X.to(G.dtype)
 
 
-def _all_reduce(t, op, group):
-    if group is not None:
-        dist.all_reduce(t, op=op, group=group)
-    return t
-
-
-def softcap_ce_stats(capped, targets, ignore_index, vocab_start, group):
-    """Shard statistics of fp32 capped logits [N, V_local]: (global max [N], log-sum-exp [N], target logit [N])."""
+def softcap_ce_stats(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0):
+    """Local statistics of raw logits [N, V_local] (global ids vocab_start..) and targets [N] int64 global ids,
+    fp32 [N] each, of c = cap * tanh(logits / cap): row max, sum of exp(c - max), c at the target (0 where the
+    target is ignored or outside this shard)."""
+    capped = (cap * torch.tanh(logits / cap)).float()  # nanochat: softcap in logits' dtype, then float()
     V = capped.size(1)
-    m = _all_reduce(capped.max(dim=1).values, dist.ReduceOp.MAX, group)
-    sumexp = _all_reduce(torch.exp(capped - m[:, None]).sum(dim=1), dist.ReduceOp.SUM, group)
+    m = capped.max(dim=1).values
+    sumexp = torch.exp(capped - m[:, None]).sum(dim=1)
     local = targets - vocab_start
     owned = (local >= 0) & (local < V) & (targets != ignore_index)
     picked = capped.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1)
-    tgt = _all_reduce(torch.where(owned, picked, torch.zeros_like(picked)), dist.ReduceOp.SUM, group)
-    return m, m + torch.log(sumexp), tgt
+    return m, sumexp, torch.where(owned, picked, torch.zeros_like(picked))
 
 
-class SoftcapCrossEntropy(torch.autograd.Function):
-    """Per-token softcapped cross-entropy on a vocab shard; the backward recomputes the softmax from logits."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, cap, ignore_index, vocab_start, group):
-        capped = (cap * torch.tanh(logits / cap)).float()  # nanochat: softcap in logits' dtype, then float()
-        _, lse, tgt = softcap_ce_stats(capped, targets, ignore_index, vocab_start, group)
-        loss = torch.where(targets == ignore_index, torch.zeros_like(lse), lse - tgt)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.cap, ctx.ignore_index, ctx.vocab_start = cap, ignore_index, vocab_start
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        logits, targets, lse = ctx.saved_tensors
-        cap, V = ctx.cap, logits.size(1)
-        th = torch.tanh(logits / cap)
-        capped = (cap * th).float()
-        grad = torch.exp(capped - lse[:, None])
-        local = targets - ctx.vocab_start
-        owned = (local >= 0) & (local < V) & (targets != ctx.ignore_index)
-        rows = owned.nonzero().squeeze(1)
-        grad[rows, local[rows]] -= 1.0
-        g = torch.where(targets == ctx.ignore_index, torch.zeros_like(grad_loss), grad_loss.float())
-        grad = grad * g[:, None] * (1.0 - th.float() ** 2)  # d(cap*tanh(x/cap))/dx = 1 - tanh^2
-        return grad.to(logits.dtype), None, None, None, None, None
+def softcap_ce_backward(logits, targets, lse, dloss, cap=15.0, ignore_index=-1, vocab_start=0):
+    """d loss / d logits [N, V_local] in logits' dtype: (softmax - onehot) * dloss * (1 - tanh^2), 0 on ignored
+    rows; lse: the log-sum-exp fp32 [N] over the whole vocab (all shards), dloss [N]."""
+    V = logits.size(1)
+    th = torch.tanh(logits / cap)
+    grad = torch.exp((cap * th).float() - lse[:, None])
+    local = targets - vocab_start
+    owned = (local >= 0) & (local < V) & (targets != ignore_index)
+    rows = owned.nonzero().squeeze(1)
+    grad[rows, local[rows]] -= 1.0
+    g = dloss.float().masked_fill(targets == ignore_index, 0.0)
+    grad = grad * g[:, None] * (1.0 - th.float() ** 2)  # d(cap*tanh(x/cap))/dx = 1 - tanh^2
+    return grad.to(logits.dtype)
 
 
-def softcap_cross_entropy(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0, group=None):
-    """logits [N, V_local] raw shard of global ids vocab_start.., targets [N] int64 -> loss fp32 [N] (0 if ignored)."""
-    return SoftcapCrossEntropy.apply(logits, targets, cap, ignore_index, vocab_start, group)
-
-
-def attention(q, k, v, causal=True):
+def attention(q, k, v, causal=True, mask=None):
     """q [B, T, H, D], k/v [B, Tk, Hkv, D] -> [B, T, H, D] via SDPA; with T < Tk (KV cache) the queries are the
-    last T positions, as nanochat's engine does."""
+    last T positions, as nanochat's engine does. mask: bool [B, 1, T, Tk] (True = attend) instead of `causal`."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     Tq, Tk = q.size(2), k.size(2)
     gqa = q.size(1) != k.size(1)
-    if not causal or Tq == 1:
+    if mask is not None:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    elif not causal or Tq == 1:
         y = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
     elif Tq == Tk:
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)

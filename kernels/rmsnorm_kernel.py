@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import FP_FUSION, KernelSpec, interpreting
+from .runtime import FP_FUSION, KernelSpec, interpreting
 
 # F.rms_norm(eps=None) takes eps from the op-math type: fp32's epsilon for bf16, fp16 and fp32 inputs.
 EPS = torch.finfo(torch.float32).eps

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .h100 import FP_FUSION, KernelSpec, interpreting
+from .runtime import FP_FUSION, KernelSpec, interpreting
 
 
 @triton.jit

@@ -1,18 +1,17 @@
-"""Fused soft-capped cross-entropy on a vocab shard in Triton, never materializing fp32 [tokens x vocab].
+"""Fused soft-capped cross-entropy statistics and backward of one vocab shard in Triton, never materializing
+fp32 [tokens x vocab]. Local math only: combining the shards over the tp group is `megachat.tensor_parallel`'s.
 
-Forward: one pass over the raw logits in BLOCK_V chunks per row block, c = cap * tanh(z / cap) in fp32, online
-max and sum-exp per row, plus the capped target logit when this shard owns the target id. The per-row partials
-(max, sum-exp relative to that max, target logit) are combined over the tp group in torch on [N] vectors:
-MAX of the max, SUM of the rescaled sum-exp, SUM of the target logit. Backward: a second pass recomputes the
-softmax chunk by chunk and writes d logits = (softmax - onehot) * dloss * (1 - (c / cap)^2) in logits' dtype.
-tanh is exp-based (1 - 2 / (exp(2y) + 1)) because libdevice is unavailable in the interpreter.
+Statistics (`softcap_ce_stats`): one pass over the raw logits in BLOCK_V chunks per row block,
+c = cap * tanh(z / cap) in fp32, online max and sum-exp per row, plus the capped target logit when this shard
+owns the target id. Backward (`softcap_ce_backward`): a second pass recomputes the softmax from the global
+log-sum-exp chunk by chunk and writes d logits = (softmax - onehot) * dloss * (1 - (c / cap)^2) in logits'
+dtype. tanh is exp-based (1 - 2 / (exp(2y) + 1)) because libdevice is unavailable in the interpreter.
 """
 import torch
-import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from .h100 import FP_FUSION, KernelSpec, interpreting
+from .runtime import FP_FUSION, KernelSpec, interpreting
 
 
 @triton.jit
@@ -70,9 +69,10 @@ def _config(interpret):
     return (16, 4096, 4) if interpret else (1, 4096, 8)
 
 
-def softcap_ce_partials(logits, targets, cap, ignore_index, vocab_start, out=None):
-    """Shard partials, fp32 [N] each: row max of the capped logits, sum of exp(c - max), capped target logit
-    (0 where this shard does not own the target). out: optional (max, sumexp, target) buffers."""
+def softcap_ce_stats(logits, targets, cap, ignore_index, vocab_start, out=None):
+    """Local statistics of raw logits [N, V_local], fp32 [N] each: row max of the capped logits, sum of
+    exp(c - max), capped target logit (0 where this shard does not own the target). out: optional buffers."""
+    logits, targets = logits.contiguous(), targets.contiguous()
     n_rows, n_cols = logits.shape
     if out is None:
         out = tuple(torch.empty(n_rows, dtype=torch.float32, device=logits.device) for _ in range(3))
@@ -86,20 +86,11 @@ def softcap_ce_partials(logits, targets, cap, ignore_index, vocab_start, out=Non
     return m, s, t
 
 
-def combine_partials(m, s, t, group):
-    """All-reduce shard partials over the tp group -> (log-sum-exp [N], target logit [N])."""
-    if group is None:
-        return m + torch.log(s), t
-    m_global = m.clone()
-    dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-    s = s * torch.exp(m - m_global)
-    dist.all_reduce(s, op=dist.ReduceOp.SUM, group=group)
-    dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return m_global + torch.log(s), t
-
-
 def softcap_ce_backward(logits, targets, lse, dloss, cap, ignore_index, vocab_start, out=None):
-    """d loss / d logits [N, V_local] in logits' dtype, recomputing the softmax chunk by chunk."""
+    """d loss / d logits [N, V_local] in logits' dtype from the global log-sum-exp lse fp32 [N] and dloss [N],
+    recomputing the softmax chunk by chunk."""
+    logits, targets = logits.contiguous(), targets.contiguous()
+    lse, dloss = lse.contiguous(), dloss.float().contiguous()
     n_rows, n_cols = logits.shape
     d = torch.empty_like(logits) if out is None else out
     block_n, block_v, num_warps = _config(interpreting())
@@ -109,31 +100,6 @@ def softcap_ce_backward(logits, targets, lse, dloss, cap, ignore_index, vocab_st
         logits, targets, lse, dloss, d, n_rows, n_cols, logits.stride(0), d.stride(0), vocab_start, ignore_index,
         float(cap), BLOCK_N=block_n, BLOCK_V=block_v, num_warps=num_warps, enable_fp_fusion=FP_FUSION)
     return d
-
-
-class SoftcapCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, cap, ignore_index, vocab_start, group):
-        logits = logits.contiguous()
-        targets = targets.contiguous()
-        m, s, t = softcap_ce_partials(logits, targets, cap, ignore_index, vocab_start)
-        lse, t = combine_partials(m, s, t, group)
-        loss = torch.where(targets == ignore_index, torch.zeros_like(lse), lse - t)
-        ctx.save_for_backward(logits, targets, lse)
-        ctx.cap, ctx.ignore_index, ctx.vocab_start = cap, ignore_index, vocab_start
-        return loss
-
-    @staticmethod
-    def backward(ctx, dloss):
-        logits, targets, lse = ctx.saved_tensors
-        d = softcap_ce_backward(logits, targets, lse, dloss.float().contiguous(), ctx.cap, ctx.ignore_index,
-                                ctx.vocab_start)
-        return d, None, None, None, None, None
-
-
-def softcap_cross_entropy(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0, group=None):
-    """logits [N, V_local] raw shard, targets [N] int64 global ids -> per-token loss fp32 [N] (0 if ignored)."""
-    return SoftcapCrossEntropy.apply(logits, targets, cap, ignore_index, vocab_start, group)
 
 
 def h100_specs(tokens=65536, vocab=65536, dtype="bf16"):

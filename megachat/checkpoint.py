@@ -16,8 +16,9 @@ data position: the data is indexed by global sample number), the layout, and the
 (minus RNG) go to step_NNNNNN/megachat.json, readable without DeepSpeed.
 
 Another layout: DeepSpeed's files are per tp / pp / dp shard and cannot be loaded under a different grid, so
-each checkpoint also holds step_NNNNNN/universal.pt (when the optimizer is megachat's HybridOptimizer): the
-unsharded weights under nanochat's names and the unsharded optimizer state (megachat.optim.full_optimizer_state).
+each checkpoint also holds the layout-free full state step_NNNNNN/full_state.pt: the unsharded weights under
+nanochat's names and the unsharded optimizer state (megachat.optim.full_optimizer_state). (Not DeepSpeed's
+"universal checkpoint", a different format; checkpoints written before the rename call it universal.pt.)
 A resume under another --tp / --pp / dp / --zero builds the model from those weights (before DeepSpeed copies
 them into its master weights) and loads the optimizer state into the new shards. In a bf16 run the weights
 there are the bf16 model weights, not DeepSpeed's fp32 master copy, so such a resume continues from weights
@@ -141,19 +142,19 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, universal: dict | None = None) -> str:
+def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, full_state: dict | None = None) -> str:
     """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. client_state
-    must hold step, consumed_samples, layout and config; universal (rank 0's, see the module docstring) is written
-    when given. The checkpoint becomes visible through `latest` only once every rank's files are on disk; then
+    must hold step, consumed_samples, layout and config; full_state (rank 0's, see the module docstring) is
+    written when given. The checkpoint becomes visible through `latest` only once every rank's files are on disk; then
     all but the newest `keep` are removed."""
     tag = tag_for(step)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()},
                            save_latest=False)
     if dist.get_rank() == 0:
-        if universal is not None:
-            tmp = os.path.join(ckpt_dir, tag, "universal.pt.tmp")
-            torch.save(universal, tmp)
-            replace_durably(tmp, os.path.join(ckpt_dir, tag, "universal.pt"))
+        if full_state is not None:
+            tmp = os.path.join(ckpt_dir, tag, "full_state.pt.tmp")
+            torch.save(full_state, tmp)
+            replace_durably(tmp, os.path.join(ckpt_dir, tag, "full_state.pt"))
         atomic_write(os.path.join(ckpt_dir, tag, "megachat.json"), json.dumps(
             {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
     dist.barrier()  # every rank has written and closed its files
@@ -168,31 +169,69 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, un
     return tag
 
 
-def load_universal(ckpt_dir: str, tag: str) -> dict:
-    """step_NNNNNN/universal.pt: {"model": nanochat-named full weights, "optimizer": full optimizer state}."""
-    path = os.path.join(ckpt_dir, tag, "universal.pt")
+def load_full_state(ckpt_dir: str, tag: str) -> dict:
+    """step_NNNNNN/full_state.pt: {"model": nanochat-named full weights, "optimizer": full optimizer state}."""
+    path = os.path.join(ckpt_dir, tag, "full_state.pt")
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(ckpt_dir, tag, "universal.pt")):
+        path = os.path.join(ckpt_dir, tag, "universal.pt")  # its name before the rename
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} is missing, so {os.path.join(ckpt_dir, tag)} can only be resumed with the "
-                                f"layout it was saved with (only --optimizer muon runs write it); resume with "
-                                f"the same --tp/--pp/--zero and number of processes")
+                                f"layout it was saved with; resume with the same --tp/--pp/--zero and number of "
+                                f"processes")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load(engine, ckpt_dir: str, layout: dict) -> dict:
-    """Load the checkpoint `latest` names into the engine (model, optimizer, LR schedule) and restore the RNG;
-    returns the client state. The layout (tp, pp, zero) must match the one it was saved with."""
-    tag = latest_tag(ckpt_dir)
-    if tag is None:
-        raise FileNotFoundError(f"--resume: no complete checkpoint in {ckpt_dir} (no 'latest' file); "
-                                f"run without --resume to start fresh")
+def load(engine, ckpt_dir: str, tag: str) -> dict:
+    """Load checkpoint `tag` (saved under this layout: the trainer checks) into the DeepSpeed engine (model,
+    optimizer, LR schedule) and restore the RNG; returns the client state."""
     path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
                                           load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
-    saved = client.get("layout", {})
-    for key in ("tp", "pp", "zero"):
-        if key in saved and saved[key] != layout[key]:
-            raise ValueError(f"checkpoint {os.path.join(ckpt_dir, tag)} was saved with {key}={saved[key]} but this "
-                             f"run has {key}={layout[key]}: resume with the same --tp/--pp/--zero")
     set_rng_state(client["rng"])
     return client
+
+
+def read_run_config(run_dir: str) -> dict:
+    """RUN_DIR/config.json as the training script wrote it ("model", "train", "tokenizer", data paths)."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: --run must be the --out directory of a training run")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): restore it from the run's checkpoints/*/megachat.json "
+                         f"or retrain") from None
+
+
+def load_weights(path: str) -> dict:
+    """Full weights under nanochat's names from `path`: a torch.save of a state dict, of {"state_dict": ...}, or a
+    checkpoint's full_state.pt ({"model": ...}); checked against the CRC-32s first (torch.load would read flipped
+    bits as weights without a word)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no weights at {path}: pass --checkpoint FILE (a full state dict under nanochat's "
+                                f"names) or write RUN_DIR/model.pt at the end of training")
+    damage = archive_damage(path)
+    if damage:
+        raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (an earlier "
+                           f"RUN_DIR/checkpoints/step_*/full_state.pt holds the weights of that step)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            return obj[key]
+    return obj
+
+
+def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str | None = None,
+             tokenizer_dir: str | None = None):
+    """(model, tokenizer, run config) of a finished run on this rank of `grid`: RUN_DIR/config.json's model with
+    RUN_DIR/model.pt's weights (or weights_path's), in eval mode; the tokenizer the run recorded (or
+    tokenizer_dir)."""
+    from megachat.model import GPTConfig, build_model
+    from megachat.tokenizer import Tokenizer
+    run_cfg = read_run_config(run_dir)
+    tokenizer = Tokenizer.load(tokenizer_dir or run_cfg["tokenizer"])
+    weights = load_weights(weights_path or os.path.join(run_dir, "model.pt"))
+    model = build_model(GPTConfig(**run_cfg["model"]), grid, device, weights=weights, dtype=dtype).eval()
+    return model, tokenizer, run_cfg

@@ -18,6 +18,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
 from json.scanner import make_scanner
 
@@ -317,15 +318,17 @@ def preprocess(inputs, tokenizer_dir, output_prefix, workers=None, text_column="
     if progress:
         from tqdm import tqdm
 
+        # updated once per task (~1 MB), never per document; disable=None: no bar when stderr is not a terminal
         bar = tqdm(total=sum(t[4] for t, _, _ in tasks), unit="B", unit_scale=True, desc="preprocess",
-                   smoothing=0.1)
+                   smoothing=0.1, disable=None)
     t0 = time.time()
     pool = None
     try:
         if n_workers > 1 and len(tasks) > 1:
             # fork: workers start in ~0.1 s instead of ~1.5 s (spawn re-imports everything); they run only
             # tiktoken, numpy and pyarrow, never torch, so forking a parent that holds torch threads is safe.
-            pool = mp.get_context("fork").Pool(n_workers)
+            # Ctrl-C reaches the whole process group: the workers ignore it, the parent stops them (exit 130)
+            pool = mp.get_context("fork").Pool(n_workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
             results = pool.imap(_encode_task, [(t, all_val) for t, all_val, _ in tasks])
         else:
             results = map(_encode_task, [(t, all_val) for t, all_val, _ in tasks])

@@ -382,3 +382,8 @@ class GPTDataset:
 
         rows = np.stack([self[i] for i in batch_indices(step, global_batch_size, dp_rank, dp_size)])
         return torch.from_numpy(rows[:, :-1].copy()), torch.from_numpy(rows[:, 1:].copy())
+
+    def micro_batches(self, step, global_batch_size, micro_batch_size, dp_rank=0, dp_size=1):
+        """This rank's slice of global batch `step` as a list of (x, y) micro-batches [micro_batch_size, seq_len]."""
+        x, y = self.get_batch(step, global_batch_size, dp_rank, dp_size)
+        return list(zip(x.split(micro_batch_size), y.split(micro_batch_size)))

@@ -11,18 +11,13 @@
 Tensor parallelism (megachat/tensor_parallel.py) splits heads, the MLP width and the vocab over `grid.tp`
 ranks; with tp = 1 the model is exactly the plain one (same shapes and math as nanochat). Parameter names are
 nanochat's, so nanochat checkpoints load with `load_nanochat_state_dict` and `full_state_dict` writes them.
-Construction on the meta device, then materialization of this rank's part only:
-    with torch.device("meta"): model = GPT(config, grid)
-    materialize(model, device); model.init_weights(seed)   # or load_nanochat_state_dict(model, sd)
-For pipeline parallelism, `materialize` allocates only this stage's layers (`pipeline_stage_bounds`), and
-`pipeline_layers(model)` gives DeepSpeed's PipelineModule its stages (the same module objects) and
-`pipeline_loss_fn(model)` its loss:
-    pipe = PipelineModule(layers=pipeline_layers(model), loss_fn=pipeline_loss_fn(model),
-                          topology=grid.topology(), partition_method="type:Block")
+Built on the meta device, then only this rank's part is allocated: `build_model(config, grid, device,
+weights=... | seed=...)` is the one way every entry point (training, evaluation, sampling) gets a model.
+`GPT.layers()` is the model as a sequence of stages, [EmbeddingStage, Block x n_layer, HeadStage];
+`GPT.forward` is the loop over them, and megachat/pipeline.py splits the same list over pipeline stages.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 from dataclasses import dataclass
@@ -106,9 +101,10 @@ def rotary_tables(seq_len, head_dim, device=None):
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config, grid):
+    def __init__(self, config, grid, layer_idx=0):
         super().__init__()
         C, D, tp = config.n_embd, config.head_dim, grid.tp
+        self.layer_idx = layer_idx  # its slot in a KV cache
         self.head_dim = D
         self.n_head = config.n_head // tp  # local query heads
         self.group = tp_group_of(grid)
@@ -132,15 +128,21 @@ class CausalSelfAttention(nn.Module):
         """Recompute cos/sin on the buffers' device (after to_empty, whose buffers hold garbage)."""
         self.cos, self.sin = rotary_tables(self.cos.size(0), self.head_dim, self.cos.device)
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
+        """x [B, T, C] -> [B, T, C]. cache: a megachat.engine.KVCache holding the earlier tokens' keys and values
+        (inference): x's tokens come after them, at each row's own positions."""
         B, T, _ = x.shape
         x = copy_to_tp_region(x, self.group)  # one backward all-reduce for q, k and v together
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
-        q, k = kernels.rope_qk(q, k, self.cos, self.sin)
+        q, k = kernels.rope_qk(q, k, self.cos, self.sin, 0 if cache is None else cache.positions())
         q, k = kernels.rmsnorm(q), kernels.rmsnorm(k)  # QK-norm, after RoPE as in nanochat
-        y = kernels.attention(q, k, v, causal=True)
+        if cache is None:
+            y = kernels.attention(q, k, v, causal=True)
+        else:
+            k, v, mask = cache.update(self.layer_idx, k, v)
+            y = kernels.attention(q, k, v, mask=mask)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -158,13 +160,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One transformer block; also one pipeline stage: hidden state [B, T, C] in and out."""
 
-    def __init__(self, config, grid):
+    def __init__(self, config, grid, layer_idx=0):
         super().__init__()
-        self.attn = CausalSelfAttention(config, grid)
+        self.attn = CausalSelfAttention(config, grid, layer_idx)
         self.mlp = MLP(config, grid)
 
-    def forward(self, x):
-        x = x + self.attn(kernels.rmsnorm(x))
+    def forward(self, x, cache=None):
+        x = x + self.attn(kernels.rmsnorm(x), cache)
         return x + self.mlp(kernels.rmsnorm(x))
 
 
@@ -175,7 +177,7 @@ class EmbeddingStage(nn.Module):
         super().__init__()
         self.wte = wte
 
-    def forward(self, idx):
+    def forward(self, idx, cache=None):
         return kernels.rmsnorm(self.wte(idx))
 
 
@@ -187,7 +189,7 @@ class HeadStage(nn.Module):
         self.lm_head = lm_head
         self.group = lm_head.group
 
-    def forward(self, x):
+    def forward(self, x, cache=None):
         return self.lm_head(copy_to_tp_region(kernels.rmsnorm(x), self.group))
 
 
@@ -199,20 +201,36 @@ class GPT(nn.Module):
         self.config, self.grid = config, grid
         self.transformer = nn.ModuleDict(dict(
             wte=VocabParallelEmbedding(config.vocab_size, config.n_embd, grid),
-            h=nn.ModuleList([Block(config, grid) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, grid, i) for i in range(config.n_layer)]),
         ))
         self.lm_head = VocabParallelLMHead(config.n_embd, config.vocab_size, grid)
 
-    def forward(self, idx, targets=None, loss_reduction="mean"):
+    def layers(self):
+        """The model as a sequence of stages (the same module objects): idx [B, T] -> hidden state [B, T, C] ->
+        ... -> raw (un-capped) logits [B, T, V_local]. megachat.pipeline splits this list over pipeline stages."""
+        return [EmbeddingStage(self.transformer.wte), *self.transformer.h, HeadStage(self.lm_head)]
+
+    def forward(self, idx, targets=None, loss_reduction="mean", cache=None):
         """idx [B, T] int64 -> softcapped logits [B, T, V_local] (this rank's vocab shard; all of it at tp = 1),
-        or with targets [B, T] (-1 = ignored) the loss: mean over non-ignored tokens, or fp32 [B, T] for 'none'."""
-        x = kernels.rmsnorm(self.transformer.wte(idx))
-        for block in self.transformer.h:
-            x = block(x)
-        logits = self.lm_head(copy_to_tp_region(kernels.rmsnorm(x), self.lm_head.group))
+        or with targets [B, T] (-1 = ignored) the loss: mean over non-ignored tokens, or fp32 [B, T] for 'none'.
+        cache: a megachat.engine.KVCache (inference): idx continues the cached tokens and is cached in turn; the
+        logits are then the last position's only, [B, 1, V_local] (the next token's)."""
+        *layers, head = self.layers()
+        x = idx
+        for layer in layers:
+            x = layer(x, cache)
+        if cache is not None:
+            cache.advance(idx.size(1))
+            x = x[:, -1:]
+        x = head(x)
         if targets is None:
-            return kernels.softcap(logits, SOFTCAP)
-        return vocab_parallel_loss(logits, targets, self.lm_head.vocab_start, self.lm_head.group, loss_reduction)
+            return kernels.softcap(x, SOFTCAP)
+        return self.loss(x, targets, loss_reduction)
+
+    def loss(self, logits, targets, reduction="mean"):
+        """Raw local logits [B, T, V_local], targets [B, T] (-1 = ignored) -> softcapped cross-entropy over the
+        vocab-parallel shards: the mean over non-ignored tokens, or fp32 [B, T] per token for 'none'."""
+        return vocab_parallel_loss(logits, targets, self.lm_head.vocab_start, self.lm_head.group, reduction)
 
     def gather_logits(self, logits):
         """Local softcapped logits [.., V_local] -> full [.., vocab_size] on every tp rank (evaluation/tests only)."""
@@ -295,54 +313,19 @@ def full_state_dict(model):
             for name, p in model._materialized_parameters().items()}
 
 
-def pipeline_layers(model):
-    """The model as a list of DeepSpeed PipelineModule layers (the same module objects, so weights are shared):
-    [EmbeddingStage, Block x n_layer, HeadStage]. Stages take and return plain tensors: idx -> hidden state
-    [B, T, C] -> ... -> local raw logits. `partition_method="type:Block"` balances the blocks over stages."""
-    return [EmbeddingStage(model.transformer.wte), *model.transformer.h, HeadStage(model.lm_head)]
-
-
-def pipeline_stage_bounds(model, pp: int) -> list[int]:
-    """Stage s owns pipeline_layers(model)[bounds[s]:bounds[s+1]]: the blocks balanced over pp stages, exactly
-    as DeepSpeed's PipelineModule(partition_method="type:Block") splits them."""
-    from deepspeed.runtime.utils import partition_balanced
-    return partition_balanced(weights=[int(isinstance(layer, Block)) for layer in pipeline_layers(model)],
-                              num_parts=pp)
-
-
-def materialize(model, device):
-    """Allocate (uninitialized) the weights this rank runs on `device`: the whole model, or with pp > 1 only its
-    pipeline stage's layers (the rest stays on the meta device, costing no memory; DeepSpeed's PipelineModule
-    moves only the stage's own layers). init_weights, load_nanochat_state_dict and full_state_dict then cover
-    what is materialized."""
-    grid = model.grid
-    if grid.pp == 1:
-        model.to_empty(device=device)
-        return
-    bounds = pipeline_stage_bounds(model, grid.pp)
-    for layer in pipeline_layers(model)[bounds[grid.pp_rank]:bounds[grid.pp_rank + 1]]:
+def build_model(config, grid=None, device="cpu", *, weights=None, seed=0, dtype=None):
+    """The GPT on this rank: built on the meta device (no memory), then only what this rank runs is allocated on
+    `device` (with pp > 1 its pipeline stage's layers; the rest stays on meta) and filled from `weights` (full
+    weights under nanochat's names) or, without them, nanochat's init drawn from `seed` (each tp shard the slice
+    of the same full init, so every layout starts equal). dtype: cast after filling (None keeps fp32)."""
+    from megachat.pipeline import stage_layers
+    grid = Grid() if grid is None else grid
+    with torch.device("meta"):
+        model = GPT(config, grid=grid)
+    for layer in stage_layers(model, grid):
         layer.to_empty(device=device)
-
-
-def pipeline_loss_fn(model):
-    """The PipelineModule loss_fn: (local raw logits [B, T, V_local], labels [B, T]) -> mean loss over the
-    micro-batch's non-ignored tokens, exactly model.forward(idx, targets)'s. DeepSpeed averages it over
-    micro-batches and dp ranks, as nanochat's gradient accumulation (loss / grad_accum_steps) does."""
-    return functools.partial(vocab_parallel_loss, vocab_start=model.lm_head.vocab_start, group=model.lm_head.group)
-
-
-def pipeline_to_nanochat_name(name, n_layer):
-    """A PipelineModule parameter name ('{layer}.{local name}', layers as pipeline_layers orders them) or a
-    DeepSpeed per-layer checkpoint key with its layer index -> the nanochat name.
-    '0.wte.weight' -> 'transformer.wte.weight'; '3.attn.c_q.weight' -> 'transformer.h.2.attn.c_q.weight'."""
-    layer, _, rest = name.partition(".")
-    if not layer.isdigit() or not rest:
-        raise ValueError(f"{name!r} is not a pipeline parameter name of the form '<layer index>.<name>'")
-    i = int(layer)
-    if i == 0:
-        return "transformer." + rest
-    if i <= n_layer:
-        return f"transformer.h.{i - 1}.{rest}"
-    if i == n_layer + 1:
-        return rest
-    raise ValueError(f"{name!r}: layer {i} is past the last pipeline layer ({n_layer + 1}) of a {n_layer}-layer model")
+    if weights is None:
+        model.init_weights(seed)
+    else:
+        load_nanochat_state_dict(model, weights)
+    return model if dtype is None else model.to(dtype)

@@ -7,11 +7,15 @@ tp varies fastest (so a tp group stays inside a node), then dp, then pp:
 
 `Grid` also speaks Megatron's `mpu` interface, so `deepspeed.initialize(..., mpu=grid)` reduces gradients
 over the dp group only, partitions ZeRO state over dp, and counts tensor-parallel shards once in the
-gradient norm. The model only ever sees `grid.tp_group` / `grid.tp_rank`; DeepSpeed lives in the engine.
+gradient norm. The model only ever sees `grid.tp_group` / `grid.tp_rank`; DeepSpeed lives in the trainer.
+`init_distributed` joins the launcher's world, and `device` names this process's device.
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
@@ -66,6 +70,7 @@ class Grid:
     tp_group: Any = None  # torch.distributed ProcessGroup (size 1 when tp == 1); None without torch.distributed
     dp_group: Any = None
     pp_group: Any = None
+    stage_group: Any = None  # the tp*dp ranks of this pipeline stage (the optimizer's whole-matrix exchange)
     dp_ranks: tuple[int, ...] = (0,)
 
     @property
@@ -84,10 +89,15 @@ class Grid:
     def pp_rank(self) -> int:
         return self.rank // (self.tp * self.dp)
 
-    def topology(self):
-        """DeepSpeed's topology object with the same rank layout (for `PipelineModule(topology=...)`)."""
-        from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-        return PipeModelDataParallelTopology(num_pp=self.pp, num_mp=self.tp, num_dp=self.dp)
+    def group_ranks(self, axis: str) -> list[list[int]]:
+        """Every group along `axis` ("tp", "dp" or "pp") as lists of global ranks, in one fixed order."""
+        tp, dp, pp = self.tp, self.dp, self.pp
+        rank = lambda p, d, t: p * dp * tp + d * tp + t  # noqa: E731
+        if axis == "tp":
+            return [[rank(p, d, t) for t in range(tp)] for p in range(pp) for d in range(dp)]
+        if axis == "dp":
+            return [[rank(p, d, t) for d in range(dp)] for p in range(pp) for t in range(tp)]
+        return [[rank(p, d, t) for p in range(pp)] for d in range(dp) for t in range(tp)]
 
     # Megatron's `mpu` interface, as read by deepspeed.initialize(mpu=...).
     def get_model_parallel_rank(self):
@@ -154,13 +164,48 @@ def init_grid(tp: int = 1, pp: int = 1) -> Grid:
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = check_layout(world, tp, pp)
     grid = Grid(tp=tp, pp=pp, dp=dp, rank=rank)
-    topo = grid.topology()
     # new_group is collective over the whole world: every rank creates every group, in the same order.
-    for axis, attr in (("model", "tp_group"), ("data", "dp_group"), ("pipe", "pp_group")):
-        for ranks in topo.get_axis_comm_lists(axis):
+    for axis in ("tp", "dp", "pp"):
+        for ranks in grid.group_ranks(axis):
             group = dist.new_group(ranks)
             if rank in ranks:
-                setattr(grid, attr, group)
-                if axis == "data":
+                setattr(grid, f"{axis}_group", group)
+                if axis == "dp":
                     grid.dp_ranks = tuple(ranks)
+    for stage in range(pp):
+        ranks = list(range(stage * dp * tp, (stage + 1) * dp * tp))
+        group = dist.new_group(ranks)
+        if rank in ranks:
+            grid.stage_group = group
     return grid
+
+
+def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> None:
+    """Join the world the launcher (deepspeed / torchrun) describes in the environment; nccl on CUDA, gloo on
+    CPU. A plain `python` run (no RANK in the environment) becomes a world of one (the DeepSpeed engine needs
+    a process group), or with world_of_one=False stays without one and leaves os.environ alone (evaluation,
+    whose code runs with or without a group and is also called in-process by the tests). DeepSpeed adopts
+    this process group when the trainer initializes it."""
+    if "RANK" not in os.environ and not world_of_one:
+        return
+    import torch
+    if "RANK" not in os.environ:  # plain `python script.py`: one process
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=timedelta(minutes=timeout_minutes))
+
+
+def device():
+    """This process's device: its CUDA device under a GPU launcher, else the CPU."""
+    import torch
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

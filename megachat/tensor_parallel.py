@@ -6,7 +6,8 @@
 - `ColumnParallelLinear` (output features split, partition_dim 0), `RowParallelLinear` (input features split,
   partition_dim 1), `VocabParallelEmbedding` (rows of the vocab split, masked lookup + all-reduce),
   `VocabParallelLMHead` (column-parallel over the vocab, never gathered: the loss is
-  `vocab_parallel_loss`, which calls `megachat.kernels.softcap_cross_entropy` on the local shard).
+  `vocab_parallel_loss`: the kernels' local statistics of each shard, all-reduced over tp in one autograd
+  function, as Megatron's `cross_entropy.py`).
 - `HeadReplicatedLinear`: key/value projections when there are fewer KV heads than tp ranks (GQA, e.g. the
   golden model's 1 KV head at tp = 2). Every rank keeps the whole weight and uses the KV head its query heads
   share, as vLLM does; the weight gradient is all-reduced over tp inside autograd, so the copies stay equal.
@@ -218,15 +219,48 @@ class VocabParallelLMHead(_TPLayer):
         return F.linear(x, w)
 
 
+class _VocabParallelSoftcapCE(torch.autograd.Function):
+    """Per-token cross-entropy fp32 [N] of cap*tanh(z/cap) (the kernels' cap, 15) for raw logits [N, V_local].
+
+    As Megatron's `_VocabParallelCrossEntropy`: the kernels compute this shard's statistics and the local
+    backward; here they are combined over the tp group: MAX of the row max, SUM of the sum-exp rescaled to it,
+    SUM of the target logit (owned by one shard, 0 on the others). Backward needs no communication.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, group, ignore_index):
+        m, sumexp, target_logit = kernels.softcap_ce_stats(logits, targets, ignore_index=ignore_index,
+                                                           vocab_start=vocab_start)
+        if group is not None and dist.get_world_size(group) > 1:
+            m_global = m.clone()
+            dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
+            sumexp = sumexp * torch.exp(m - m_global)
+            dist.all_reduce(sumexp, group=group)
+            dist.all_reduce(target_logit, group=group)
+            m = m_global
+        lse = m + torch.log(sumexp)
+        ctx.save_for_backward(logits, targets, lse)
+        ctx.vocab_start, ctx.ignore_index = vocab_start, ignore_index
+        return torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        logits, targets, lse = ctx.saved_tensors
+        dlogits = kernels.softcap_ce_backward(logits, targets, lse, dloss, ignore_index=ctx.ignore_index,
+                                              vocab_start=ctx.vocab_start)
+        return dlogits, None, None, None, None
+
+
 def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", ignore_index=-1):
     """Softcapped cross-entropy of local raw logits [B, T, V_local] and global targets [B, T].
 
     reduction 'none': fp32 [B, T] (0 at ignored targets); 'mean': sum / number of non-ignored targets, as
     nanochat's F.cross_entropy(ignore_index=-1) does, except that a batch with no target gives 0 instead of nan.
-    The result is identical on every tp rank.
+    The result is identical on every tp rank. group None: the whole vocab is here, no communication.
     """
-    loss = kernels.softcap_cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1),
-                                         ignore_index=ignore_index, vocab_start=vocab_start, group=group)
+    loss = _VocabParallelSoftcapCE.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), vocab_start,
+                                         group, ignore_index)
     if reduction == "none":
         return loss.view(targets.shape)
     if reduction != "mean":

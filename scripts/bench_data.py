@@ -13,7 +13,6 @@ Rows (printed as a markdown table):
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile

@@ -14,13 +14,17 @@ started"). Each part is the max over ranks (on each rank its parts add up to abo
 The CPU ratio compares the whole run's model FLOP/s with ONE process's fp32 matmul FLOP/s.
 """
 import argparse
+import json
+import os
+import tempfile
 import time
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from megachat.engine import TrainConfig, build_trainer, init_distributed, model_flops_per_token
+from megachat.parallel import init_distributed
+from megachat.trainer import CONFIG_DIR, TrainConfig, build_trainer, model_flops_per_token
 from megachat.monitor import peak_flops
 
 TIMERS = {"fwd": ["fwd_microstep"], "bwd": ["bwd_inner_microstep"], "optim": ["step_microstep"],
@@ -36,6 +40,23 @@ class SyntheticTokens:
 
     def __getitem__(self, i):
         return np.random.default_rng(i).integers(0, self.vocab_size, self.seq_len + 1, dtype=np.int64)
+
+    def micro_batches(self, step, global_batch, micro_batch, dp_rank, dp):
+        """This rank's micro-batches (x, y) of global batch `step`, as GPTDataset.micro_batches gives them."""
+        per_rank = global_batch // dp
+        first = step * global_batch + dp_rank * per_rank
+        rows = torch.from_numpy(np.stack([self[i] for i in range(first, first + per_rank)]))
+        return list(zip(rows[:, :-1].split(micro_batch), rows[:, 1:].split(micro_batch)))
+
+
+def timed_ds_config(zero: int, dtype: str) -> str:
+    """configs/ds/zero{Z}_{dtype}.json with DeepSpeed's wall-clock-breakdown timers on, as a temp file."""
+    conf = json.loads((CONFIG_DIR / f"zero{zero}_{dtype}.json").read_text())
+    conf["wall_clock_breakdown"] = True
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(conf, f)
+    return path
 
 
 def time_pipeline_instructions(engine, parts: dict) -> None:
@@ -82,7 +103,6 @@ def main(argv=None):
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--zero", type=int, default=1)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    p.add_argument("--optimizer", choices=["muon", "adamw"], default="muon")
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--device-batch-size", type=int, default=4)
     p.add_argument("--grad-accum", type=int, default=1,
@@ -102,31 +122,36 @@ def main(argv=None):
     cfg = TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=total,
                       num_iterations=args.warmup + args.steps, tp=args.tp, pp=args.pp, zero=args.zero,
-                      dtype=args.dtype, optimizer=args.optimizer)
-    trainer = build_trainer(cfg, SyntheticTokens(args.vocab_size, args.max_seq_len),
-                            ds_overrides={"wall_clock_breakdown": cfg.pp == 1})
+                      dtype=args.dtype, ds_config=timed_ds_config(args.zero, args.dtype) if args.pp == 1 else None)
+    trainer = build_trainer(cfg)
+    if cfg.ds_config:
+        os.unlink(cfg.ds_config)
+    data = SyntheticTokens(args.vocab_size, args.max_seq_len)
+
+    def batches(step):
+        return data.micro_batches(step, cfg.global_batch, cfg.device_batch_size, trainer.grid.dp_rank, trainer.grid.dp)
     pipe_parts = {k: 0.0 for k in TIMERS}
     if cfg.pp > 1:
-        time_pipeline_instructions(trainer.engine, pipe_parts)
+        time_pipeline_instructions(trainer.ds_engine, pipe_parts)
 
     def read_timers():
         """ms per part of the last step. pp = 1: DeepSpeed snapshots and resets its timers at every engine.step()
         (get_wall_clock_timers); pp > 1: our instruction timers, read and reset."""
         if cfg.pp == 1:
-            cache = trainer.engine.get_wall_clock_timers()
+            cache = trainer.ds_engine.get_wall_clock_timers()
             return {col: sum(cache.get(n, 0.0) for n in names) for col, names in TIMERS.items()}
         out = dict(pipe_parts)
         pipe_parts.update({k: 0.0 for k in pipe_parts})
         return out
 
     for step in range(args.warmup):
-        trainer.train_step(step)
+        trainer.train_step(batches(step))
     read_timers()
     parts = {k: 0.0 for k in TIMERS}
     dist.barrier()
     t0 = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.steps):
-        trainer.train_step(step)
+        trainer.train_step(batches(step))
         for k, v in read_timers().items():
             parts[k] += v
     if torch.cuda.is_available():
@@ -138,19 +163,17 @@ def main(argv=None):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     parts = {k: v / args.steps for k, v in zip(TIMERS, t.tolist())}
     ref = matmul_flops_per_s() if dist.get_rank() == 0 and not torch.cuda.is_available() else None
-    opt_row = None
-    if cfg.optimizer == "muon":  # Muon's exchange: bytes this rank sent in its last step vs the scheme's minimum
-        from megachat.optim import optimizer_stats
-        st = optimizer_stats(trainer.engine)
-        o = torch.tensor([st["step_seconds"] * 1000, st["bytes_sent"], st["bytes_min"]], dtype=torch.float64,
-                         device=trainer.device)
-        dist.all_reduce(o, op=dist.ReduceOp.MAX)
-        opt_row = o.tolist()
+    from megachat.optim import optimizer_stats  # Muon's exchange: bytes this rank sent vs the scheme's minimum
+    st = optimizer_stats(trainer.ds_engine)
+    o = torch.tensor([st["step_seconds"] * 1000, st["bytes_sent"], st["bytes_min"]], dtype=torch.float64,
+                     device=trainer.device)
+    dist.all_reduce(o, op=dist.ReduceOp.MAX)
+    opt_row = o.tolist()
 
     if dist.get_rank() == 0:
         tokens_per_s = total * args.steps / elapsed
         flops = model_flops_per_token(cfg) * tokens_per_s
-        layout = f"d{cfg.depth} tp{cfg.tp} pp{cfg.pp} dp{trainer.grid.dp} zero{cfg.zero} {cfg.dtype} {cfg.optimizer}"
+        layout = f"d{cfg.depth} tp{cfg.tp} pp{cfg.pp} dp{trainer.grid.dp} zero{cfg.zero} {cfg.dtype}"
         step_ms = elapsed / args.steps * 1000
         print(f"| layout | tokens/step | step ms | tokens/s | model TFLOP/s | fwd ms | bwd ms | optim ms | comm ms | "
               f"{'vs 1-process fp32 matmul' if ref else 'MFU'} |")
@@ -160,9 +183,8 @@ def main(argv=None):
                 f"{flops / (peak * world):.1%}" if peak else "n/a (peak unknown)")
         print(f"| {layout} | {total} | {step_ms:.1f} | {tokens_per_s:,.0f} | {flops / 1e12:.4f} | {parts['fwd']:.1f} | "
               f"{parts['bwd']:.1f} | {parts['optim']:.1f} | {parts['comm']:.1f} | {last} |", flush=True)
-        if opt_row:
-            print(f"\nMuon step (max over ranks): {opt_row[0]:.1f} ms inside the optimizer, {opt_row[1] / 1e6:.3f} MB "
-                  f"sent by the busiest rank, minimum for the scheme {opt_row[2] / 1e6:.3f} MB per rank", flush=True)
+        print(f"\nMuon step (max over ranks): {opt_row[0]:.1f} ms inside the optimizer, {opt_row[1] / 1e6:.3f} MB "
+              f"sent by the busiest rank, minimum for the scheme {opt_row[2] / 1e6:.3f} MB per rank", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

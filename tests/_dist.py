@@ -1,6 +1,7 @@
 """Real gloo process groups for the tests: `run_gloo` spawns ranks on a free port and returns what each rank's
-function returned; `vocab_split_softcap_ce` is the 2-rank vocab-parallel cross-entropy that both kernel test files
-check (through the torch reference, or the Triton kernels when the environment dispatches to them)."""
+function returned; `vocab_split_softcap_ce` is the 2-rank vocab-parallel cross-entropy (`vocab_parallel_loss`) that
+tests/test_tensor_parallel.py and tests/_kernels_interp.py check (its local statistics from the torch reference, or
+from the Triton kernels when the environment dispatches to them)."""
 import os
 import socket
 import tempfile
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megachat import kernels
+from megachat.tensor_parallel import vocab_parallel_loss
 
 
 def free_port():
@@ -46,6 +47,6 @@ def vocab_split_softcap_ce(rank, logits, targets, weights):
     """Rank `rank` of 2 holds half the vocab of logits [N, V]: its per-token loss and the gradient of its shard."""
     v = logits.size(1) // 2
     shard = logits[:, rank * v:(rank + 1) * v].clone().requires_grad_()
-    loss = kernels.softcap_cross_entropy(shard, targets, vocab_start=rank * v, group=dist.group.WORLD)
+    loss = vocab_parallel_loss(shard, targets, rank * v, dist.group.WORLD, reduction="none")
     (loss * weights).sum().backward()
     return {"loss": loss.detach(), "grad": shard.grad}

@@ -7,6 +7,7 @@ fp32 against its reference, in bf16 against a float64 computation on the same bf
 (one row, non-power-of-two widths, many rows), and with NaN-poisoned output buffers so unwritten elements fail.
 """
 import os
+from unittest import mock
 
 if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("MEGACHAT_TRITON") != "1":
     raise RuntimeError("tests/_kernels_interp.py needs TRITON_INTERPRET=1 and MEGACHAT_TRITON=1 in the environment; "
@@ -18,6 +19,7 @@ import torch  # noqa: E402
 from megachat import kernels  # noqa: E402
 from megachat.kernels import newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel, rope_kernel  # noqa: E402
 from megachat.kernels import softcap_ce_kernel  # noqa: E402
+from megachat.tensor_parallel import vocab_parallel_loss  # noqa: E402
 
 from _dist import run_gloo, vocab_split_softcap_ce  # noqa: E402
 
@@ -217,6 +219,16 @@ def ce_inputs(n, v, dtype=torch.float32):
     return logits, targets
 
 
+def ce_loss(logits, targets):
+    """Per-token loss at tp = 1 through the one autograd function of megachat.tensor_parallel."""
+    return vocab_parallel_loss(logits, targets, 0, None, reduction="none")
+
+
+def on_reference():
+    """Within it, megachat.kernels dispatches to the torch reference (forward and backward alike)."""
+    return mock.patch.dict(os.environ, {"MEGACHAT_TRITON": "0"})
+
+
 @pytest.mark.parametrize("n,v", [(1, 7), (37, 5000), (300, 1000)])
 def test_softcap_ce_fp32_forward_and_backward_match_reference(n, v):
     logits, targets = ce_inputs(n, v)
@@ -224,18 +236,35 @@ def test_softcap_ce_fp32_forward_and_backward_match_reference(n, v):
         targets[0] = 3
     w = torch.rand(n)
     a, b = logits.clone().requires_grad_(), logits.clone().requires_grad_()
-    la, lb = kernels.softcap_cross_entropy(a, targets), reference.softcap_cross_entropy(b, targets)
-    torch.testing.assert_close(la, lb, rtol=1e-5, atol=2e-5)
+    la = ce_loss(a, targets)
     (la * w).sum().backward()
-    (lb * w).sum().backward()
+    with on_reference():
+        lb = ce_loss(b, targets)
+        (lb * w).sum().backward()
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_softcap_ce_shard_stats_and_backward_match_reference():
+    logits = torch.randn(45, 777) * 20  # the shard of global ids 500..1276
+    targets = torch.randint(0, 2000, (45,))  # ~40% of them in this shard, the rest other shards' ids
+    targets[::5] = -1
+    targets[1:4] = torch.tensor([500, 1276, 1277])  # the shard's first and last id, the first id past it
+    got = softcap_ce_kernel.softcap_ce_stats(logits, targets, 15.0, -1, 500)
+    want = reference.softcap_ce_stats(logits, targets, 15.0, -1, 500)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=2e-5)
+    lse, dloss = want[0] + torch.log(want[1]) + 1.0, torch.rand(45)  # as if other shards held more of the mass
+    torch.testing.assert_close(softcap_ce_kernel.softcap_ce_backward(logits, targets, lse, dloss, 15.0, -1, 500),
+                               reference.softcap_ce_backward(logits, targets, lse, dloss, 15.0, -1, 500),
+                               rtol=1e-4, atol=1e-6)
 
 
 def test_softcap_ce_bf16_matches_float64_on_bf16_inputs():
     logits, targets = ce_inputs(64, 3000, torch.bfloat16)
     w = torch.rand(64)
     a = logits.clone().requires_grad_()
-    loss = kernels.softcap_cross_entropy(a, targets)
+    loss = ce_loss(a, targets)
     (loss * w).sum().backward()
     b = logits.double().requires_grad_()
     capped = 15 * torch.tanh(b / 15)
@@ -249,10 +278,10 @@ def test_softcap_ce_bf16_matches_float64_on_bf16_inputs():
 def test_softcap_ce_writes_every_element_of_poisoned_buffers():
     logits, targets = ce_inputs(41, 999)
     out = tuple(torch.full((41,), float("nan")) for _ in range(3))
-    m, s, t = softcap_ce_kernel.softcap_ce_partials(logits, targets, 15.0, -1, 0, out=out)
-    lse, t = softcap_ce_kernel.combine_partials(m, s, t, None)
-    loss = torch.where(targets == -1, torch.zeros_like(lse), lse - t)
-    torch.testing.assert_close(loss, reference.softcap_cross_entropy(logits, targets), rtol=1e-5, atol=2e-5)
+    stats = softcap_ce_kernel.softcap_ce_stats(logits, targets, 15.0, -1, 0, out=out)
+    for got, want in zip(stats, reference.softcap_ce_stats(logits, targets, 15.0, -1, 0)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+    lse = stats[0] + torch.log(stats[1])
     d = softcap_ce_kernel.softcap_ce_backward(logits, targets, lse, torch.rand(41), 15.0, -1, 0,
                                               out=poisoned(logits))
     assert torch.isfinite(d).all()
@@ -264,8 +293,9 @@ def test_softcap_ce_tp2_triton_matches_unsharded_reference():
     w = torch.rand(23)
     r = run_gloo(vocab_split_softcap_ce, 2, logits, targets, w)
     full = logits.clone().requires_grad_()
-    want = reference.softcap_cross_entropy(full, targets)
-    (want * w).sum().backward()
+    with on_reference():
+        want = ce_loss(full, targets)
+        (want * w).sum().backward()
     for ri in r:
         torch.testing.assert_close(ri["loss"], want.detach(), rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(torch.cat([r[0]["grad"], r[1]["grad"]], 1), full.grad, rtol=1e-4, atol=1e-6)
@@ -337,4 +367,4 @@ def test_rmsnorm_rope_relu2_softcap_ce_accept_empty_inputs():
     cos, sin = tables(8, 4)
     assert kernels.rope(torch.zeros(0, 3, 2, 8), cos, sin).shape == (0, 3, 2, 8)
     assert kernels.relu2(torch.zeros(0)).shape == (0,)
-    assert kernels.softcap_cross_entropy(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)).shape == (0,)
+    assert ce_loss(torch.zeros(0, 10), torch.zeros(0, dtype=torch.long)).shape == (0,)

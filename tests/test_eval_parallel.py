@@ -8,7 +8,7 @@ from megachat.evaluation.core_eval import evaluate_core
 from megachat.evaluation.core_tasks import CoreTask, CoreTaskSet, CoreTaskSpec
 from megachat.evaluation.loss_eval import evaluate_bpb
 from megachat.evaluation.model_eval import GridForward
-from megachat.model import GPT, GPTConfig, load_nanochat_state_dict, nanochat_shapes
+from megachat.model import GPTConfig, build_model, nanochat_shapes
 from megachat.parallel import Grid, init_grid
 
 BOS = 128
@@ -64,9 +64,7 @@ def batches(dp_rank=0, dp=1):
 
 
 def evaluate(grid):
-    model = GPT(GPTConfig(**CONFIG), grid=grid)
-    load_nanochat_state_dict(model, random_weights())
-    model.eval()
+    model = build_model(GPTConfig(**CONFIG), grid, weights=random_weights()).eval()
     fwd = GridForward(model, grid)
     bpb = evaluate_bpb(fwd.token_loss, batches(grid.dp_rank, grid.dp), TOKEN_BYTES)
     core = evaluate_core(toy_tasks(), encode, fwd.core_forward, BOS, dp_rank=grid.dp_rank, dp_size=grid.dp,

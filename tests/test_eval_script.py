@@ -64,12 +64,12 @@ def test_base_eval_refuses_weights_whose_bytes_changed(run_dir, tmp_path):
         base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "flipped.pt"), "--eval", "sample"])
 
 
-def test_base_eval_reads_a_training_checkpoints_universal_file(run_dir, tmp_path, capsys):
+def test_base_eval_reads_a_training_checkpoints_full_state_file(run_dir, tmp_path, capsys):
     weights = torch.load(run_dir / "model.pt", weights_only=True)
-    torch.save({"model": weights, "optimizer": {"params": {}}}, tmp_path / "universal.pt")
+    torch.save({"model": weights, "optimizer": {"params": {}}}, tmp_path / "full_state.pt")
     base_eval.main(["--run", str(run_dir), "--eval", "sample"])
     want = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
-    base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "universal.pt"), "--eval", "sample"])
+    base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "full_state.pt"), "--eval", "sample"])
     got = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
     assert want and got == want
 

@@ -5,21 +5,22 @@ register spills, shared memory within the H100's 227 KB per block, and 16-byte g
 import pytest
 import torch
 
-from megachat.kernels import h100, newton_schulz_kernel
+from megachat.kernels import newton_schulz_kernel, sm90_aot
 
-SPECS = h100.all_specs("bf16") + h100.all_specs("fp32")
+SPECS = sm90_aot.all_specs("bf16") + sm90_aot.all_specs("fp32")
 H100_MAX_SHARED = 227 * 1024  # dynamic shared memory one block may opt into on sm_90
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=[s.name for s in SPECS])
 def test_kernel_compiles_for_h100_without_spills_and_with_16_byte_loads(spec):
-    compiled = h100.compile_spec(spec)
+    compiled = sm90_aot.compile_spec(spec)
     assert ".target sm_90a" in compiled.asm["ptx"]
     assert len(compiled.asm["cubin"]) > 0
-    stats = h100.ptxas_stats(compiled)
+    stats = sm90_aot.ptxas_stats(compiled)
     assert stats["spill_bytes"] == 0, f"{spec.name} spills {stats['spill_bytes']} bytes: {stats}"
     assert stats["shared"] + stats["static_smem"] <= H100_MAX_SHARED, f"{spec.name}: {stats}"
-    assert h100.has_16_byte_loads(compiled), f"{spec.name} global loads: {h100.global_load_widths(compiled)}"
+    assert sm90_aot.has_16_byte_loads(compiled), \
+        f"{spec.name} global loads: {sm90_aot.global_load_widths(compiled)}"
 
 
 def test_specs_cover_every_kernel_forward_and_backward():
@@ -42,4 +43,4 @@ def test_specs_cover_every_newton_schulz_autotune_config(dtype, compute_dtype):
 @pytest.mark.parametrize("spec", [s for s in SPECS if s.name.startswith("ns_") and " bf16 " in s.name],
                          ids=lambda s: s.name)
 def test_newton_schulz_bf16_products_use_hopper_wgmma(spec):
-    assert "wgmma" in h100.compile_spec(spec).asm["ptx"]
+    assert "wgmma" in sm90_aot.compile_spec(spec).asm["ptx"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from megachat import kernels
-from megachat.model import (GPT, Block, GPTConfig, full_state_dict, load_nanochat_state_dict, nanochat_shapes,
-                            pipeline_layers, pipeline_loss_fn, pipeline_to_nanochat_name, rotary_tables)
+from megachat.model import (GPT, Block, GPTConfig, build_model, full_state_dict, load_nanochat_state_dict,
+                            nanochat_shapes, rotary_tables)
 from megachat.parallel import Grid
 
 GOLDEN = Path(__file__).parent / "fixtures" / "nanochat_v0_tiny.pt"
@@ -26,10 +26,7 @@ def golden():
 @pytest.fixture(scope="module")
 def golden_run(golden):
     """The golden weights loaded into a tp = 1 model built on the meta device: (model, logits, loss)."""
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**golden["config"]))
-    model.to_empty(device="cpu")
-    load_nanochat_state_dict(model, golden["state_dict"])
+    model = build_model(GPTConfig(**golden["config"]), weights=golden["state_dict"])
     with torch.no_grad():
         logits = model(golden["idx"])
     loss = model(golden["idx"], golden["targets"])
@@ -42,11 +39,7 @@ def small_config(**kw):
 
 
 def init_model(config, seed, grid=None):
-    with torch.device("meta"):
-        model = GPT(config, grid)
-    model.to_empty(device="cpu")
-    model.init_weights(seed)
-    return model
+    return build_model(config, grid, seed=seed)
 
 
 def test_tp1_logits_match_nanochat(golden, golden_run):
@@ -148,28 +141,21 @@ def test_tp2_init_shards_concatenate_to_tp1_init(n_kv_head):
 def test_pipeline_layers_chained_equal_forward(golden):
     model = init_model(GPTConfig(**golden["config"]), seed=0)
     load_nanochat_state_dict(model, golden["state_dict"])
-    layers = pipeline_layers(model)
+    layers = model.layers()
     assert len(layers) == model.config.n_layer + 2 and all(isinstance(b, Block) for b in layers[1:-1])
     x = golden["idx"]
     for layer in layers:
         x = layer(x)
     with torch.no_grad():
         assert torch.equal(kernels.softcap(x), model(golden["idx"]))
-    assert torch.equal(pipeline_loss_fn(model)(x, golden["targets"]), model(golden["idx"], golden["targets"]))
+    assert torch.equal(model.loss(x, golden["targets"]), model(golden["idx"], golden["targets"]))
 
 
-def test_pipeline_names_map_to_nanochat_names():
+def test_layers_hold_every_parameter_once():
     model = init_model(small_config(), seed=0)
-    params = dict(model.named_parameters())
-    seen = set()
-    for i, layer in enumerate(pipeline_layers(model)):
-        for local, p in layer.named_parameters():
-            name = pipeline_to_nanochat_name(f"{i}.{local}", model.config.n_layer)
-            assert params[name] is p
-            seen.add(name)
-    assert seen == set(params)
-    with pytest.raises(ValueError, match="past the last pipeline layer"):
-        pipeline_to_nanochat_name("9.lm_head.weight", model.config.n_layer)
+    held = [p for layer in model.layers() for p in layer.parameters()]
+    assert len(held) == len({id(p) for p in held}) == len(list(model.parameters()))
+    assert {id(p) for p in held} == {id(p) for p in model.parameters()}
 
 
 def test_loss_reduction_none_gives_per_token_losses_and_zero_at_ignored(golden, golden_run):

@@ -6,19 +6,16 @@ import torch
 import torch.distributed as dist
 from _dist import run_gloo
 
-from megachat.model import (GPT, GPTConfig, full_state_dict, materialize, pipeline_layers, pipeline_loss_fn,
-                            pipeline_stage_bounds, pipeline_to_nanochat_name)
+from megachat.model import GPTConfig, build_model, full_state_dict
 from megachat.parallel import init_grid, without_deepspeed_shm_allreduce
+from megachat.pipeline import pipeline_module, stage_bounds
 
 CONFIG = dict(sequence_len=16, vocab_size=251, n_layer=4, n_head=4, n_kv_head=2, n_embd=64)
 pytestmark = pytest.mark.timeout(180)
 
 
 def build(grid, seed=3):
-    with torch.device("meta"):
-        model = GPT(GPTConfig(**CONFIG), grid)
-    materialize(model, "cpu")  # with pp > 1: this stage's layers only
-    model.init_weights(seed)
+    model = build_model(GPTConfig(**CONFIG), grid, "cpu", seed=seed)  # with pp > 1: this stage's layers only
     # Every matrix random (init zeroes lm_head and c_proj, which would make the loss trivial); one generator per
     # parameter, so a stage draws the same values as the single-process model.
     with torch.no_grad():
@@ -38,19 +35,14 @@ def batch():
 
 def worker(rank):
     import deepspeed
-    from deepspeed.pipe import PipelineModule
     without_deepspeed_shm_allreduce()
     deepspeed.init_distributed("gloo", verbose=False)  # adopts run_gloo's process group
     grid = init_grid(tp=1, pp=2)
     model = build(grid)
-    pipe = PipelineModule(layers=pipeline_layers(model), loss_fn=pipeline_loss_fn(model), topology=grid.topology(),
-                          partition_method="type:Block")
-    assert pipe.parts == pipeline_stage_bounds(model, 2), (pipe.parts, pipeline_stage_bounds(model, 2))
-    params = dict(model.named_parameters())
-    names = {}
-    for name, p in pipe.named_parameters():
-        names[name] = pipeline_to_nanochat_name(name, CONFIG["n_layer"])
-        assert params[names[name]] is p, name
+    pipe = pipeline_module(model, grid)  # checks DeepSpeed's split against stage_bounds
+    assert pipe.parts == stage_bounds(CONFIG["n_layer"], 2) == [0, 3, 6]
+    nanochat_name = {id(p): n for n, p in model.named_parameters()}
+    names = {name: nanochat_name[id(p)] for name, p in pipe.named_parameters()}  # the model's own tensors
     idx, targets = batch()
     if grid.pp_rank == 0:
         hidden = pipe(idx)

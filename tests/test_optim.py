@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from megachat.kernels import newton_schulz
-from megachat.optim import HybridOptimizer, lr_multiplier, muon_momentum, optimizer_stats
+from megachat.optim import (LEARNING_RATES, HybridOptimizer, learning_rates, lr_multiplier, muon_momentum,
+                            optimizer_stats, param_kind)
 
 GOLDEN = Path(__file__).parent / "fixtures" / "nanochat_v0_tiny.pt"
 
@@ -29,7 +30,7 @@ def test_muon_step_reproduces_nanochat(golden):
     w = torch.nn.Parameter(golden["muon_weight"].clone())
     w.grad = golden["muon_grad"].clone()
     m = float(golden["muon_momentum"])
-    opt = HybridOptimizer([("transformer.h.0.mlp.c_fc.weight", w)], n_embd=64, muon_lr=float(golden["muon_lr"]),
+    opt = HybridOptimizer([("transformer.h.0.mlp.c_fc.weight", w)], n_embd=64, matrix_lr=float(golden["muon_lr"]),
                           momentum_start=m, momentum_end=m, max_grad_norm=0.0)
     opt.step()
     got, want = w.detach() - golden["muon_weight"], golden["muon_weight_after"] - golden["muon_weight"]
@@ -51,8 +52,21 @@ def test_lr_schedule_is_constant_then_linear_warmdown_to_zero():
     assert [lr_multiplier(s, n) for s in (0, 50, 80)] == [1.0, 1.0, 1.0]
     assert lr_multiplier(90, n) == pytest.approx(0.5)
     assert lr_multiplier(100, n) == 0.0
-    assert lr_multiplier(4, 10, warmup_ratio=0.5) == pytest.approx(1.0)
-    assert lr_multiplier(0, 10, warmup_ratio=0.5) == pytest.approx(0.2)
+
+
+def test_warmdown_over_the_whole_run_decays_linearly_from_the_first_step():
+    # nanochat's SFT schedule: lrm = 1 - step / num_iterations
+    assert [lr_multiplier(s, 10, warmdown_ratio=1.0) for s in (0, 1, 5, 10)] == [1.0, 0.9, 0.5, 0.0]
+
+
+def test_learning_rates_scale_the_adamw_rates_with_model_width():
+    assert learning_rates(768) == LEARNING_RATES == {"matrix": 0.02, "embedding": 0.2, "lm_head": 0.004}
+    assert learning_rates(192) == {"matrix": 0.02, "embedding": 0.4, "lm_head": 0.008}
+
+
+def test_param_kind_sends_wte_and_lm_head_to_adamw_and_block_matrices_to_muon():
+    names = ("transformer.wte.weight", "lm_head.weight", "transformer.h.0.mlp.c_fc.weight")
+    assert [param_kind(n, torch.zeros(4, 4)) for n in names] == ["embedding", "lm_head", "matrix"]
 
 
 def test_muon_momentum_warms_from_085_to_095_over_300_steps():

@@ -1,17 +1,17 @@
 """Tensor parallelism over 2 real gloo processes versus one process: the golden nanochat vectors with the weights
-split over tp = 2 (its single KV head replicated), a model with split KV heads and a padded vocab, init, and the
-pipeline stages. One spawn computes everything (start-up dominates on 2 cores); each test checks one behaviour."""
+split over tp = 2 (its single KV head replicated), a model with split KV heads and a padded vocab, init, the
+pipeline stages, and the vocab-parallel cross-entropy on its own. One spawn computes everything (start-up
+dominates on 2 cores); each test checks one behaviour."""
 from pathlib import Path
 
 import pytest
 import torch
-from _dist import run_gloo
+from _dist import run_gloo, vocab_split_softcap_ce
 
 from megachat import kernels
-from megachat.model import (GPT, GPTConfig, full_state_dict, load_nanochat_state_dict, nanochat_shapes,
-                            pipeline_layers, pipeline_loss_fn)
+from megachat.model import GPTConfig, build_model, full_state_dict, nanochat_shapes
 from megachat.parallel import Grid, init_grid
-from megachat.tensor_parallel import gather_tensor, tp_group_of
+from megachat.tensor_parallel import gather_tensor, tp_group_of, vocab_parallel_loss
 
 GOLDEN = Path(__file__).parent / "fixtures" / "nanochat_v0_tiny.pt"
 # Split KV heads (2 over 2 ranks) and a vocab of 251, padded to 252 at tp = 2.
@@ -40,14 +40,7 @@ def small_batch(config, seed):
 
 
 def build(config, grid, state_dict=None, seed=0):
-    with torch.device("meta"):
-        model = GPT(config, grid)
-    model.to_empty(device="cpu")
-    if state_dict is None:
-        model.init_weights(seed)
-    else:
-        load_nanochat_state_dict(model, state_dict)
-    return model
+    return build_model(config, grid, "cpu", weights=state_dict, seed=seed)
 
 
 def run_model(model, idx, targets):
@@ -62,6 +55,17 @@ def run_model(model, idx, targets):
     return dict(logits=logits, loss=loss.detach(), per_token=per_token, grads=grads)
 
 
+def ce_inputs():
+    """Raw logits [11, 64] (two shards of 32 ids at tp = 2), targets with an ignored one and the first and last id
+    of both shards, per-token loss weights."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(11, 64, generator=g) * 20
+    targets = torch.randint(0, 64, (11,), generator=g)
+    targets[3] = -1
+    targets[5], targets[6], targets[7], targets[8] = 0, 31, 32, 63
+    return logits, targets, torch.rand(11, generator=g)
+
+
 def worker(rank):
     grid = init_grid(tp=2)
     golden = torch.load(GOLDEN, weights_only=True)
@@ -74,12 +78,13 @@ def worker(rank):
     model = build(config, grid, random_state_dict(config, seed=2))
     results["small"] = run_model(model, idx, targets)
     x = idx
-    for layer in pipeline_layers(model):
+    for layer in model.layers():
         x = layer(x)
     with torch.no_grad():
         results["pipeline_logits"] = model.gather_logits(kernels.softcap(x))
-        results["pipeline_loss"] = pipeline_loss_fn(model)(x, targets)
+        results["pipeline_loss"] = model.loss(x, targets)
     results["init"] = full_state_dict(build(config, grid, seed=7))
+    results["ce"] = vocab_split_softcap_ce(rank, *ce_inputs())
     return results
 
 
@@ -148,3 +153,14 @@ def test_tp2_pipeline_layers_chained_equal_forward(tp2):
     for r in range(2):
         assert torch.equal(tp2[r]["pipeline_logits"], tp2[r]["small"]["logits"])
         assert torch.equal(tp2[r]["pipeline_loss"], tp2[r]["small"]["loss"])
+
+
+def test_tp2_vocab_parallel_loss_matches_unsharded_loss_and_gradient(tp2):
+    logits, targets, weights = ce_inputs()
+    full = logits.clone().requires_grad_()
+    want = vocab_parallel_loss(full, targets, 0, None, reduction="none")
+    (want * weights).sum().backward()
+    for r in range(2):
+        torch.testing.assert_close(tp2[r]["ce"]["loss"], want.detach(), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(torch.cat([tp2[0]["ce"]["grad"], tp2[1]["ce"]["grad"]], 1), full.grad,
+                               rtol=1e-5, atol=1e-7)

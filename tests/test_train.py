@@ -198,7 +198,7 @@ def test_nan_loss_stops_with_the_step_and_leaves_the_checkpoint_in_charge(corpus
     torch.save(state, path)
     proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", "--resume", check=False)
     assert proc.returncode != 0
-    assert "FloatingPointError: loss is nan at step 5" in proc.stdout
+    assert "loss is nan at step 5" in proc.stdout
     assert "latest intact checkpoint: " + str(ckpt) in proc.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000004"
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
@@ -236,7 +236,8 @@ def test_a_damaged_file_that_another_rank_checks_stops_every_rank(corpus, dp2_ze
     damage(files[-1], "truncate")
     proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--resume", check=False, timeout=120)
     assert proc.returncode != 0
-    assert proc.stdout.count(f"is damaged: {files[-1]}: not a complete torch.save file") == 2, proc.stdout[-3000:]
+    # both ranks stop with the same message, printed once
+    assert proc.stdout.count(f"is damaged: {files[-1]}: not a complete torch.save file") == 1, proc.stdout[-3000:]
     assert "echo step_000003 > " in proc.stdout
 
 
@@ -257,7 +258,7 @@ def test_bad_layout_fails_before_training_with_a_clear_message(corpus, tmp_path)
 
 
 def test_val_bpb_of_training_equals_base_eval_on_the_final_weights(reference, tmp_path):
-    # the trainer's engine and base_eval's GridForward + loss_eval score the same validation samples
+    # training's validation and base_eval run the same forward (GridForward) over the same samples (val_batches)
     sys.path.insert(0, str(ROOT / "scripts"))
     import base_eval
     for name in ("config.json", "model.pt"):  # base_eval writes its reports and TensorBoard events into --run

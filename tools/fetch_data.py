@@ -21,6 +21,7 @@ import urllib.request
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 
+from megachat import cli
 from megachat.fileio import atomic_write
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"
@@ -171,4 +172,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,6 +4,7 @@
 """
 import argparse
 
+from megachat import cli
 from megachat.data import GPTDataset, IndexedDataset
 from megachat.tokenizer import Tokenizer
 
@@ -34,4 +35,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

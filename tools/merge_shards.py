@@ -6,6 +6,7 @@ import argparse
 import glob
 import os
 
+from megachat import cli
 from megachat.data import IndexedDataset, IndexedDatasetWriter, shard_tokenizer
 from megachat.fileio import atomic_write_json
 
@@ -63,4 +64,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

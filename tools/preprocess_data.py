@@ -9,6 +9,7 @@ temp files and finished per-input parts, and a rerun continues from the finished
 import argparse
 import json
 
+from megachat import cli
 from megachat.corpus import preprocess
 from megachat.data import MAX_DOC_TOKENS
 
@@ -34,4 +35,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

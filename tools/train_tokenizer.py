@@ -7,7 +7,9 @@ import os
 import time
 
 import numpy as np
+from tqdm import tqdm
 
+from megachat import cli
 from megachat.corpus import expand_inputs, iter_texts
 from megachat.tokenizer import META_FILE, RANKS_FILE, Tokenizer
 
@@ -29,11 +31,15 @@ def main(argv=None):
         raise FileExistsError(f"{args.output} already holds a tokenizer ({', '.join(existing)}); shards encoded "
                               f"with it would no longer match: choose another --output (or delete it first)")
     chars = [0]
+    # disable=None: no bar when stderr is not a terminal (logs, tests)
+    bar = tqdm(unit="char", unit_scale=True, desc="tokenizer: reading text", disable=None)
 
     def texts():
-        for t in iter_texts(files, args.text_column, args.json_key, args.max_chars, args.doc_cap):
-            chars[0] += len(t)
-            yield t
+        with bar:  # closed when rustbpe has read every text, before it merges (that part has no bar)
+            for t in iter_texts(files, args.text_column, args.json_key, args.max_chars, args.doc_cap):
+                chars[0] += len(t)
+                bar.update(len(t))
+                yield t
 
     t0 = time.time()
     tok = Tokenizer.train(texts(), args.vocab_size)
@@ -47,4 +53,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

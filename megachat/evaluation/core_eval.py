@@ -20,6 +20,7 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from .core_tasks import CORE_LABELS, CoreTaskSet, CoreTaskSpec
 from .loss_eval import all_reduce_sum
@@ -139,7 +140,10 @@ def evaluate_task(examples, spec, encode, forward, pad_id, *, fewshot_pool=None,
     if spec.num_fewshot >= len(pool):
         raise ValueError(f"{spec.label}: {spec.num_fewshot}-shot needs more than {len(pool)} examples")
     correct = torch.zeros(2, dtype=torch.float64)  # [correct, counted]
-    for idx in range(dp_rank, len(examples), dp_size):
+    # a bar of this rank's examples on global rank 0 only, and only when stderr is a terminal (disable=None)
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    for idx in tqdm(range(dp_rank, len(examples), dp_size), desc=spec.label, unit="ex", leave=False,
+                    disable=None if rank0 else True):
         ok = score_example(examples[idx], spec, fewshot_examples(pool, idx, spec.num_fewshot), encode,
                            forward, pad_id, max_seq_len, device)
         if scores and ok is not None:

@@ -31,6 +31,14 @@ def val_dataset(prefix, seq_len):
     return GPTDataset([prefix], None, seq_len=seq_len, seed=VAL_SEED)
 
 
+def val_batches(dataset, eval_tokens, device_batch_size, grid):
+    """This rank's share of the first eval_tokens tokens (at least one global batch) of `dataset`, as (x, y)
+    batches [device_batch_size, seq_len]: the same samples for any dp size (base_train and base_eval)."""
+    global_batch = device_batch_size * grid.dp
+    for step in range(max(1, eval_tokens // (dataset.seq_len * global_batch))):
+        yield dataset.get_batch(step, global_batch, grid.dp_rank, grid.dp)
+
+
 def all_reduce_sum(t):
     """Sum a small CPU tensor over the whole world in place (via the GPU under NCCL); no-op without a world."""
     if dist.is_available() and dist.is_initialized():

@@ -1,18 +1,16 @@
 """The megachat GPT on any tp x pp x dp grid as the two functions the metrics take.
 
 - token_loss(x, y) -> fp32 [B, T] per-token nats (loss_eval.evaluate_bpb): the vocab-parallel softcapped
-  cross-entropy (megachat.kernels.softcap_cross_entropy via tensor_parallel.vocab_parallel_loss), never
-  gathering logits;
+  cross-entropy (GPT.loss), never gathering logits;
 - core_forward(ids) -> (losses [B, T], predictions [B, T]) (core_eval): the same losses against the next token
   and a vocab-parallel argmax of the softcapped logits (each tp rank's best (value, global id), all-gathered:
   [B, T] numbers, not [B, T, V]);
-- letter_logits(ids, token_ids) -> the last position's logits of a few ids (chat_tasks.evaluate_categorical).
+- letter_logits(ids, token_ids) -> the last position's logits of a few ids (chat_tasks.evaluate_categorical);
+- greedy_samples(model, grid, tokenizer, prompts): greedy continuations (base_train, base_eval).
 
-Pipeline parallelism: every rank of a dp slice sees the same input ids; stage s runs its layers of
-`pipeline_layers(model)` (blocks balanced as PipelineModule(partition_method="type:Block") does) and sends
-the hidden state [B, T, C] to stage s + 1 with point-to-point messages; the last stage computes the losses.
-Only tp rank 0 of the last stage returns results; every other rank returns None (it took part in the
-collectives) so each dp slice is counted exactly once when the metrics all-reduce over the world.
+The forward across pipeline stages is megachat.pipeline.StageForward; only tp rank 0 of the last stage returns
+results, every other rank returns None (it took part in the collectives), so each dp slice is counted exactly
+once when the metrics all-reduce over the world. The trainer's validation bpb runs through token_loss too.
 """
 from __future__ import annotations
 
@@ -20,39 +18,16 @@ import torch
 import torch.distributed as dist
 
 from megachat import kernels
-from megachat.model import SOFTCAP, pipeline_layers, pipeline_stage_bounds
+from megachat.model import SOFTCAP
 from megachat.parallel import Grid
-from megachat.tensor_parallel import vocab_parallel_loss
+from megachat.pipeline import StageForward
 
 
-class GridForward:
-    """Runs the model's raw-logit forward on this rank's pipeline stage; see the module docstring."""
+class GridForward(StageForward):
+    """The metrics' forward functions on this rank's part of the grid; see the module docstring."""
 
     def __init__(self, model, grid: Grid | None = None):
-        self.model, self.grid = model, grid or Grid()
-        layers = pipeline_layers(model)
-        bounds = pipeline_stage_bounds(model, self.grid.pp) if self.grid.pp > 1 else [0, len(layers)]
-        self.layers = layers[bounds[self.grid.pp_rank]:bounds[self.grid.pp_rank + 1]]
-        self.first = self.grid.pp_rank == 0
-        self.last = self.grid.pp_rank == self.grid.pp - 1
-        stage = self.grid.tp * self.grid.dp  # global rank distance between neighbouring pipeline stages
-        self.prev_rank, self.next_rank = self.grid.rank - stage, self.grid.rank + stage
-        self.reports = self.last and self.grid.tp_rank == 0
-
-    def raw_logits(self, ids):
-        """ids [B, T] -> this rank's raw logits [B, T, V_local] on the last stage, None elsewhere."""
-        if self.first:
-            h = ids
-        else:
-            param = next(p for layer in self.layers for p in layer.parameters())
-            h = torch.empty(*ids.shape, self.model.config.n_embd, dtype=param.dtype, device=param.device)
-            dist.recv(h, src=self.prev_rank)
-        for layer in self.layers:
-            h = layer(h)
-        if not self.last:
-            dist.send(h.contiguous(), dst=self.next_rank)
-            return None
-        return h
+        super().__init__(model, grid or Grid())
 
     @torch.no_grad()
     def token_loss(self, x, y):
@@ -60,8 +35,7 @@ class GridForward:
         logits = self.raw_logits(x)
         if logits is None:
             return None
-        head = self.model.lm_head
-        loss = vocab_parallel_loss(logits, y, head.vocab_start, head.group, reduction="none")
+        loss = self.model.loss(logits, y, reduction="none")
         return loss if self.reports else None
 
     @torch.no_grad()
@@ -72,7 +46,7 @@ class GridForward:
             return None
         head = self.model.lm_head
         targets = torch.roll(ids, -1, dims=1)  # the last column is never scored
-        losses = vocab_parallel_loss(logits, targets, head.vocab_start, head.group, reduction="none")
+        losses = self.model.loss(logits, targets, reduction="none")
         # argmax of the softcapped logits, as nanochat takes it (tanh can tie values the raw logits separate)
         value, index = kernels.softcap(logits.float(), SOFTCAP).max(dim=-1)
         index = index + head.vocab_start
@@ -101,3 +75,25 @@ class GridForward:
         if head.group is not None and self.grid.tp > 1:
             dist.all_reduce(picked, group=head.group)
         return picked if self.reports else None
+
+
+@torch.no_grad()
+def greedy_samples(model, grid, tokenizer, prompts, n_tokens=16):
+    """[(prompt, greedy continuation of n_tokens)] on any grid (collective: every rank calls it); each token comes
+    from dp slice 0's reporting rank and is broadcast to all. Recomputes the full context for every token (the
+    inference engine's KV cache is for chat)."""
+    fwd = GridForward(model, grid)
+    src = (grid.pp - 1) * grid.tp * grid.dp  # tp rank 0, dp rank 0, last stage
+    dev = next(p.device for p in model.parameters() if not p.is_meta)
+    out = []
+    for prompt in prompts:
+        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
+        start = len(ids)
+        for _ in range(n_tokens):
+            res = fwd.core_forward(torch.tensor([ids[-model.config.sequence_len:]], device=dev))
+            nxt = torch.tensor([res[1][0, -1].item() if res is not None else 0], device=dev)
+            if dist.is_initialized() and grid.world > 1:
+                dist.broadcast(nxt, src=src)
+            ids.append(int(nxt.item()))
+        out.append((prompt, tokenizer.decode(ids[start:])))
+    return out

@@ -1,8 +1,8 @@
-"""megachat.engine without processes: every bad layout is refused by check_config (which runs before any process
+"""megachat.trainer's configuration checks without processes: every bad layout is refused by check_config (which runs before any process
 group is created) with a message naming the value and the fix; the DeepSpeed config gets the batch filled in."""
 import pytest
 
-from megachat.engine import TrainConfig, check_config, ds_config
+from megachat.trainer import TrainConfig, check_config, ds_config
 
 
 def cfg(**kw):
@@ -14,7 +14,7 @@ def cfg(**kw):
 
 @pytest.mark.parametrize("kw,world,message", [
     (dict(pp=2, zero=2), 2, "ZeRO stage 2 cannot be combined with pipeline parallelism"),
-    (dict(pp=2, zero=3, optimizer="adamw"), 2, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
+    (dict(pp=2, zero=3), 2, "ZeRO stage 3 cannot be combined with pipeline parallelism"),
     (dict(tp=4), 4, "--tp 4 does not divide n_head = 2"),
     (dict(tp=2, depth=4, n_kv_head=1), 2, None),  # tp a multiple of n_kv_head: KV head replicated, allowed
     (dict(tp=2), 3, "world size 3 is not divisible by tp*pp = 2*1 = 2"),
@@ -45,7 +45,6 @@ def test_ds_config_fills_the_batch_from_the_cli_and_clips_in_muon():
     assert conf["zero_optimization"]["stage"] == 1 and conf["bf16"]["enabled"]
     assert conf["data_types"]["grad_accum_dtype"] == "fp32"
     assert conf["gradient_clipping"] == 0.0  # HybridOptimizer clips by the true global norm itself
-    assert ds_config(cfg(optimizer="adamw", zero=3, dtype="fp32"), dp=1)["gradient_clipping"] == 1.0
     assert "bf16" not in ds_config(cfg(dtype="fp32"), dp=1)
 
 
@@ -74,3 +73,20 @@ def test_a_users_ds_config_keeps_its_own_settings_under_the_cli_batch(tmp_path):
     conf = ds_config(cfg(zero=1, ds_config=str(path)), dp=1)
     assert conf["zero_optimization"] == {"stage": 1, "reduce_bucket_size": 1000} and conf["wall_clock_breakdown"]
     assert conf["train_batch_size"] == 8  # the CLI's global batch wins over the file's
+
+
+def test_the_horizon_comes_from_iterations_else_flops_else_the_data_ratio():
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from base_train import horizon, parse_args
+    from megachat.trainer import model_flops_per_token, num_params
+    c = cfg(total_batch_size=256)
+    flops, params = model_flops_per_token(c), num_params(c)
+    base = ["--data", "d", "--tokenizer", "t", "--out", "o", "--total-batch-size", "256"]
+    assert horizon(parse_args(base + ["--num-iterations", "7", "--target-flops", "1e15"]), params, flops) == 7
+    # a compute budget: steps = FLOPs / (FLOPs per token * tokens per step)
+    assert horizon(parse_args(base + ["--target-flops", str(flops * 256 * 40)]), params, flops) == 40
+    assert horizon(parse_args(base + ["--target-param-data-ratio", "2"]), params, flops) == round(2 * params / 256)
+    with pytest.raises(ValueError, match="no horizon"):
+        horizon(parse_args(base + ["--target-param-data-ratio", "0"]), params, flops)

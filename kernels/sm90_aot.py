@@ -1,43 +1,20 @@
-"""Ahead-of-time compilation of the Triton kernels for an H100 (sm_90) on a machine without a GPU.
+"""Compile-ahead for an H100 (sm_90) on a machine without a GPU, and the report on the compiled code.
 
-Each kernel module lists, in `h100_specs()`, the launches it makes for a d20-sized model (dtypes, block sizes,
-warps, which arguments are 16-byte aligned, as Triton's JIT specializes them on the GPU), built from the same
-`_config` functions its launcher uses. `compile_spec` compiles one through `triton.compile` to PTX and cubin;
-`ptxas_stats` reads registers, spills and shared memory from the `ptxas -v` that ships in the triton wheel.
+Tooling only: it imports the kernel modules (in `all_specs`), never the reverse; what they share at run time is
+in `runtime.py`. Each kernel module lists, in `h100_specs()`, the launches it makes for a d20-sized model (dtypes,
+block sizes, warps, which arguments are 16-byte aligned, as Triton's JIT specializes them on the GPU), built from
+the same `_config` functions its launcher uses. `compile_spec` compiles one through `triton.compile` to PTX and
+cubin; `ptxas_stats` reads registers, spills and shared memory from the `ptxas -v` that ships in the triton wheel.
 """
-import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+
+from .runtime import FP_FUSION
 
 H100_HBM_BYTES_PER_S = 3.35e12
 H100_BF16_FLOPS = 989e12
-# Every launch (and every compile here) asks for fused multiply-adds explicitly: Triton's default until 3.9,
-# which warns that 3.10 turns the default off. The kernels' tests hold with FMAs on.
-FP_FUSION = True
-
-
-def interpreting():
-    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-@dataclass
-class KernelSpec:
-    """One GPU launch of a Triton kernel at the d20 shape: its arguments as the JIT would see them, the traffic."""
-    name: str
-    kernel: object  # the @triton.jit function
-    pointers: dict  # tensor argument -> element type ("bf16", "fp32", "i32", "i64"); torch allocations are aligned
-    ints: dict  # integer argument -> its value at the d20 shape (specialized as the JIT does: 1, multiple of 16)
-    floats: tuple  # float scalar arguments (fp32)
-    constexprs: dict
-    num_warps: int
-    num_stages: int = 3
-    bytes_moved: int = 0  # HBM bytes per call at the d20 shape
-    flops: int = 0  # floating-point operations per call at the d20 shape
-    bound: str = "memory"  # "memory" or "compute": which H100 peak the GPU timing is compared with
 
 
 def _jit_function(kernel):
