@@ -40,3 +40,9 @@ deepspeed --num_gpus 2 --master_port "$PORT" "$ROOT/scripts/base_eval.py" --run 
   --eval-tokens 32768 --max-per-task "${DEMO_CORE_PER_TASK:-16}" 2>&1 \
   | grep --line-buffered -v -E '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^\s*$'
 echo "demo: evaluation report in $RUN/base_eval.md"
+
+# One question to the trained model through the inference engine (scripts/chat_cli.py -p, greedy). A base model
+# has not learnt the chat format: it continues the prompt as text, so the prompt is a story opening.
+PROMPT="Once upon a time, there was a little girl who"
+ANSWER=$("$PY" "$ROOT/scripts/chat_cli.py" --run "$RUN" -p "$PROMPT" --temperature 0 --max-tokens 24)
+echo "demo: chat -> \"$PROMPT\" -> \"${ANSWER//$'\n'/ }\""

@@ -1,0 +1,139 @@
+"""megachat.engine, the KV-cache inference engine: cached logits equal a full recompute at every step for a batch of
+prompts of different lengths (left padding), greedy tp = 2 equals tp = 1 token for token, a seed fixes the samples,
+the cache stays within its preallocation and its analytic size, and the calculator's result is forced into a row."""
+import pytest
+import torch
+from _dist import run_gloo
+
+from megachat.engine import Engine, KVCache, sample_next
+from megachat.model import GPTConfig, build_model, nanochat_shapes
+from megachat.parallel import init_grid
+
+CONFIG = dict(sequence_len=16, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)
+
+
+def random_weights(seed=0):
+    """Every matrix random (the init zeroes lm_head and c_proj: every logit would be equal)."""
+    g = torch.Generator().manual_seed(seed)
+    return {name: torch.randn(shape, generator=g) / (1.0 if "wte" in name else shape[1] ** 0.5)
+            for name, shape in nanochat_shapes(GPTConfig(**CONFIG)).items()}
+
+
+def model_on(grid=None):
+    return build_model(GPTConfig(**CONFIG), grid, weights=random_weights()).eval()
+
+
+def prompts(tok):
+    return [tok.encode("Once upon a time there was", prepend=tok.bos_id), [tok.bos_id, 300],
+            tok.encode("The cat sat", prepend=tok.bos_id)]
+
+
+def test_cached_logits_equal_a_full_recompute_at_every_step_for_prompts_of_different_lengths(tok):
+    model = model_on()
+    engine = Engine(model, tok)
+    seen = []  # the logits the engine sampled from, step by step
+    logits_of = engine._logits
+    engine._logits = lambda idx, cache: seen.append(logits_of(idx, cache)) or seen[-1]
+    ps = prompts(tok)
+    rows = [list(p) for p in ps for _ in range(2)]
+    steps = list(engine.generate(ps, num_samples=2, max_tokens=8, temperature=1.0, seed=3))
+    assert len(steps) == len(seen) == 8  # the prefill's logits, then one decode forward per step but the last
+    with torch.no_grad():
+        for step, logits in enumerate(seen):
+            for r, row in enumerate(rows):
+                full = model(torch.tensor([row]))[0, -1]  # unpadded, no cache: positions 0..len-1
+                got = logits[r // 2] if step == 0 else logits[r]  # the prefill runs once per prompt
+                err = ((got - full).abs().max() / full.abs().max()).item()
+                assert err <= 1e-5, (step, r, err)
+            for r, (token, _) in enumerate(zip(*steps[step])):
+                rows[r].append(token if token is not None else tok.bos_id)
+
+
+def test_the_same_seed_gives_the_same_samples_and_samples_of_one_prompt_differ(tok):
+    engine = Engine(model_on(), tok)
+    ps = [prompts(tok)[0]]
+    a = engine.generate_batch(ps, num_samples=4, max_tokens=10, temperature=1.0, seed=7)
+    b = engine.generate_batch(ps, num_samples=4, max_tokens=10, temperature=1.0, seed=7)
+    c = engine.generate_batch(ps, num_samples=4, max_tokens=10, temperature=1.0, seed=8)
+    assert a == b and a != c
+    assert len({tuple(t[:3]) for t in a[0]}) > 1  # each sample draws its own first token (nanochat shared it)
+
+
+def test_greedy_batch_equals_each_prompt_alone(tok):
+    engine = Engine(model_on(), tok)
+    ps = prompts(tok)
+    batch, _ = engine.generate_batch(ps, max_tokens=8, temperature=0)
+    alone = [engine.generate_batch([p], max_tokens=8, temperature=0)[0][0] for p in ps]
+    assert batch == alone
+
+
+def test_a_request_longer_than_the_cache_is_refused_and_the_cache_never_grows(tok):
+    model = model_on()
+    engine = Engine(model, tok, max_len=20)
+    with pytest.raises(ValueError, match="exceeds the engine's maximum length 20"):
+        next(engine.generate([prompts(tok)[0]], max_tokens=15))
+    cache = KVCache(model, batch=1, max_len=4)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with pytest.raises(ValueError, match="KV cache of 4 tokens cannot take 5"):
+            model(torch.tensor([[4, 5]]), cache=cache)
+    assert cache.k.size(2) == 4
+
+
+def test_cache_bytes_are_the_analytic_size():
+    model = model_on()
+    cache = KVCache(model, batch=3, max_len=40)
+    c = GPTConfig(**CONFIG)
+    assert cache.nbytes == c.n_layer * 2 * 3 * 40 * c.n_kv_head * c.head_dim * 4  # layers x k,v x B x T x H x D x fp32
+
+
+def test_sampling_rules():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 200)
+    assert sample_next(logits, g, temperature=0).tolist() == [1] * 200
+    assert set(sample_next(logits, g, temperature=1.0, top_k=2).tolist()) == {1, 3}
+    assert set(sample_next(logits, g, temperature=1.0, top_p=1e-3).tolist()) == {1}
+
+
+def test_the_calculator_result_is_forced_into_the_row(tok):
+    engine = Engine(model_on(), tok)
+    sp = tok.encode_special
+    script = [sp("<|python_start|>"), *tok.encode("2+3*4"), sp("<|python_end|>"), 300, 301, 302, 303, 304,
+              sp("<|assistant_end|>")]
+    calls = iter(range(100))
+
+    def scripted(idx, cache):  # the "model" wants the script's next token, whatever the engine forced
+        logits = torch.full((idx.size(0), 512), -1e9)
+        logits[:, script[min(next(calls), len(script) - 1)]] = 0.0
+        return logits
+
+    engine._logits = scripted
+    out, mask = engine.generate_batch([[tok.bos_id]], max_tokens=30, temperature=0)
+    forced = [t for t, m in zip(out[0], mask[0]) if m == 0]
+    assert tok.decode(forced) == "<|output_start|>14<|output_end|>"
+    start = out[0].index(sp("<|output_start|>"))
+    assert out[0][:start] == script[:start]  # the python call itself was sampled
+    # while the output was forced the model's own tokens were discarded: 300.. resume after <|output_end|>
+    assert out[0][start + len(forced):][:1] == [script[start + len(forced)]]
+
+
+def tp_worker(rank, tok_dir):
+    from megachat.tokenizer import Tokenizer
+    tok = Tokenizer.load(tok_dir)
+    grid = init_grid(tp=2)
+    engine = Engine(model_on(grid), tok)
+    cache = KVCache(engine.model, batch=1, max_len=8)
+    return {"greedy": engine.generate_batch(prompts(tok), max_tokens=8, temperature=0)[0],
+            "sampled": engine.generate_batch(prompts(tok)[:1], num_samples=3, max_tokens=6, seed=5)[0],
+            "kv_heads": cache.k.size(3)}
+
+
+def test_tp2_greedy_and_seeded_samples_equal_one_process(tok, tmp_path):
+    tok.save(str(tmp_path / "tok"))
+    got = run_gloo(tp_worker, 2, str(tmp_path / "tok"), timeout_s=120)
+    engine = Engine(model_on(), tok)
+    want = engine.generate_batch(prompts(tok), max_tokens=8, temperature=0)[0]
+    sampled = engine.generate_batch(prompts(tok)[:1], num_samples=3, max_tokens=6, seed=5)[0]
+    for r in got:
+        assert r["greedy"] == want and r["sampled"] == sampled
+        assert r["kv_heads"] == CONFIG["n_kv_head"] // 2  # each tp rank caches only its KV heads
