@@ -7,6 +7,10 @@ export OMP_NUM_THREADS ?= 1
 .PHONY: setup demo test clean
 
 setup: $(VENV)/.installed
+	# Headless Chromium + its WebDriver for the chat page's test (tests/test_chat_web.py), from Debian's apt.
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium chromium-driver; }
 
 # --system-site-packages: a GPU box's preinstalled CUDA torch stays visible and is not replaced.
 # Otherwise torch==2.13.0 is installed first: on a CPU box pip takes the local CPU wheel.

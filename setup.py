@@ -11,8 +11,9 @@ setup(
     version="0.1.0",
     description="nanochat's full-stack ChatGPT recipe on DeepSpeed: TP x PP x DP, ZeRO, Muon, Triton kernels",
     python_requires=">=3.10",
-    packages=["megachat", "megachat.kernels", "megachat.evaluation"],
+    packages=["megachat", "megachat.kernels", "megachat.evaluation", "megachat.tasks"],
     package_dir={"megachat.kernels": "kernels"},
+    package_data={"megachat": ["chat_ui.html"]},  # the chat page scripts/chat_web.py serves
     install_requires=[
         "torch>=2.4",  # a range: keeps an installed CUDA torch; `make setup` puts the CPU wheel on a CPU box
         "deepspeed>=0.17",
@@ -23,10 +24,15 @@ setup(
         "numpy>=1.24",
         "tensorboard>=2.14",
         "tqdm>=4.60",
+        "safetensors>=0.4",  # sharded layout-free checkpoints, final weights and exports (megachat/sharded.py)
+        "matplotlib>=3.5",  # scripts/report.py: the loss and val-bpb curves
+        "fastapi>=0.110",  # scripts/chat_web.py
+        "uvicorn>=0.29",
     ],
     extras_require={
         # GPU-only extras: none of them installs on a CPU box; everything falls back without them.
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]", "apex"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
+                "httpx>=0.27", "openai>=1.0", "selenium>=4.10"],  # tests/test_chat_web.py: HTTP, SDK, browser
     },
 )

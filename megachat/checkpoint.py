@@ -16,13 +16,17 @@ data position: the data is indexed by global sample number), the layout, and the
 (minus RNG) go to step_NNNNNN/megachat.json, readable without DeepSpeed.
 
 Another layout: DeepSpeed's files are per tp / pp / dp shard and cannot be loaded under a different grid, so
-each checkpoint also holds the layout-free full state step_NNNNNN/full_state.pt: the unsharded weights under
-nanochat's names and the unsharded optimizer state (megachat.optim.full_optimizer_state). (Not DeepSpeed's
-"universal checkpoint", a different format; checkpoints written before the rename call it universal.pt.)
-A resume under another --tp / --pp / dp / --zero builds the model from those weights (before DeepSpeed copies
-them into its master weights) and loads the optimizer state into the new shards. In a bf16 run the weights
-there are the bf16 model weights, not DeepSpeed's fp32 master copy, so such a resume continues from weights
-rounded to bf16 (an fp32 run continues exactly).
+each checkpoint also holds the layout-free state step_NNNNNN/state/ (megachat.sharded): every rank writes the
+elements it holds, in parallel, as rectangles of the full tensors under nanochat's names: the weights from
+DeepSpeed's fp32 master copy and the optimizer state; an index.json written last names them with their CRC-32s.
+A resume under another --tp / --pp / dp / --zero (`layout_free_state`) has each rank read only its own slices:
+its tp shards into the model before DeepSpeed starts, its pieces of the fp32 master weights and of the optimizer
+state after, so a bf16 run continues exactly too. Checkpoints written before it held one full_state.pt written
+by rank 0 (universal.pt before that); those resume under their own layout only.
+
+Final weights: RUN_DIR/model/ (Trainer.save_weights), the same sharded form without the optimizer state;
+`load_weights` / `load_run` / `load_init` read it, an exported .safetensors file (tools/export_checkpoint.py),
+nanochat's checkpoints, and the model.pt of runs written before it.
 """
 from __future__ import annotations
 
@@ -37,9 +41,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megachat.fileio import atomic_write, replace_durably
+from megachat import sharded
+from megachat.fileio import atomic_write
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
+STATE_DIR = "state"  # step_NNNNNN/state/: the layout-free sharded state
+WEIGHTS_DIR = "model"  # RUN_DIR/model/: the final weights, sharded
 
 
 def tag_for(step: int) -> str:
@@ -61,14 +68,6 @@ def _fsync_tree(path: str) -> None:
             os.close(fd)
 
 
-
-
-def save_weights(path: str, state_dict: dict) -> None:
-    """The full, layout-free state dict (nanochat's names) as one file, atomically: `scripts/base_eval.py`
-    and conversion tools read it under any grid."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(state_dict, tmp)
-    replace_durably(tmp, path)
 
 
 def latest_tag(ckpt_dir: str) -> str | None:
@@ -96,13 +95,22 @@ def archive_damage(path: str) -> str | None:
 
 def verify(ckpt_dir: str, tag: str) -> None:
     """Check checkpoint `tag` before loading it: every .pt file must be a complete torch.save archive whose
-    records match their CRC-32 (torch.load itself reads flipped bits without a word). The ranks split the files
-    between them and share what they find, so all stop together with one message naming the file and the
-    previous checkpoint, instead of one rank failing inside DeepSpeed while the others wait in a collective."""
+    records match their CRC-32 (torch.load itself reads flipped bits without a word), and every file of the
+    sharded state must have the size and CRC-32 its index records. The ranks split the files between them and
+    share what they find, so all stop together with one message naming the file and the previous checkpoint,
+    instead of one rank failing inside DeepSpeed while the others wait in a collective."""
     tag_dir = os.path.join(ckpt_dir, tag)
     files = sorted(os.path.join(root, f) for root, _, names in os.walk(tag_dir) for f in names if f.endswith(".pt"))
+    checks = [(archive_damage, (f,)) for f in files]
+    damage = None
+    if os.path.isdir(os.path.join(tag_dir, STATE_DIR)):  # checkpoints before sharded states have none
+        try:
+            state = sharded.ShardedState(os.path.join(tag_dir, STATE_DIR))
+            checks += [(sharded.file_damage, f) for f in state.files()]
+        except (OSError, ValueError) as e:
+            damage = str(e)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    damage = next(filter(None, map(archive_damage, files[rank::world])), None)
+    damage = damage or next(filter(None, (check(*args) for check, args in checks[rank::world])), None)
     if world > 1:
         found = [None] * world
         dist.all_gather_object(found, damage)
@@ -142,19 +150,19 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, full_state: dict | None = None) -> str:
+def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, model_config=None) -> str:
     """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. client_state
-    must hold step, consumed_samples, layout and config; full_state (rank 0's, see the module docstring) is
-    written when given. The checkpoint becomes visible through `latest` only once every rank's files are on disk; then
-    all but the newest `keep` are removed."""
+    must hold step, consumed_samples, layout and config; with model_config (the GPTConfig) every rank also writes
+    its slices of the layout-free state into step_NNNNNN/state/ (see the module docstring). The checkpoint becomes
+    visible through `latest` only once every rank's files are on disk; then all but the newest `keep` are
+    removed."""
     tag = tag_for(step)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()},
                            save_latest=False)
+    if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
+        sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, client_state["layout"],
+                     optimizer=True)
     if dist.get_rank() == 0:
-        if full_state is not None:
-            tmp = os.path.join(ckpt_dir, tag, "full_state.pt.tmp")
-            torch.save(full_state, tmp)
-            replace_durably(tmp, os.path.join(ckpt_dir, tag, "full_state.pt"))
         atomic_write(os.path.join(ckpt_dir, tag, "megachat.json"), json.dumps(
             {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
     dist.barrier()  # every rank has written and closed its files
@@ -169,16 +177,18 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, fu
     return tag
 
 
-def load_full_state(ckpt_dir: str, tag: str) -> dict:
-    """step_NNNNNN/full_state.pt: {"model": nanochat-named full weights, "optimizer": full optimizer state}."""
-    path = os.path.join(ckpt_dir, tag, "full_state.pt")
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(ckpt_dir, tag, "universal.pt")):
-        path = os.path.join(ckpt_dir, tag, "universal.pt")  # its name before the rename
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing, so {os.path.join(ckpt_dir, tag)} can only be resumed with the "
-                                f"layout it was saved with; resume with the same --tp/--pp/--zero and number of "
-                                f"processes")
-    return torch.load(path, map_location="cpu", weights_only=True)
+def layout_free_state(ckpt_dir: str, tag: str) -> sharded.ShardedState:
+    """Checkpoint `tag`'s layout-free state (step_NNNNNN/state/), which each rank of any layout reads by slices."""
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if not os.path.isfile(os.path.join(tag_dir, STATE_DIR, sharded.INDEX)):
+        old = [f for f in ("full_state.pt", "universal.pt") if os.path.isfile(os.path.join(tag_dir, f))]
+        raise FileNotFoundError(
+            f"{os.path.join(tag_dir, STATE_DIR, sharded.INDEX)} is missing, so {tag_dir} can only be resumed with "
+            f"the layout it was saved with" + (f" (it was written before sharded checkpoints, with {old[0]})"
+                                               if old else "") +
+            "; resume with the same --tp/--pp/--zero and number of processes, save a checkpoint (--save-every) and "
+            "resume that one under the new layout")
+    return sharded.ShardedState(os.path.join(tag_dir, STATE_DIR))
 
 
 def load(engine, ckpt_dir: str, tag: str) -> dict:
@@ -205,17 +215,48 @@ def read_run_config(run_dir: str) -> dict:
                          f"or retrain") from None
 
 
+def final_weights(run_dir: str) -> str:
+    """Where a run's final weights are: RUN_DIR/model/ (sharded), or RUN_DIR/model.pt for runs written before it."""
+    old = os.path.join(run_dir, "model.pt")
+    return old if os.path.isfile(old) and not os.path.isdir(os.path.join(run_dir, WEIGHTS_DIR)) else \
+        os.path.join(run_dir, WEIGHTS_DIR)
+
+
+def sharded_state(path: str) -> sharded.ShardedState:
+    """The sharded state at path: a state directory itself, a checkpoint step_NNNNNN (its state/) or a run directory
+    (its final weights, model/)."""
+    for directory in (path, os.path.join(path, STATE_DIR), os.path.join(path, WEIGHTS_DIR)):
+        if os.path.isfile(os.path.join(directory, sharded.INDEX)):
+            return sharded.ShardedState(directory)
+    raise FileNotFoundError(f"{path} holds no sharded state: no {sharded.INDEX} in it, in {STATE_DIR}/ (a checkpoint) "
+                            f"or in {WEIGHTS_DIR}/ (a finished run)")
+
+
 def load_weights(path: str) -> dict:
-    """Full weights under nanochat's names from `path`: a torch.save of a state dict, of {"state_dict": ...}, or a
-    checkpoint's full_state.pt ({"model": ...}); checked against the CRC-32s first (torch.load would read flipped
-    bits as weights without a word)."""
+    """Full fp32 weights under nanochat's names (the whole model in memory) from `path`: a sharded state
+    (`sharded_state`: RUN_DIR/model, a checkpoint RUN_DIR/checkpoints/step_NNNNNN), an exported .safetensors file,
+    or a torch.save file (a state dict, {"state_dict": ...} or a checkpoint's full_state.pt {"model": ...}: older
+    runs' model.pt, nanochat's model_NNNNNN.pt). Checked first: sharded files against the CRC-32s of their index, a
+    .pt against the CRC-32s of its records (torch.load would read flipped bits as weights without a word)."""
+    if os.path.isdir(path):
+        state = sharded_state(path)
+        damage = state.damage()
+        if damage:
+            raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (each "
+                               f"RUN_DIR/checkpoints/step_NNNNNN holds the weights of that step)")
+        return state.weights()
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no weights at {path}: pass --checkpoint FILE (a full state dict under nanochat's "
-                                f"names) or write RUN_DIR/model.pt at the end of training")
+        raise FileNotFoundError(f"no weights at {path}: pass --checkpoint PATH (a run's model/ directory, a "
+                                f"checkpoint step_NNNNNN, an exported .safetensors or a .pt state dict under "
+                                f"nanochat's names), or train to the end (RUN_DIR/model/ is written after the last "
+                                f"step; older runs wrote RUN_DIR/model.pt)")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return {k: v.float() for k, v in load_file(path).items()}
     damage = archive_damage(path)
     if damage:
-        raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (an earlier "
-                           f"RUN_DIR/checkpoints/step_*/full_state.pt holds the weights of that step)")
+        raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (each "
+                           f"RUN_DIR/checkpoints/step_NNNNNN holds the weights of that step)")
     obj = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -226,12 +267,40 @@ def load_weights(path: str) -> dict:
 def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str | None = None,
              tokenizer_dir: str | None = None):
     """(model, tokenizer, run config) of a finished run on this rank of `grid`: RUN_DIR/config.json's model with
-    RUN_DIR/model.pt's weights (or weights_path's), in eval mode; the tokenizer the run recorded (or
-    tokenizer_dir)."""
+    the run's final weights (`final_weights`; or weights_path's, any form `load_weights` reads), in eval mode; the
+    tokenizer the run recorded (or tokenizer_dir)."""
     from megachat.model import GPTConfig, build_model
     from megachat.tokenizer import Tokenizer
     run_cfg = read_run_config(run_dir)
     tokenizer = Tokenizer.load(tokenizer_dir or run_cfg["tokenizer"])
-    weights = load_weights(weights_path or os.path.join(run_dir, "model.pt"))
+    weights = load_weights(weights_path or final_weights(run_dir))
     model = build_model(GPTConfig(**run_cfg["model"]), grid, device, weights=weights, dtype=dtype).eval()
     return model, tokenizer, run_cfg
+
+
+def load_init(path: str) -> tuple[dict, dict]:
+    """(full weights, run config) to start a training phase from: a megachat run directory (config.json + its final
+    weights, model/ or model.pt), a .safetensors file exported by tools/export_checkpoint.py (its metadata's
+    "model_config"), or a nanochat checkpoint directory (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its
+    "model_config" becomes the run config's "model")."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            config = (f.metadata() or {}).get("model_config")
+        if config is None:
+            raise ValueError(f"--init-from {path}: no model_config in its metadata; export it with "
+                             f"tools/export_checkpoint.py --format safetensors")
+        return load_weights(path), {"model": json.loads(config)}
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--init-from {path}: not a directory or a .safetensors file; give a megachat run "
+                                f"directory (config.json, model/), an exported .safetensors file or a nanochat "
+                                f"checkpoint directory (model_NNNNNN.pt, meta_NNNNNN.json)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return load_weights(final_weights(path)), read_run_config(path)
+    steps = sorted(int(m.group(1)) for f in os.listdir(path) if (m := re.match(r"^model_(\d+)\.pt$", f)))
+    if not steps or not os.path.isfile(os.path.join(path, f"meta_{steps[-1]:06d}.json")):
+        raise FileNotFoundError(f"--init-from {path}: no config.json (megachat run) and no model_NNNNNN.pt with its "
+                                f"meta_NNNNNN.json (nanochat checkpoint)")
+    with open(os.path.join(path, f"meta_{steps[-1]:06d}.json")) as f:
+        meta = json.load(f)
+    return load_weights(os.path.join(path, f"model_{steps[-1]:06d}.pt")), {"model": meta["model_config"]}

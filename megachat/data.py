@@ -243,6 +243,20 @@ class IndexedDatasetWriter:
         self.abort() if exc_type else self.finalize()
 
 
+def write_conversations(prefix, conversations, tokenizer):
+    """Render every conversation (tokenizer.render_conversation, <|bos|> first, untruncated) as one document of
+    PREFIX.bin/.idx, and PREFIX.meta.json naming the tokenizer (megachat.data.check_tokenizer reads it): the
+    midtraining stream, packed into samples by GPTDataset like pretraining text. Returns the token count."""
+    from megachat.fileio import atomic_write_json
+    with IndexedDatasetWriter(prefix, dtype_for_vocab(tokenizer.vocab_size)) as writer:
+        for conversation in conversations:
+            writer.add_document(tokenizer.render_conversation(conversation, max_tokens=1 << 62)[0])
+    atomic_write_json(prefix + ".meta.json", {"tokenizer_sha256": tokenizer.fingerprint,
+                                              "vocab_size": tokenizer.vocab_size, "tokenizer": None,
+                                              "documents": writer.num_docs, "tokens": writer.num_tokens})
+    return writer.num_tokens
+
+
 def batch_indices(step, global_batch_size, dp_rank=0, dp_size=1):
     """Global sample numbers of rank dp_rank's contiguous slice of global batch `step` (int64 [G // dp_size])."""
     if global_batch_size % dp_size:

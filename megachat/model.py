@@ -5,7 +5,8 @@
 - attention: separate q, k, v, proj; RoPE (half-split, base 10000, bf16 cos/sin for 10 x sequence_len), then
   QK-norm; causal attention with GQA (n_kv_head < n_head) through megachat.kernels.attention
 - MLP: c_fc d -> 4d, relu(x)^2, c_proj 4d -> d
-- logits: 15 * tanh(logits / 15); loss: cross-entropy with ignore_index -1, computed on the vocab shard
+- logits: 15 * tanh(logits / 15); loss: cross-entropy with ignore_index -1, computed on the vocab shard; with
+  targets the LM head and the loss run fused, a chunk of tokens at a time (`GPT.head_loss`): no logits tensor
 - init: linear N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in))), embedding N(0, 1), lm_head and both c_proj 0
 
 Tensor parallelism (megachat/tensor_parallel.py) splits heads, the MLP width and the vocab over `grid.tp`
@@ -14,7 +15,8 @@ nanochat's, so nanochat checkpoints load with `load_nanochat_state_dict` and `fu
 Built on the meta device, then only this rank's part is allocated: `build_model(config, grid, device,
 weights=... | seed=...)` is the one way every entry point (training, evaluation, sampling) gets a model.
 `GPT.layers()` is the model as a sequence of stages, [EmbeddingStage, Block x n_layer, HeadStage];
-`GPT.forward` is the loop over them, and megachat/pipeline.py splits the same list over pipeline stages.
+`GPT.forward` is the loop over them, and megachat/pipeline.py splits the same list over pipeline stages. For a
+loss, `layers(fused_loss=True)` ends in the normalised hidden state and `GPT.head_loss` is the head and loss.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from megachat import kernels
 from megachat.parallel import Grid, check_layout
@@ -105,6 +108,7 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         C, D, tp = config.n_embd, config.head_dim, grid.tp
         self.layer_idx = layer_idx  # its slot in a KV cache
+        self.recompute_core = False  # GPT.set_activation_checkpointing("selective")
         self.head_dim = D
         self.n_head = config.n_head // tp  # local query heads
         self.group = tp_group_of(grid)
@@ -138,7 +142,11 @@ class CausalSelfAttention(nn.Module):
         v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
         q, k = kernels.rope_qk(q, k, self.cos, self.sin, 0 if cache is None else cache.positions())
         q, k = kernels.rmsnorm(q), kernels.rmsnorm(k)  # QK-norm, after RoPE as in nanochat
-        if cache is None:
+        if cache is None and self.recompute_core and torch.is_grad_enabled():
+            # selective recomputation: the attention core's saved output and softmax statistics are recomputed
+            # in backward from q, k, v (which the projections' backward needs anyway)
+            y = checkpoint(kernels.attention, q, k, v, use_reentrant=False)
+        elif cache is None:
             y = kernels.attention(q, k, v, causal=True)
         else:
             k, v, mask = cache.update(self.layer_idx, k, v)
@@ -164,8 +172,14 @@ class Block(nn.Module):
         super().__init__()
         self.attn = CausalSelfAttention(config, grid, layer_idx)
         self.mlp = MLP(config, grid)
+        self.recompute = False  # GPT.set_activation_checkpointing("full"): keep only the block's input
 
     def forward(self, x, cache=None):
+        if self.recompute and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x, cache)
+
+    def _forward(self, x, cache=None):
         x = x + self.attn(kernels.rmsnorm(x), cache)
         return x + self.mlp(kernels.rmsnorm(x))
 
@@ -182,15 +196,19 @@ class EmbeddingStage(nn.Module):
 
 
 class HeadStage(nn.Module):
-    """Last pipeline stage: x [B, T, C] -> raw (un-capped) logits [B, T, V_local] of this rank's vocab shard."""
+    """Last pipeline stage: x [B, T, C] -> raw (un-capped) logits [B, T, V_local] of this rank's vocab shard, or
+    with fused_loss the normalised hidden state [B, T, C] in the tp region, for GPT.head_loss (the LM head and the
+    loss in one, never holding the logits)."""
 
-    def __init__(self, lm_head):
+    def __init__(self, lm_head, fused_loss=False):
         super().__init__()
         self.lm_head = lm_head
         self.group = lm_head.group
+        self.fused_loss = fused_loss
 
     def forward(self, x, cache=None):
-        return self.lm_head(copy_to_tp_region(kernels.rmsnorm(x), self.group))
+        x = copy_to_tp_region(kernels.rmsnorm(x), self.group)
+        return x if self.fused_loss else self.lm_head(x)
 
 
 class GPT(nn.Module):
@@ -205,17 +223,28 @@ class GPT(nn.Module):
         ))
         self.lm_head = VocabParallelLMHead(config.n_embd, config.vocab_size, grid)
 
-    def layers(self):
+    def set_activation_checkpointing(self, mode: str) -> None:
+        """"none"; "full": each block keeps only its input and recomputes the rest in backward; "selective": the
+        attention core (output, softmax statistics) is recomputed, the matmul outputs kept (Megatron's selective
+        recomputation; the MLP's relu² already keeps only its output, which c_proj needs anyway)."""
+        if mode not in ("none", "full", "selective"):
+            raise ValueError(f"--activation-checkpointing {mode!r}: use none, full or selective")
+        for block in self.transformer.h:
+            block.recompute, block.attn.recompute_core = mode == "full", mode == "selective"
+
+    def layers(self, fused_loss=False):
         """The model as a sequence of stages (the same module objects): idx [B, T] -> hidden state [B, T, C] ->
-        ... -> raw (un-capped) logits [B, T, V_local]. megachat.pipeline splits this list over pipeline stages."""
-        return [EmbeddingStage(self.transformer.wte), *self.transformer.h, HeadStage(self.lm_head)]
+        ... -> raw (un-capped) logits [B, T, V_local], or with fused_loss the last stage's normalised hidden state
+        for head_loss. megachat.pipeline splits this list over pipeline stages."""
+        return [EmbeddingStage(self.transformer.wte), *self.transformer.h, HeadStage(self.lm_head, fused_loss)]
 
     def forward(self, idx, targets=None, loss_reduction="mean", cache=None):
         """idx [B, T] int64 -> softcapped logits [B, T, V_local] (this rank's vocab shard; all of it at tp = 1),
         or with targets [B, T] (-1 = ignored) the loss: mean over non-ignored tokens, or fp32 [B, T] for 'none'.
         cache: a megachat.engine.KVCache (inference): idx continues the cached tokens and is cached in turn; the
-        logits are then the last position's only, [B, 1, V_local] (the next token's)."""
-        *layers, head = self.layers()
+        logits are then the last position's only, [B, 1, V_local] (the next token's). With targets the logits are
+        never materialized: the head and the loss run fused (head_loss)."""
+        *layers, head = self.layers(fused_loss=targets is not None)
         x = idx
         for layer in layers:
             x = layer(x, cache)
@@ -225,12 +254,22 @@ class GPT(nn.Module):
         x = head(x)
         if targets is None:
             return kernels.softcap(x, SOFTCAP)
-        return self.loss(x, targets, loss_reduction)
+        return self.head_loss(x, targets, loss_reduction)
 
     def loss(self, logits, targets, reduction="mean"):
         """Raw local logits [B, T, V_local], targets [B, T] (-1 = ignored) -> softcapped cross-entropy over the
-        vocab-parallel shards: the mean over non-ignored tokens, or fp32 [B, T] per token for 'none'."""
-        return vocab_parallel_loss(logits, targets, self.lm_head.vocab_start, self.lm_head.group, reduction)
+        vocab-parallel shards: the mean over non-ignored tokens, or fp32 [B, T] per token for 'none'. targets may
+        be a pair (targets, weights fp32 [B, T]): then the weighted sum of the per-token losses (the trainer's
+        normalisation over a whole global batch, and RL's advantages)."""
+        head = self.lm_head
+        return _weighted_loss(lambda y, r: vocab_parallel_loss(logits, y, head.vocab_start, head.group, r),
+                              targets, reduction)
+
+    def head_loss(self, hidden, targets, reduction="mean"):
+        """loss(lm_head(hidden), targets, reduction) without the logits: hidden [B, T, C] is the normalised hidden
+        state in the tp region (HeadStage(fused_loss=True)'s output); the LM head's matmul and the loss run fused,
+        a chunk of tokens at a time (VocabParallelLMHead.loss). The loss_fn of the pipeline's last stage."""
+        return _weighted_loss(lambda y, r: self.lm_head.loss(hidden, y, r), targets, reduction)
 
     def gather_logits(self, logits):
         """Local softcapped logits [.., V_local] -> full [.., vocab_size] on every tp rank (evaluation/tests only)."""
@@ -267,6 +306,15 @@ class GPT(nn.Module):
         c = self.config
         n_embedding = c.vocab_size * c.n_embd
         return 6 * (self.num_params() - n_embedding) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+
+
+def _weighted_loss(loss_fn, targets, reduction):
+    """loss_fn(targets, reduction) for targets [B, T]; for a pair (targets, weights fp32 [B, T]) the weighted sum
+    of loss_fn's per-token losses."""
+    if isinstance(targets, (tuple, list)):
+        targets, weights = targets
+        return (loss_fn(targets, "none") * weights).sum()
+    return loss_fn(targets, reduction)
 
 
 def init_full_weight(name, shape, seed):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import time
 
 import torch
 
@@ -55,10 +56,11 @@ class Monitor:
         atomic_write(self.path, "".join(keep))
 
     def log(self, step: int, **metrics) -> None:
-        """One jsonl line {"step": step, **metrics} and one TensorBoard scalar per numeric metric."""
+        """One jsonl line {"step": step, **metrics, "time": unix seconds} and one TensorBoard scalar per numeric
+        metric."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
         self.file.flush()
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):

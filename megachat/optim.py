@@ -38,27 +38,30 @@ receives the whole matrix of u, orthogonalizes and scales it, and sends each hol
 
 State: packed fp32 buffers (Muon momentum, Adam moments) of exactly the elements this rank holds, in
 `state` of the tensor DeepSpeed handed us, and the step count in param_groups[0]["step"]: DeepSpeed's own
-checkpoints save and restore them for the same layout. For another tp / dp / ZeRO layout,
-full_optimizer_state() gathers them into unsharded per-parameter tensors and load_full_optimizer_state()
-puts them back under the new layout.
+checkpoints save and restore them for the same layout. For another tp / pp / dp / ZeRO layout, held_state()
+hands them out by slices, with the fp32 master weights, for megachat.sharded's layout-free checkpoints (each rank
+writes and reads only its own elements); full_optimizer_state() / load_full_optimizer_state() gather a stage's
+state into unsharded per-parameter tensors on every rank and back (small models, tests).
 
 DeepSpeed config the trainer needs with it: "gradient_clipping": 0 (clipping happens here, with the true
 global norm), "zero_allow_untested_optimizer": true for ZeRO >= 1, no "optimizer" / "scheduler" sections
-(the schedule is inside: pass `num_iterations`), no fp16. ZeRO-3 also needs its default sub_group_size
-(1e9, above the model's size), so that DeepSpeed calls step() once with every parameter.
+(the schedule is inside: pass `num_iterations`), no fp16. ZeRO-3 also needs a sub_group_size above the
+stage's parameter count, so that DeepSpeed calls step() once with every parameter (trainer.ds_config sets it).
 The class name avoids the word "muon": DeepSpeed's ZeRO-1/2 switch to their own Muon path for optimizers
 whose class name contains it.
 """
 from __future__ import annotations
 
+import math
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from megachat.kernels import newton_schulz
 from megachat.parallel import Grid
-from megachat.zero_partitions import Plan, build_plan, shard_state_into, unshard_state
+from megachat.zero_partitions import Plan, build_plan, shard_state_into, unshard_state, written_share
 
 # nanochat's base learning rates per parameter kind (param_kind); learning_rates(n_embd) scales AdamW's
 LEARNING_RATES = {"matrix": 0.02, "embedding": 0.2, "lm_head": 0.004}
@@ -146,6 +149,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         self.ns_dtype = ns_dtype
         self._plan: Plan | None = None
         self.last_grad_norm: float | None = None
+        self.skipped = False  # whether the last step was skipped for a non-finite gradient norm
         self.last_step_seconds: float | None = None
 
     def _prepare(self, local: list[torch.Tensor] | None = None):
@@ -205,6 +209,11 @@ class HybridOptimizer(torch.optim.Optimizer):
             dist.all_reduce(sq)
         norm = sq.sqrt()
         self.last_grad_norm = float(norm)
+        self.skipped = not math.isfinite(self.last_grad_norm)
+        if self.skipped:  # a non-finite loss or gradient: no weight or state moves; the schedule goes on
+            group["step"] = it + 1
+            self.last_step_seconds = time.perf_counter() - t0
+            return
         coef = (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0) if group["max_grad_norm"] > 0 else None
 
         if fresh and float(sq) == 0.0:
@@ -305,12 +314,54 @@ def load_full_optimizer_state(engine_or_optimizer, full: dict) -> None:
     opt.param_groups[0]["step"] = int(full["step"])
 
 
+@dataclass(frozen=True)
+class HeldRun:
+    """Elements [start, start + length) of one parameter's flattened tp shard (shape shard_shape, tp rank tp_rank,
+    split along partition_dim or None) that this rank holds, as 1-D views: tensors["weight"] (the fp32 master copy
+    where DeepSpeed keeps one, ZeRO >= 1 and bf16; else the parameter) and the optimizer state of its kind
+    ("momentum_buffer" for Muon; "exp_avg", "exp_avg_sq" for AdamW)."""
+    name: str
+    shard_shape: tuple[int, ...]
+    partition_dim: int | None
+    tp_rank: int
+    start: int
+    tensors: dict[str, torch.Tensor]
+
+
+def held_state(engine_or_optimizer, *, once: bool) -> tuple[list[HeldRun], int]:
+    """(this rank's runs, the optimizer's step count): the training state by slices, for megachat.sharded.
+    once=True keeps only this rank's share of what several ranks hold alike (zero_partitions.written_share), so
+    that over the grid every element appears once (to write); once=False keeps all it holds (to load into: writing
+    into the views sets the weights DeepSpeed steps from and the optimizer state). Call after
+    deepspeed.initialize."""
+    opt, local = _unwrap(engine_or_optimizer)
+    plan, state, _ = opt._prepare(local)
+    flats = [t.view(-1) for t in plan.local]
+    runs = []
+    for piece in plan.pieces:
+        lo, length = written_share(plan, piece) if once else (0, piece.length)
+        if length == 0:
+            continue
+        views = {"weight": piece.of_local(flats),
+                 **{key: piece.of_packed(state[key]) for key in _STATE_KEYS[piece.kind]}}
+        i = piece.param_index
+        runs.append(HeldRun(opt._names[i], plan.shard_shapes[i], plan.partition_dims[i], plan.grid.tp_rank,
+                            piece.param_offset + lo, {k: v[lo:lo + length] for k, v in views.items()}))
+    return runs, opt.param_groups[0]["step"]
+
+
+def set_optimizer_step(engine_or_optimizer, step: int) -> None:
+    """Set the optimizer's step count (the schedule's position) after loading its state by slices."""
+    _unwrap(engine_or_optimizer)[0].param_groups[0]["step"] = int(step)
+
+
 def optimizer_stats(optimizer) -> dict:
     """Numbers of this rank's last optimizer step for the benchmark: step_seconds, bytes_sent (this rank,
-    both all_to_alls), bytes_min (the scheme's minimum total volume / ranks of the stage), grad_norm.
+    both all_to_alls), bytes_min (the scheme's minimum total volume / ranks of the stage), grad_norm, skipped
+    (a non-finite gradient norm: the step changed nothing).
     Accepts the HybridOptimizer or a DeepSpeed engine / wrapper around it."""
     opt, _ = _unwrap(optimizer)
     if opt._plan is None:
         raise ValueError("optimizer_stats: no optimizer step taken yet; call it after engine.step()")
     return dict(step_seconds=opt.last_step_seconds, bytes_sent=opt._plan.bytes_sent,
-                bytes_min=opt._plan.bytes_min, grad_norm=opt.last_grad_norm)
+                bytes_min=opt._plan.bytes_min, grad_norm=opt.last_grad_norm, skipped=opt.skipped)

@@ -163,6 +163,10 @@ def init_grid(tp: int = 1, pp: int = 1) -> Grid:
         return Grid()
     world, rank = dist.get_world_size(), dist.get_rank()
     dp = check_layout(world, tp, pp)
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or world)  # torchrun / deepspeed
+    if world > per_node and per_node % tp != 0:
+        raise ValueError(f"--tp {tp} does not divide the {per_node} processes per node: a tensor-parallel group "
+                         f"({tp} consecutive ranks) would span nodes; use a --tp that divides {per_node}")
     grid = Grid(tp=tp, pp=pp, dp=dp, rank=rank)
     # new_group is collective over the whole world: every rank creates every group, in the same order.
     for axis in ("tp", "dp", "pp"):
@@ -186,6 +190,13 @@ def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> 
     a process group), or with world_of_one=False stays without one and leaves os.environ alone (evaluation,
     whose code runs with or without a group and is also called in-process by the tests). DeepSpeed adopts
     this process group when the trainer initializes it."""
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        # every rank started by srun itself (no torchrun / deepspeed launcher): SLURM's names for the same facts
+        os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
+                          LOCAL_RANK=os.environ.get("SLURM_LOCALID", "0"))
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            raise ValueError("started by srun without a launcher: export MASTER_ADDR (the first node's address) and "
+                             "MASTER_PORT (a free port) before srun, as scripts/slurm_train.sbatch does")
     if "RANK" not in os.environ and not world_of_one:
         return
     import torch

@@ -6,7 +6,7 @@ the loop over it). Here:
   DeepSpeed's PipelineModule(partition_method="type:Block") balances them;
 - `stage_layers(model, grid)`: this rank's layers (all of them with pp = 1); `build_model` allocates only these;
 - `pipeline_module(model, grid)`: DeepSpeed's PipelineModule over the same module objects with the model's own
-  loss (`GPT.loss`), for the trainer's PipelineEngine (training);
+  LM head and loss fused (`GPT.head_loss`), for the trainer's PipelineEngine (training);
 - `StageForward`: the forward across stages without DeepSpeed's engine (evaluation, sampling, the trainer's
   validation): the hidden state [B, T, C] goes from stage to stage with point-to-point messages.
 """
@@ -39,10 +39,12 @@ def topology(grid):
 
 
 def pipeline_module(model, grid):
-    """DeepSpeed's PipelineModule over model.layers() (shared weights) with GPT.loss as its loss_fn (the mean over
-    the micro-batch's non-ignored tokens; DeepSpeed averages it over micro-batches and dp ranks)."""
+    """DeepSpeed's PipelineModule over model.layers(fused_loss=True) (shared weights) with GPT.head_loss as its
+    loss_fn: the last stage ends in the normalised hidden state and its loss_fn is the LM head and the loss fused,
+    never holding the logits (labels are the trainer's (targets, weights) pairs; DeepSpeed averages the loss over
+    micro-batches and dp ranks)."""
     from deepspeed.pipe import PipelineModule
-    module = PipelineModule(layers=model.layers(), loss_fn=model.loss, topology=topology(grid),
+    module = PipelineModule(layers=model.layers(fused_loss=True), loss_fn=model.head_loss, topology=topology(grid),
                             partition_method="type:Block")
     expected = stage_bounds(model.config.n_layer, grid.pp)
     if module.parts != expected:  # build_model allocated exactly these layers

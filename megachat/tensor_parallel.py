@@ -8,6 +8,9 @@
   `VocabParallelLMHead` (column-parallel over the vocab, never gathered: the loss is
   `vocab_parallel_loss`: the kernels' local statistics of each shard, all-reduced over tp in one autograd
   function, as Megatron's `cross_entropy.py`).
+- `vocab_parallel_linear_loss` (`VocabParallelLMHead.loss`): the LM head's matmul and that loss fused, a chunk of
+  tokens at a time forward and backward (as Liger's fused linear cross-entropy), so the [tokens x vocab shard]
+  logits and their gradient never exist at once; what training uses.
 - `HeadReplicatedLinear`: key/value projections when there are fewer KV heads than tp ranks (GQA, e.g. the
   golden model's 1 KV head at tp = 2). Every rank keeps the whole weight and uses the KV head its query heads
   share, as vLLM does; the weight gradient is all-reduced over tp inside autograd, so the copies stay equal.
@@ -214,31 +217,44 @@ class VocabParallelLMHead(_TPLayer):
         self.weight = _mark(nn.Parameter(torch.empty(stop - self.vocab_start, dim)), 0)
         self.group = tp_group_of(grid)
 
+    def real_weight(self):
+        """The weight rows of real ids [n_real, dim]: padding rows never reach the logits (or get a gradient)."""
+        return self.weight if self.n_real == self.weight.size(0) else self.weight[:self.n_real]
+
     def forward(self, x):
-        w = self.weight if self.n_real == self.weight.size(0) else self.weight[:self.n_real]
-        return F.linear(x, w)
+        return F.linear(x, self.real_weight())
+
+    def loss(self, x, targets, reduction="mean"):
+        """vocab_parallel_loss(self(x), targets, ...) without the logits: vocab_parallel_linear_loss over this
+        shard's real rows. x [.., dim] in the tp region, targets [..] global ids (-1 = ignored)."""
+        return vocab_parallel_linear_loss(x, self.real_weight(), targets, self.vocab_start, self.group, reduction)
+
+
+def _global_lse(m, sumexp, target_logit, group):
+    """The shards' statistics fp32 [N] combined over the tp group -> (log-sum-exp over the whole vocab, capped
+    target logit): MAX of the row max, SUM of the sum-exp rescaled to it, SUM of the target logit (owned by one
+    shard, 0 on the others). No communication when group is None or of size 1."""
+    if group is not None and dist.get_world_size(group) > 1:
+        m_global = m.clone()
+        dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
+        sumexp = sumexp * torch.exp(m - m_global)
+        dist.all_reduce(sumexp, group=group)
+        dist.all_reduce(target_logit, group=group)
+        m = m_global
+    return m + torch.log(sumexp), target_logit
 
 
 class _VocabParallelSoftcapCE(torch.autograd.Function):
     """Per-token cross-entropy fp32 [N] of cap*tanh(z/cap) (the kernels' cap, 15) for raw logits [N, V_local].
 
     As Megatron's `_VocabParallelCrossEntropy`: the kernels compute this shard's statistics and the local
-    backward; here they are combined over the tp group: MAX of the row max, SUM of the sum-exp rescaled to it,
-    SUM of the target logit (owned by one shard, 0 on the others). Backward needs no communication.
+    backward; `_global_lse` combines them over the tp group. Backward needs no communication.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, vocab_start, group, ignore_index):
-        m, sumexp, target_logit = kernels.softcap_ce_stats(logits, targets, ignore_index=ignore_index,
-                                                           vocab_start=vocab_start)
-        if group is not None and dist.get_world_size(group) > 1:
-            m_global = m.clone()
-            dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-            sumexp = sumexp * torch.exp(m - m_global)
-            dist.all_reduce(sumexp, group=group)
-            dist.all_reduce(target_logit, group=group)
-            m = m_global
-        lse = m + torch.log(sumexp)
+        stats = kernels.softcap_ce_stats(logits, targets, ignore_index=ignore_index, vocab_start=vocab_start)
+        lse, target_logit = _global_lse(*stats, group)
         ctx.save_for_backward(logits, targets, lse)
         ctx.vocab_start, ctx.ignore_index = vocab_start, ignore_index
         return torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
@@ -252,6 +268,73 @@ class _VocabParallelSoftcapCE(torch.autograd.Function):
         return dlogits, None, None, None, None
 
 
+# One chunk's logits (and in backward their gradient) take at most this many bytes: 2,048 tokens x 65,536 ids in
+# bf16 (d20 at tp = 1), 4,096 at tp = 2, so each chunk's matmul is still 344 GFLOP at d20 (cuBLAS-sized; the GPU
+# rows of scripts/bench_loss.py time 1,024 to 8,192 tokens a chunk).
+LOSS_CHUNK_BYTES = 2 ** 28
+
+
+def loss_chunk_tokens(vocab_local, dtype):
+    """Tokens per chunk of vocab_parallel_linear_loss: the most whose logits [tokens, vocab_local] in dtype fit in
+    LOSS_CHUNK_BYTES (at least 1)."""
+    return max(1, LOSS_CHUNK_BYTES // (vocab_local * torch.empty((), dtype=dtype).element_size()))
+
+
+def _chunks(n, chunk_tokens):
+    return [(start, min(start + chunk_tokens, n)) for start in range(0, n, chunk_tokens)]
+
+
+class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
+    """Per-token loss fp32 [N] of _VocabParallelSoftcapCE(hidden @ weight.T), chunk_tokens rows at a time.
+
+    Forward: each chunk's logits [chunk, V_local] -> the kernels' local statistics, kept for all N rows (3 fp32
+    [N]); one `_global_lse` over the whole batch. Backward: each chunk's logits again (one more matmul, the price
+    of not keeping them), the kernels' d logits, then d hidden = d logits @ weight (into its rows of the [N, C]
+    result) and d weight += d logits.T @ hidden (an fp32 sum over chunks for bf16/fp16 weights). Saved for
+    backward: hidden, weight, targets and the log-sum-exp [N]; never a [N, V_local] tensor.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, vocab_start, group, ignore_index, chunk_tokens):
+        n = hidden.size(0)
+        stats = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+        for start, stop in _chunks(n, chunk_tokens):
+            local = kernels.softcap_ce_stats(F.linear(hidden[start:stop], weight), targets[start:stop],
+                                             ignore_index=ignore_index, vocab_start=vocab_start)
+            for buf, value in zip(stats, local):
+                buf[start:stop] = value
+        lse, target_logit = _global_lse(*stats, group)
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.vocab_start, ctx.ignore_index, ctx.chunk_tokens = vocab_start, ignore_index, chunk_tokens
+        return torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dloss):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        dhidden = torch.empty_like(hidden)
+        dweight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                              device=weight.device)
+        for start, stop in _chunks(hidden.size(0), ctx.chunk_tokens):
+            h = hidden[start:stop]
+            dlogits = kernels.softcap_ce_backward(F.linear(h, weight), targets[start:stop], lse[start:stop],
+                                                  dloss[start:stop], ignore_index=ctx.ignore_index,
+                                                  vocab_start=ctx.vocab_start)
+            torch.mm(dlogits, weight, out=dhidden[start:stop])
+            dweight += dlogits.t() @ h
+            del dlogits  # before the next chunk's logits: at most one chunk's logits and gradient at a time
+        return dhidden, dweight.to(weight.dtype), None, None, None, None, None
+
+
+def _reduce(loss, targets, reduction, ignore_index):
+    """Per-token loss fp32 [N] -> fp32 [*targets.shape] ('none') or the mean over non-ignored targets ('mean')."""
+    if reduction == "none":
+        return loss.view(targets.shape)
+    if reduction != "mean":
+        raise ValueError(f"loss reduction {reduction!r} is not supported; use 'mean' or 'none'")
+    return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+
+
 def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", ignore_index=-1):
     """Softcapped cross-entropy of local raw logits [B, T, V_local] and global targets [B, T].
 
@@ -261,11 +344,24 @@ def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", i
     """
     loss = _VocabParallelSoftcapCE.apply(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), vocab_start,
                                          group, ignore_index)
-    if reduction == "none":
-        return loss.view(targets.shape)
-    if reduction != "mean":
-        raise ValueError(f"loss reduction {reduction!r} is not supported; use 'mean' or 'none'")
-    return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+    return _reduce(loss, targets, reduction, ignore_index)
+
+
+def vocab_parallel_linear_loss(hidden, weight, targets, vocab_start, group, reduction="mean", ignore_index=-1,
+                               chunk_tokens=None):
+    """vocab_parallel_loss(F.linear(hidden, weight), targets, vocab_start, group, reduction) with the matmul fused
+    in: hidden [B, T, C] (in the tp region: its gradient here is this shard's part, which copy_to_tp_region's
+    backward all-reduces), weight [V_local, C] this shard's real rows (global ids vocab_start..), targets [B, T].
+    The logits are computed and dropped chunk_tokens tokens at a time, forward and backward (default
+    `loss_chunk_tokens`: a chunk's logits within LOSS_CHUNK_BYTES), so no [B*T, V_local] tensor is ever made.
+    """
+    if chunk_tokens is None:
+        chunk_tokens = loss_chunk_tokens(weight.size(0), hidden.dtype)
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens = {chunk_tokens} must be >= 1 (or None for the default by bytes)")
+    loss = _VocabParallelLinearSoftcapCE.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
+                                               vocab_start, group, ignore_index, chunk_tokens)
+    return _reduce(loss, targets, reduction, ignore_index)
 
 
 def gather_vocab_logits(logits, vocab_size, group):

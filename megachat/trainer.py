@@ -6,12 +6,15 @@ grid, its train step, evaluation, checkpoints and resume.
   model (`model.build_model`, from the init, from `weights`, or from a checkpoint saved under another layout), the
   optimizer (`optim.HybridOptimizer`) and DeepSpeed's engine: pp > 1 -> `pipeline.pipeline_module` under the
   PipelineEngine (ZeRO-0/1); pp = 1 -> the plain engine with `mpu=grid` (ZeRO-0..3). With resume it decides
-  how to continue: same layout -> DeepSpeed's own files; another layout -> the layout-free full state.
+  how to continue: same layout -> DeepSpeed's own files; another layout -> each rank reads its slices of the
+  layout-free sharded state (megachat.sharded).
 - `Trainer.train_step(micro_batches)`: one optimizer step over this rank's micro-batches (x, y) [B, T], y = -1
   where a token is not trained; returns the loss averaged over the whole global batch (the same on every rank),
   the gradient norm, the schedule and the throughput.
 - `Trainer.evaluate_bpb(batches, token_bytes)`: bits per byte through evaluation's forward (GridForward).
-- `Trainer.save(step)`, `Trainer.full_state_dict()`: checkpoints (megachat.checkpoint) and the final weights.
+- `Trainer.save(step)`, `Trainer.save_weights(run_dir)`: checkpoints (megachat.checkpoint) and the final weights
+  (RUN_DIR/model/), every rank writing its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
+  (tests, small models).
 
 DeepSpeed is imported here and in megachat/pipeline.py only.
 """
@@ -28,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from megachat import checkpoint
-from megachat.model import GPT, GPTConfig, build_model, full_state_dict
+from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
 from megachat.monitor import memory_gib, peak_flops
 from megachat.parallel import Grid, check_layout, device, init_grid, without_deepspeed_shm_allreduce
 
@@ -52,6 +55,9 @@ class TrainConfig:
     n_kv_head: int | None = None
     grad_clip: float = 1.0
     warmdown_ratio: float = 0.2
+    lr_scale: float = 1.0  # every base learning rate times this (nanochat's init_lr_frac: SFT 0.02, RL 0.05)
+    activation_checkpointing: str = "none"  # "full" or "selective" recomputation (GPT.set_activation_checkpointing)
+    compile: bool = False  # torch.compile each block (as nanochat compiles its model); eager under ZeRO-3
     ds_config: str | None = None  # a DeepSpeed JSON to use instead of configs/ds/zero{Z}_{dtype}.json
 
     def model_config(self) -> GPTConfig:
@@ -66,6 +72,51 @@ class TrainConfig:
         return asdict(self)
 
 
+def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> None:
+    """The flags every training script shares (layout, precision, seed, evaluation and checkpoint cadence, run
+    directory, resume) on argparse parser `p`."""
+    import argparse
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (bf16 needs >= 1; pp > 1 allows 0/1)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--device-batch-size", type=int, default=device_batch_size, help="sequences per rank per micro-step")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps (and at start and end)")
+    p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
+    p.add_argument("--resume", nargs="?", const="always", choices=["always", "auto"], default=None,
+                   help="continue from RUN_DIR/checkpoints/latest; 'auto': when there is one, else start fresh "
+                        "(a requeue loop needs no logic)")
+    p.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
+                   help="recompute activations in backward: every block's (full) or the attention core's (selective)")
+    p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (eager under ZeRO-3)")
+    p.add_argument("--max-bad-steps", type=int, default=10,
+                   help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    p.add_argument("--ds-config", default=None, help="DeepSpeed JSON instead of configs/ds/zero{Z}_{dtype}.json")
+    p.add_argument("--out", required=True, help="RUN_DIR")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+
+
+def loop_options(args) -> dict:
+    """Trainer.fit's cadence and limits from add_trainer_args' flags."""
+    return dict(eval_every=args.eval_every, save_every=args.save_every, keep=args.keep_checkpoints,
+                max_bad_steps=args.max_bad_steps)
+
+
+def config_from_run(run_cfg: dict, **settings) -> TrainConfig:
+    """A TrainConfig that continues the model of a finished run (its config.json as a dict: "model" gives depth,
+    vocabulary and KV heads); `settings` give the rest (seq_len, batch, layout, schedule, ...)."""
+    model = run_cfg["model"]
+    cfg = TrainConfig(depth=model["n_layer"], vocab_size=model["vocab_size"], n_kv_head=model["n_kv_head"],
+                      **settings)
+    want = {**model, "sequence_len": cfg.seq_len}
+    if vars(cfg.model_config()) != want:
+        raise ValueError(f"the run's model {model} is not nanochat's sizing for depth {model['n_layer']} "
+                         f"({vars(cfg.model_config())}): megachat trains depth-sized models only")
+    return cfg
+
+
 def check_config(cfg: TrainConfig, world: int) -> int:
     """Every layout and setting error, raised as ValueError before any process group work; returns dp."""
     if cfg.dtype not in ("bf16", "fp32"):
@@ -76,6 +127,8 @@ def check_config(cfg: TrainConfig, world: int) -> int:
         raise ValueError("--dtype bf16 needs --zero >= 1: DeepSpeed keeps fp32 master weights and fp32 gradient "
                          "accumulation for bf16 only in its ZeRO optimizers (ZeRO-1 on one data-parallel rank "
                          "shards nothing, so it costs what ZeRO-0 would); use --zero 1, or --dtype fp32")
+    if cfg.activation_checkpointing not in ("none", "full", "selective"):
+        raise ValueError(f"--activation-checkpointing {cfg.activation_checkpointing!r}: use none, full or selective")
     if cfg.total_batch_size % cfg.seq_len:
         raise ValueError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                          f"{cfg.seq_len}: the global batch is a whole number of sequences")
@@ -115,7 +168,10 @@ def ds_config(cfg: TrainConfig, dp: int) -> dict:
     conf.update(train_batch_size=cfg.global_batch, train_micro_batch_size_per_gpu=cfg.device_batch_size,
                 gradient_accumulation_steps=cfg.global_batch // (cfg.device_batch_size * dp),
                 gradient_clipping=0.0)  # HybridOptimizer clips inside its step by the true global norm
-    conf.setdefault("zero_optimization", {})["stage"] = cfg.zero
+    zero = conf.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.zero
+    if cfg.zero == 3:  # Muon steps every parameter of a stage at once: one ZeRO-3 sub group must hold them all
+        zero["sub_group_size"] = max(int(zero.get("sub_group_size", 1e9)), num_params(cfg) + 1)
     return conf
 
 
@@ -151,18 +207,31 @@ class Trainer:
         return {"tp": self.cfg.tp, "pp": self.cfg.pp, "dp": self.grid.dp, "zero": self.cfg.zero}
 
     def train_step(self, micro_batches) -> dict:
-        """One optimizer step over this rank's `grad_accum` micro-batches (x, y) long [B, T] (y = -1: not
-        trained). Returns loss (mean over the global batch, the same on every rank), grad_norm (before
-        clipping), lrm (the schedule's multiplier this step), lr (the block matrices' lr) and the throughput.
-        A non-finite loss raises FloatingPointError naming the checkpoint still in charge."""
+        """One optimizer step over this rank's `grad_accum` micro-batches: (x, y) long [B, T] with y = -1 where a
+        token is not trained, or (x, y, w) with per-token weights w fp32 [B, T] (RL's advantages). The loss is
+        sum(w * cross-entropy) / (trained tokens of the whole global batch): every trained token weighs the same
+        across micro-batches and dp ranks, exactly as one process holding the global batch would weigh it (for
+        packed pretraining data, the mean of the micro-batch means). Returns loss (the same on every rank),
+        grad_norm (before clipping), lrm (the schedule's multiplier this step), lr (the block matrices' lr) and
+        the throughput. A non-finite loss raises FloatingPointError naming the checkpoint still in charge."""
         from megachat.optim import learning_rates, lr_multiplier, optimizer_stats
         t0 = time.perf_counter()
-        batches = ((x.to(self.device), y.to(self.device)) for x, y in micro_batches)
+        batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
+        if len(batches) != self.grad_accum:
+            raise ValueError(f"train_step got {len(batches)} micro-batches, the config needs {self.grad_accum} "
+                             f"(global batch / (device batch x dp))")
+        trained = torch.stack([(mb[1] >= 0).sum() for mb in batches]).sum().float()
+        dist.all_reduce(trained, group=self.grid.dp_group)  # every pipeline stage counts the same samples
+        if trained.item() == 0:
+            raise ValueError("a global batch without a single trained token (every target is -1): check the "
+                             "data's masks")
+        scale = self.grad_accum * self.grid.dp / trained  # DeepSpeed averages over micro-batches and dp ranks
+        weighted = [(x, (y, (y >= 0).float() * scale * (rest[0] if rest else 1.0))) for x, y, *rest in batches]
         if self.cfg.pp > 1:
-            loss = self.ds_engine.train_batch(data_iter=batches).detach().float()
+            loss = self.ds_engine.train_batch(data_iter=iter(weighted)).detach().float()
         else:
             loss = torch.zeros((), device=self.device)
-            for x, y in batches:
+            for x, y in weighted:
                 micro_loss = self.ds_engine(x, y)
                 self.ds_engine.backward(micro_loss)
                 self.ds_engine.step()
@@ -176,22 +245,133 @@ class Trainer:
         loss = loss.item()
         lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
         self.step += 1
-        if not math.isfinite(loss):
-            last = checkpoint.latest_tag(self.ckpt_dir) if self.ckpt_dir and os.path.isdir(self.ckpt_dir) else None
-            raise FloatingPointError(
-                f"loss is {loss} at step {self.step}: training diverged; no checkpoint was written for it "
-                f"(latest intact checkpoint: {os.path.join(self.ckpt_dir, last) if last else 'none'}); lower the "
-                f"learning rate or check the data, then --resume")
         stats = optimizer_stats(self.ds_engine)
         tokens_per_s = self.cfg.total_batch_size / dt
         flops_per_s = self.flops_per_token * tokens_per_s
-        rec = {"loss": loss, "lr": learning_rates(self.cfg.model_config().n_embd)["matrix"] * lrm, "lrm": lrm,
+        rec = {"loss": loss, "lr": learning_rates(self.cfg.model_config().n_embd)["matrix"] * self.cfg.lr_scale * lrm,
+               "lrm": lrm,
                "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s,
                "step_time_s": dt, "memory_gib": memory_gib()}
+        if stats["skipped"] or not math.isfinite(loss):
+            rec["skipped"] = 1  # a non-finite loss or gradient norm: HybridOptimizer changed nothing
         peak = peak_flops(self.cfg.dtype)
         if peak:
             rec["mfu"] = flops_per_s / (peak * self.grid.world)
         return rec
+
+    def fit(self, batches, evaluate=None, *, monitor=None, eval_every: int = 0, save_every: int = 0,
+            keep: int = 3, max_bad_steps: int = 10, spike_factor: float = 5.0) -> None:
+        """The loop of every phase, from self.step to cfg.num_iterations. batches(i): this rank's micro-batches of
+        global batch i (0-based; a pure function of i, so a resume continues the same stream). evaluate(step):
+        a dict of metrics, run at step 0 of a fresh start, every eval_every steps and at the end. A checkpoint
+        every save_every steps and at the end. Every record goes to `monitor` (megachat.monitor.Monitor) and a line
+        to stdout on rank 0. What clusters do to runs:
+        - SIGTERM / SIGUSR1 (a scheduler's notice before the kill): every rank finishes its step, the step is
+          checkpointed, and the process exits 0 (SystemExit); `--resume auto` continues it.
+        - A bad step (non-finite loss or gradient norm) changes nothing and is logged; max_bad_steps of them in a
+          row stop the run naming the last good checkpoint.
+        - A loss above spike_factor x the median of the last 50 is logged with the global sample numbers of its
+          batch (samples (step - 1) * global_batch ... step * global_batch - 1), to look at with
+          tools/inspect_data.py."""
+        import signal
+        talk = dist.get_rank() == 0
+        stop = []
+        handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
+                    for sig in (signal.SIGTERM, signal.SIGUSR1)}
+
+        def run_eval(step):
+            if evaluate is not None:
+                metrics = evaluate(step)
+                if monitor is not None:
+                    monitor.log(step, **metrics)
+                if talk and metrics:
+                    print(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+
+        last, bad, recent = self.cfg.num_iterations, 0, []
+        if self.step == 0:
+            run_eval(0)
+        start = self.step
+        try:
+            for step in range(start + 1, last + 1):  # global batch step-1; after it, `step` steps are done
+                rec = self.train_step(batches(step - 1))
+                bad = bad + 1 if rec.get("skipped") else 0
+                median = sorted(recent)[len(recent) // 2] if len(recent) >= 10 else None
+                if not bad and median is not None and rec["loss"] > spike_factor * median:
+                    rec["spike"] = 1
+                    if talk:
+                        G = self.cfg.global_batch
+                        print(f"step {step}: loss spike {rec['loss']:.4f} > {spike_factor} x median {median:.4f}; the "
+                              f"batch is global samples {(step - 1) * G}..{step * G - 1}", flush=True)
+                if not bad:
+                    recent = (recent + [rec["loss"]])[-50:]
+                if monitor is not None:
+                    monitor.log(step, **rec)
+                if talk:
+                    print(f"step {step:6d}/{last} | loss {rec['loss']:.6f} | grad norm {rec['grad_norm']:.3f} | "
+                          f"lrm {rec['lrm']:.3f} | {rec['tokens_per_s']:,.0f} tok/s | {rec['step_time_s'] * 1000:.0f} "
+                          f"ms" + (" | skipped: non-finite loss or gradient" if bad else ""), flush=True)
+                if bad >= max_bad_steps:
+                    latest = checkpoint.latest_tag(self.ckpt_dir) if self.ckpt_dir and os.path.isdir(self.ckpt_dir) \
+                        else None
+                    raise FloatingPointError(
+                        f"loss is {rec['loss']} at step {step}: {bad} bad step(s) in a row, each skipped "
+                        f"(--max-bad-steps {max_bad_steps}): training diverged; no checkpoint was written for it (latest intact "
+                        f"checkpoint: {os.path.join(self.ckpt_dir, latest) if latest else 'none'}); lower the "
+                        f"learning rate or check the data, then --resume")
+                if step != last and eval_every > 0 and step % eval_every == 0:
+                    run_eval(step)
+                if step != last and save_every > 0 and step % save_every == 0 and not bad:
+                    self.save(step, keep=keep)  # not during a run of bad steps: the last good one stays in charge
+                if step != last and self._stop_requested(stop):
+                    self.save(step, keep=keep)
+                    if talk:
+                        print(f"step {step}: stopping on a signal; checkpoint saved, continue with --resume auto",
+                              flush=True)
+                    dist.barrier()
+                    raise SystemExit(0)
+            if start < last:
+                run_eval(last)
+                self.save(last, keep=keep)
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def _stop_requested(self, stop: list) -> bool:
+        """Whether any rank got a stop signal (all ranks agree: one tiny all-reduce per step)."""
+        flag = torch.tensor([1.0 if stop else 0.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def write_run_config(self, run_dir: str, **extra) -> None:
+        """RUN_DIR/config.json (rank 0): the training config, the model's, the grid, and `extra` (phase, tokenizer,
+        data, parent run, ...), which scripts/report.py and the chat scripts read; RUN_DIR/env.json: where it ran."""
+        if dist.get_rank() != 0:
+            return
+        import platform
+        import socket
+
+        import deepspeed
+
+        from megachat.fileio import atomic_write_json
+        os.makedirs(run_dir, exist_ok=True)
+        atomic_write_json(os.path.join(run_dir, "config.json"),
+                          {"train": self.cfg.to_json(), "model": vars(self.cfg.model_config()), "dp": self.grid.dp,
+                           "world": self.grid.world, "num_params": num_params(self.cfg),
+                           "flops_per_token": self.flops_per_token, **extra})
+        gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        atomic_write_json(os.path.join(run_dir, "env.json"),
+                          {"hostname": socket.gethostname(), "platform": platform.platform(),
+                           "python": platform.python_version(), "torch": torch.__version__,
+                           "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda, "gpus": gpus,
+                           "cpu_count": os.cpu_count(), "world": self.grid.world})
+
+    def save_weights(self, run_dir: str) -> None:
+        """RUN_DIR/model/: the final fp32 weights under nanochat's names, every rank writing its own slices in
+        parallel (megachat.sharded; collective). checkpoint.load_weights reads them, tools/export_checkpoint.py
+        turns them into one safetensors file or a nanochat checkpoint."""
+        from megachat import sharded
+        sharded.save(os.path.join(run_dir, checkpoint.WEIGHTS_DIR), self.ds_engine, self.cfg.model_config(),
+                     self.step, self.layout, optimizer=False)
 
     def evaluate_bpb(self, batches, token_bytes: torch.Tensor) -> float:
         """Bits per byte over this rank's evaluation batches (x, y), summed over the grid: the same forward and
@@ -204,22 +384,16 @@ class Trainer:
 
     def save(self, step: int, keep: int = 3) -> str:
         """Checkpoint the state after `step` optimizer steps into ckpt_dir (collective): DeepSpeed's files for a
-        resume under this layout, and the layout-free full state (full_state.pt) for any other."""
-        return checkpoint.save(self.ds_engine, self.ckpt_dir, step, keep=keep, full_state=self.gather_full_state(),
+        resume under this layout, and the layout-free state (step_NNNNNN/state/, each rank writing its own slices)
+        for any other."""
+        return checkpoint.save(self.ds_engine, self.ckpt_dir, step, keep=keep, model_config=self.cfg.model_config(),
                                client_state={"step": step, "consumed_samples": step * self.cfg.global_batch,
                                              "layout": self.layout, "config": self.cfg.to_json()})
 
-    def gather_full_state(self) -> dict | None:
-        """Layout-free training state on rank 0 (None elsewhere; collective over the world):
-        {"model": full weights, "optimizer": megachat.optim.full_optimizer_state merged over the stages}."""
-        from megachat.optim import full_optimizer_state
-        weights = self.full_state_dict()
-        state = full_optimizer_state(self.ds_engine)  # every rank of a stage gets its stage's full state
-        params = _gather_on_rank0(state["params"] if self.grid.tp_rank == 0 and self.grid.dp_rank == 0 else {})
-        return None if params is None else {"model": weights, "optimizer": {"step": state["step"], "params": params}}
-
     def full_state_dict(self) -> dict | None:
-        """Unsharded fp32 weights under nanochat's names on rank 0 (None elsewhere); collective over the world."""
+        """Unsharded weights (the model's, as fp32) under nanochat's names on rank 0 (None elsewhere); collective
+        over the world. The whole model goes to rank 0: for tests and small models; checkpoints and the final
+        weights are written by every rank without it (save, save_weights)."""
         import deepspeed
         if self.cfg.zero == 3:
             with deepspeed.zero.GatheredParameters(list(self.model.parameters())):
@@ -243,23 +417,26 @@ def _gather_on_rank0(part: dict) -> dict | None:
     return merged
 
 
-def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool = False,
+def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | str = False,
                   weights: dict | None = None) -> Trainer:
     """Check the layout, build the grid, the model, the optimizer and DeepSpeed's engine for this process.
     run_dir: where checkpoints go (RUN_DIR/checkpoints). resume: continue from its newest complete checkpoint
-    (refused when there is none); without it, a run_dir that already holds a run is refused (a fresh start would
+    (refused when there is none; "auto": when there is one, else start fresh); without it, a run_dir that already holds a run is refused (a fresh start would
     prune its checkpoints and overwrite its weights). weights: full weights (nanochat names) to start from."""
     import deepspeed
 
-    from megachat.optim import HybridOptimizer
-    from megachat.pipeline import pipeline_module
+    from megachat.optim import LEARNING_RATES, HybridOptimizer
+    from megachat.pipeline import pipeline_module, stage_layers
     world = dist.get_world_size() if dist.is_initialized() else 1
     dp = check_config(cfg, world)  # before any process-group work
     ckpt_dir = os.path.join(run_dir, "checkpoints") if run_dir else None
     layout = {"tp": cfg.tp, "pp": cfg.pp, "dp": dp, "zero": cfg.zero}
-    start, full_state = 0, None
+    start, layout_free = 0, None
+    if resume == "auto":  # resume when there is something to resume, else a fresh start
+        resume = bool(ckpt_dir and os.path.isdir(ckpt_dir) and checkpoint.latest_tag(ckpt_dir))
     if run_dir and not resume:
-        earlier = [f for f in ("checkpoints/latest", "model.pt") if os.path.exists(os.path.join(run_dir, f))]
+        earlier = [f for f in ("checkpoints/latest", "model/index.json", "model.pt")
+                   if os.path.exists(os.path.join(run_dir, f))]
         if earlier:
             raise FileExistsError(f"{run_dir} already holds a run ({', '.join(earlier)}): pass --resume to continue "
                                   f"it, or choose another --out (delete the directory to start over)")
@@ -275,14 +452,26 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool = F
             raise ValueError(f"checkpoint consumed {meta['consumed_samples']} samples in {start} steps, but this "
                              f"run's global batch is {cfg.global_batch} samples: resume with the same "
                              f"--total-batch-size and --max-seq-len")
-        if meta["layout"] != layout:  # another grid: rebuild from the layout-free state
-            full_state = checkpoint.load_full_state(ckpt_dir, tag)
-            weights = full_state["model"]
+        if meta["layout"] != layout:  # another grid: each rank reads its slices of the layout-free state
+            layout_free = checkpoint.layout_free_state(ckpt_dir, tag)
     grid = init_grid(cfg.tp, cfg.pp)
     dev = device()
     model = build_model(cfg.model_config(), grid, dev, weights=weights, seed=cfg.seed)
+    model.set_activation_checkpointing(cfg.activation_checkpointing)
+    if cfg.compile and cfg.zero == 3:  # ZeRO-3 gathers each weight in hooks around every module's forward
+        if dist.get_rank() == 0:
+            print("--compile: ZeRO-3 fetches weights in module hooks that torch.compile cannot trace; running eager",
+                  flush=True)
+    elif cfg.compile:
+        for layer in stage_layers(model, grid):  # this stage's blocks, compiled in place (same parameters)
+            if isinstance(layer, Block):
+                layer.compile(dynamic=False)
+    if layout_free is not None:
+        layout_free.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
     named = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
+    rates = {f"{kind}_lr": lr * cfg.lr_scale for kind, lr in LEARNING_RATES.items()}
     optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, num_iterations=cfg.num_iterations,
+                                **rates,
                                 warmdown_ratio=cfg.warmdown_ratio, max_grad_norm=cfg.grad_clip,
                                 ns_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
     without_deepspeed_shm_allreduce()
@@ -292,9 +481,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool = F
                                            mpu=None if cfg.pp > 1 else grid)
     trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, device=dev, ckpt_dir=ckpt_dir,
                       step=start, flops_per_token=model_flops_per_token(cfg))
-    if full_state is not None:
-        from megachat.optim import load_full_optimizer_state
-        load_full_optimizer_state(engine, full_state["optimizer"])
+    if layout_free is not None:
+        layout_free.load_optimizer(engine)  # this rank's pieces of the fp32 master weights and optimizer state
         if dist.get_rank() == 0:
             print(f"resumed step {start} saved under {meta['layout']} in layout {layout}", flush=True)
     elif resume:

@@ -20,7 +20,8 @@ the elements it holds (a second all_to_all). Each element reaches its owner once
 part of the update once: the minimum for this scheme (`Plan.bytes_min`).
 
 `unshard_state` / `shard_state_into` move one parameter's packed state to and from its unsharded tensor, so
-that optimizer state saved under one tp / dp / ZeRO layout resumes under another.
+that optimizer state saved under one tp / dp / ZeRO layout resumes under another; `written_share` says which part
+of what a rank holds it writes to a sharded checkpoint (megachat.sharded), so that replicas are written once.
 """
 from __future__ import annotations
 
@@ -208,7 +209,8 @@ def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: 
             raise ValueError(f"Muon + ZeRO-3: DeepSpeed split the parameters into several sub groups (flat "
                              f"partition of {partition_numel} elements, parameters hold "
                              f"{sum(p.ds_tensor.numel() for p in params)}); Muon needs them in one "
-                             f"step: raise zero_optimization.sub_group_size above the model's size")
+                             f"step: raise zero_optimization.sub_group_size above the model's size (megachat.trainer.ds_config "
+                             f"does so for its runs)")
     elif not replicated:
         storage = params[0].untyped_storage()
         for n, p in zip(names, params):
@@ -330,3 +332,16 @@ def shard_state_into(plan: Plan, param_index: int, full: torch.Tensor, packed: t
     flat = t.reshape(-1).to(packed.device)
     for p in plan.pieces_of(param_index):
         p.of_packed(packed)[:] = p.of_param(flat)
+
+
+def written_share(plan: Plan, piece: Piece) -> tuple[int, int]:
+    """(start within `piece`, length): the part of it this rank writes to a layout-free checkpoint. What several
+    ranks hold alike (every dp rank at ZeRO-0; every tp rank for a weight that tp does not split) is split evenly
+    among them, so that over the stage each element is written once and the bytes are spread."""
+    grid = plan.grid
+    tp_alike = grid.tp if plan.partition_dims[piece.param_index] is None else 1
+    dp_alike = grid.dp if plan.replicated else 1
+    share = (grid.dp_rank if dp_alike > 1 else 0) * tp_alike + (grid.tp_rank if tp_alike > 1 else 0)
+    alike = tp_alike * dp_alike
+    lo, hi = piece.length * share // alike, piece.length * (share + 1) // alike
+    return lo, hi - lo

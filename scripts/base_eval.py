@@ -27,7 +27,7 @@ PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yes
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="RUN_DIR of base_train.py (config.json, model.pt)")
+    p.add_argument("--run", required=True, help="RUN_DIR of base_train.py (config.json, model/)")
     p.add_argument("--checkpoint", default=None,
                    help="full state dict file (default RUN_DIR/model.pt), or RUN_DIR/checkpoints/TAG/full_state.pt")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: config.json's)")

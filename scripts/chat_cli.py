@@ -24,7 +24,7 @@ COMMANDS = "/clear starts a new conversation, /quit (or end of input) exits"
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model.pt)")
+    p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch as many with deepspeed)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")

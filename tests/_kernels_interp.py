@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from megachat import kernels  # noqa: E402
 from megachat.kernels import newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel, rope_kernel  # noqa: E402
 from megachat.kernels import softcap_ce_kernel  # noqa: E402
-from megachat.tensor_parallel import vocab_parallel_loss  # noqa: E402
+from megachat.tensor_parallel import vocab_parallel_linear_loss, vocab_parallel_loss  # noqa: E402
 
 from _dist import run_gloo, vocab_split_softcap_ce  # noqa: E402
 
@@ -299,6 +299,29 @@ def test_softcap_ce_tp2_triton_matches_unsharded_reference():
     for ri in r:
         torch.testing.assert_close(ri["loss"], want.detach(), rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(torch.cat([r[0]["grad"], r[1]["grad"]], 1), full.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_softcap_ce_fused_with_the_lm_head_matches_reference():
+    """vocab_parallel_linear_loss (the LM head's matmul and the loss, chunks of 6 of 23 tokens, the last short) with
+    the Triton statistics and backward vs the same function on the torch reference."""
+    g = torch.Generator().manual_seed(0)
+    hidden, weight = torch.randn(23, 40, generator=g), torch.randn(600, 40, generator=g)
+    targets = torch.randint(0, 600, (23,), generator=g)
+    targets[::5] = -1
+    w = torch.rand(23, generator=g)
+
+    def loss_and_grads():
+        h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = vocab_parallel_linear_loss(h, wt, targets, 0, None, reduction="none", chunk_tokens=6)
+        (loss * w).sum().backward()
+        return loss.detach(), h.grad, wt.grad
+
+    got = loss_and_grads()
+    with on_reference():
+        want = loss_and_grads()
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=2e-5)
+    for g_, w_ in zip(got[1:], want[1:]):
+        torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- Newton-Schulz

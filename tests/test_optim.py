@@ -140,3 +140,28 @@ def test_state_dict_roundtrip_resumes_exactly():
 def test_vector_parameter_is_rejected_with_clear_error():
     with pytest.raises(ValueError, match="has no optimizer"):
         HybridOptimizer([("transformer.h.0.norm.bias", torch.nn.Parameter(torch.zeros(4)))], n_embd=16)
+
+
+def test_a_non_finite_gradient_skips_the_step_without_touching_weights_or_state():
+    torch.manual_seed(0)
+    named = [("transformer.h.0.mlp.c_fc.weight", torch.nn.Parameter(torch.randn(8, 4))),
+             ("transformer.wte.weight", torch.nn.Parameter(torch.randn(16, 4)))]
+    opt = HybridOptimizer(named, n_embd=4)
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    opt.step()  # one good step: momentum and moments are non-zero now
+    weights = [p.detach().clone() for _, p in named]
+    state = {k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()}
+    for bad in (float("nan"), float("inf")):
+        for _, p in named:
+            p.grad = torch.randn_like(p)
+        named[1][1].grad[3, 1] = bad
+        step = opt.param_groups[0]["step"]
+        opt.step()
+        assert optimizer_stats(opt)["skipped"] and opt.param_groups[0]["step"] == step + 1  # the schedule goes on
+        assert all(torch.equal(p, w) for (_, p), w in zip(named, weights))
+        assert all(torch.equal(v, state[k]) for k, v in opt.state[opt.param_groups[0]["params"][0]].items())
+    for _, p in named:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert not optimizer_stats(opt)["skipped"] and not torch.equal(named[0][1], weights[0])

@@ -88,6 +88,7 @@ def dp2_zero1(corpus, tmp_path_factory):
     return out
 
 
+LAYOUT_CURVES = {}  # name -> loss curve of the layout tests, for the activation checkpointing tests to compare with
 # (name, processes, args): every layout of tp, pp, dp in {1, 2}; the ZeRO stages ride along (pp > 1 allows 0/1)
 LAYOUTS = [
     ("tp2", 2, ["--tp", "2"]),
@@ -102,6 +103,7 @@ LAYOUTS = [
 @pytest.mark.parametrize("name,nprocs,args", LAYOUTS, ids=[l[0] for l in LAYOUTS])
 def test_layout_matches_single_process(corpus, reference, tmp_path, name, nprocs, args):
     proc = train(corpus, tmp_path, nprocs, *tiny(corpus), *args)
+    LAYOUT_CURVES[name] = curve(tmp_path)
     assert_same_curve(curve(tmp_path), curve(reference))
     assert_same_curve(curve(tmp_path, "val_bpb"), curve(reference, "val_bpb"), steps=[0, STEPS])
     # the end-of-run sample decodes the weights gathered from every tp / pp shard onto rank 0
@@ -114,10 +116,15 @@ def test_dp2_zero1_matches_single_process(dp2_zero1, reference):
 
 
 def test_dp2_zero3_matches_single_process_zero0(corpus, reference, tmp_path):
-    # ZeRO-3 partitions the weights themselves; Muon still orthogonalizes whole matrices (megachat.optim)
-    proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "3")
+    # ZeRO-3 partitions the weights themselves; Muon still orthogonalizes whole matrices (megachat.optim); the
+    # user's file asks for sub groups of 1,000 parameters (so few that Muon would see several), which the
+    # trainer raises to the model's size
+    ds = tmp_path / "zero3.json"
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "sub_group_size": 1000},
+                              "zero_allow_untested_optimizer": True}))
+    proc = train(corpus, tmp_path / "run", 2, *tiny(corpus), "--zero", "3", "--ds-config", str(ds))
     assert sample(proc) == (reference / "sample.txt").read_text()  # partitioned weights gathered for the sample
-    assert_same_curve(curve(tmp_path), curve(reference))
+    assert_same_curve(curve(tmp_path / "run"), curve(reference))
 
 
 def test_resume_continues_the_uninterrupted_curve(corpus, dp2_zero1, tmp_path):
@@ -140,6 +147,13 @@ def test_resume_under_another_layout_continues_the_curve(corpus, dp2_zero1, refe
     assert "resumed step 3 saved under {'tp': 1, 'pp': 1, 'dp': 2, 'zero': 1}" in proc.stdout
     assert_same_curve(curve(tmp_path), curve(reference))
     assert_same_curve(curve(tmp_path, "val_bpb"), curve(reference, "val_bpb"), steps=[0, STEPS])
+    # its final weights, written by the 4 ranks of both pipeline stages, are the single process's
+    import torch
+    from megachat.checkpoint import load_weights
+    got, want = load_weights(str(tmp_path / "model")), load_weights(str(reference / "model"))
+    assert len(list((tmp_path / "model").glob("rank-*.safetensors"))) == 4 and list(got) == list(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
 
 
 def test_checkpoints_keep_the_newest_and_latest_names_a_complete_one(reference):
@@ -148,6 +162,10 @@ def test_checkpoints_keep_the_newest_and_latest_names_a_complete_one(reference):
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000004", "step_000006"]
     assert list((ckpts / "step_000006").glob("*model_states.pt"))
     assert not list(ckpts.glob("*.tmp*"))
+    # the layout-free state: one file per rank and the index naming them, no rank-0 full_state.pt
+    assert sorted(p.name for p in (ckpts / "step_000006" / "state").iterdir()) == ["index.json",
+                                                                                   "rank-00000.safetensors"]
+    assert not list(ckpts.rglob("full_state.pt"))
 
 
 def test_run_dir_holds_config_metrics_and_tensorboard_events(reference):
@@ -166,13 +184,13 @@ def test_run_dir_holds_config_metrics_and_tensorboard_events(reference):
 
 
 def test_run_dir_holds_the_final_weights_under_nanochat_names(reference):
-    import torch
+    from megachat.checkpoint import load_weights
     from megachat.model import GPTConfig, nanochat_shapes
     config = json.loads((reference / "config.json").read_text())
-    weights = torch.load(reference / "model.pt", map_location="cpu", weights_only=True)
+    weights = load_weights(str(reference / "model"))  # RUN_DIR/model/: written by every rank, no rank-0 gather
     shapes = nanochat_shapes(GPTConfig(**config["model"]))
     assert {k: tuple(v.shape) for k, v in weights.items()} == {k: tuple(s) for k, s in shapes.items()}
-    assert not list(reference.glob("model.pt.tmp*"))
+    assert not list(reference.glob("model.pt*")) and not list((reference / "model").glob("*.tmp*"))
 
 
 def test_bf16_on_real_text_lowers_loss_and_val_bpb(corpus, tmp_path):
@@ -196,11 +214,13 @@ def test_nan_loss_stops_with_the_step_and_leaves_the_checkpoint_in_charge(corpus
     state = torch.load(path, weights_only=False)
     state["module"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
     torch.save(state, path)
-    proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", "--resume", check=False)
+    proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", "--resume", "--max-bad-steps", "2", check=False)
     assert proc.returncode != 0
-    assert "loss is nan at step 5" in proc.stdout
+    assert "step      5/6 | loss nan" in proc.stdout and "skipped: non-finite loss or gradient" in proc.stdout
+    assert "loss is nan at step 6: 2 bad step(s) in a row, each skipped (--max-bad-steps 2)" in proc.stdout
     assert "latest intact checkpoint: " + str(ckpt) in proc.stdout
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step_000004"
+    # the skipped step 5 changed nothing and was not checkpointed (--save-every 1 would have saved it)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_000004"]
 
 
@@ -228,16 +248,16 @@ def test_a_damaged_checkpoint_stops_the_resume_naming_the_file_and_the_previous_
 
 
 def test_a_damaged_file_that_another_rank_checks_stops_every_rank(corpus, dp2_zero1, tmp_path):
-    # rank 1 checks every second file of the sorted list: the last ZeRO shard falls to it, and rank 0 must stop
-    # too (not wait in a collective)
+    # rank 1 checks every second file of verify's list (the sorted .pt files, then the sharded state's): the ZeRO
+    # shard of dp rank 0 falls to it, and rank 0 must stop too (not wait in a collective)
     shutil.copytree(dp2_zero1, tmp_path, dirs_exist_ok=True)
     files = sorted((tmp_path / "checkpoints" / "step_000006").glob("*.pt"))
-    assert len(files) % 2 == 0 and files[-1].name.startswith("zero_pp_rank_1"), files
-    damage(files[-1], "truncate")
+    assert len(files) == 3 and files[1].name.startswith("zero_pp_rank_0"), files
+    damage(files[1], "truncate")
     proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--resume", check=False, timeout=120)
     assert proc.returncode != 0
     # both ranks stop with the same message, printed once
-    assert proc.stdout.count(f"is damaged: {files[-1]}: not a complete torch.save file") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count(f"is damaged: {files[1]}: not a complete torch.save file") == 1, proc.stdout[-3000:]
     assert "echo step_000003 > " in proc.stdout
 
 
@@ -246,7 +266,7 @@ def test_a_fresh_start_into_an_earlier_runs_directory_is_refused_and_leaves_it_a
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", check=False, timeout=120)
     assert proc.returncode != 0
-    assert f"{tmp_path} already holds a run (checkpoints/latest, model.pt): pass --resume" in proc.stdout
+    assert f"{tmp_path} already holds a run (checkpoints/latest, model/index.json): pass --resume" in proc.stdout
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
@@ -261,8 +281,58 @@ def test_val_bpb_of_training_equals_base_eval_on_the_final_weights(reference, tm
     # training's validation and base_eval run the same forward (GridForward) over the same samples (val_batches)
     sys.path.insert(0, str(ROOT / "scripts"))
     import base_eval
-    for name in ("config.json", "model.pt"):  # base_eval writes its reports and TensorBoard events into --run
-        shutil.copy(reference / name, tmp_path / name)
+    shutil.copy(reference / "config.json", tmp_path / "config.json")  # base_eval writes its reports into --run
+    shutil.copytree(reference / "model", tmp_path / "model")
     base_eval.main(["--run", str(tmp_path), "--eval", "bpb", "--eval-tokens", "256", "--device-batch-size", "2"])
     rows = dict(line.split(",", 1) for line in (tmp_path / "base_eval.csv").read_text().splitlines()[1:])
     assert float(rows["val_bpb"]) == pytest.approx(curve(reference, "val_bpb")[STEPS], rel=1e-5)
+
+
+def test_sigterm_saves_and_exits_and_resume_auto_continues_the_curve(corpus, dp2_zero1, tmp_path):
+    # a requeue loop: the same command twice, --resume auto; the first is stopped by the scheduler's SIGTERM
+    import signal
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "scripts" / "base_train.py"), "--data", corpus["train"], "--tokenizer", corpus["tokenizer"],
+           "--out", str(tmp_path), *tiny(corpus), "--zero", "1", "--eval-every", "1", "--resume", "auto"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step      1/6"):
+                os.killpg(proc.pid, signal.SIGTERM)  # as SLURM signals a job: every process of it
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    out = "".join(lines)
+    stopped = next(int(line.split()[1].rstrip(":")) for line in lines if "stopping on a signal" in line)
+    assert 1 <= stopped < STEPS, out[-3000:]
+    assert (tmp_path / "checkpoints" / "latest").read_text() == f"step_{stopped:06d}"
+    assert not (tmp_path / "model").exists()  # the final weights come only after the last step
+    proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--eval-every", "1", "--resume", "auto")
+    assert f"start at step {stopped}" in proc.stdout
+    assert_same_curve(curve(tmp_path), curve(dp2_zero1), rel=1e-6)
+
+
+CHECKPOINTING = [("tp2", 2, ["--tp", "2"], "full"), ("pp2", 2, ["--pp", "2"], "selective")]
+
+
+@pytest.mark.parametrize("name,nprocs,args,mode", CHECKPOINTING, ids=[c[0] + "_" + c[3] for c in CHECKPOINTING])
+def test_activation_checkpointing_gives_the_same_losses(corpus, tmp_path, name, nprocs, args, mode):
+    if name not in LAYOUT_CURVES:  # run alone: make the layout's own curve first
+        train(corpus, tmp_path / "plain", nprocs, *tiny(corpus), *args)
+        LAYOUT_CURVES[name] = curve(tmp_path / "plain")
+    train(corpus, tmp_path / mode, nprocs, *tiny(corpus), *args, "--activation-checkpointing", mode)
+    assert_same_curve(curve(tmp_path / mode), LAYOUT_CURVES[name], rel=1e-6)
+
+
+def test_activation_checkpointing_under_dp2_gives_the_same_losses(corpus, dp2_zero1, tmp_path):
+    train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--save-every", "3", "--activation-checkpointing", "full")
+    assert_same_curve(curve(tmp_path), curve(dp2_zero1), rel=1e-6)
+
+
+def test_compiled_blocks_give_the_eager_losses(corpus, reference, tmp_path):
+    train(corpus, tmp_path, 1, *tiny(corpus), "--save-every", "2", "--keep-checkpoints", "2", "--compile")
+    assert_same_curve(curve(tmp_path), curve(reference), rel=1e-5)

@@ -90,3 +90,61 @@ def test_the_horizon_comes_from_iterations_else_flops_else_the_data_ratio():
     assert horizon(parse_args(base + ["--target-param-data-ratio", "2"]), params, flops) == round(2 * params / 256)
     with pytest.raises(ValueError, match="no horizon"):
         horizon(parse_args(base + ["--target-param-data-ratio", "0"]), params, flops)
+
+
+def fit_worker(rank, losses, skipped, signal_at):
+    """Trainer.fit's loop with a scripted train_step (no model): what it logs, saves and raises."""
+    import os
+    import signal
+
+    import torch
+    from megachat.parallel import Grid
+    from megachat.trainer import Trainer
+    trainer = Trainer(cfg=cfg(num_iterations=len(losses)), grid=Grid(), model=None, ds_engine=None,
+                      device=torch.device("cpu"))
+    saved, logged = [], []
+
+    def train_step(micro_batches):
+        trainer.step += 1
+        if trainer.step == signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        rec = {"loss": losses[trainer.step - 1], "grad_norm": 1.0, "lrm": 1.0, "tokens_per_s": 1.0,
+               "step_time_s": 1.0}
+        return {**rec, "skipped": 1} if trainer.step in skipped else rec
+
+    class Monitor:
+        def log(self, step, **metrics):
+            logged.append((step, metrics))
+
+    trainer.train_step, trainer.save = train_step, lambda step, keep: saved.append(step)
+    try:
+        trainer.fit(lambda i: None, monitor=Monitor(), save_every=2, max_bad_steps=2)
+        outcome = "finished"
+    except FloatingPointError as e:
+        outcome = str(e)
+    except SystemExit as e:
+        outcome = f"exit {e.code}"
+    return {"outcome": outcome, "saved": saved, "logged": logged}
+
+
+def test_fit_flags_spikes_with_their_samples_skips_bad_steps_and_stops_on_a_streak_or_a_signal():
+    from _dist import run_gloo
+    losses = [3.0] * 12 + [40.0, 3.0, 3.0, 3.0]
+    (r,) = run_gloo(fit_worker, 1, losses, set(), 0)
+    spikes = [step for step, m in r["logged"] if m.get("spike")]
+    assert spikes == [13] and r["outcome"] == "finished" and r["saved"] == [2, 4, 6, 8, 10, 12, 14, 16]
+    (r,) = run_gloo(fit_worker, 1, [3.0] * 8, {3, 5, 6}, 0)  # one bad step, then two in a row
+    assert r["outcome"].startswith("loss is 3.0 at step 6: 2 bad step(s) in a row")
+    assert r["saved"] == [2, 4]  # step 6 is a save point, but bad steps are not checkpointed
+    (r,) = run_gloo(fit_worker, 1, [3.0] * 8, set(), 3)  # SIGUSR1 during step 3
+    assert r["outcome"] == "exit 0" and r["saved"] == [2, 3]
+
+
+def test_zero3_sub_group_holds_the_whole_model_whatever_the_users_file_says(tmp_path):
+    # Muon steps every matrix at once; DeepSpeed's default sub group (1e9 parameters) is too small from d32 on
+    from megachat.trainer import num_params
+    path = tmp_path / "ds.json"
+    path.write_text('{"zero_optimization": {"stage": 3, "sub_group_size": 1000}}')
+    conf = ds_config(cfg(zero=3, ds_config=str(path)), dp=2)
+    assert conf["zero_optimization"]["sub_group_size"] == num_params(cfg()) + 1
+    assert ds_config(cfg(zero=3), dp=1)["zero_optimization"]["sub_group_size"] == int(1e9)

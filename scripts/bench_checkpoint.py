@@ -1,0 +1,208 @@
+"""Checkpoint memory and speed: the sharded layout-free save (every rank writes its own slices, megachat.sharded)
+and a load under another layout, against each rank's training-step peak, and the one-writer path that megachat
+used before (the full state gathered on rank 0 with gather_object and torch.save'd there, kept here only to
+compare).
+
+    python scripts/bench_checkpoint.py --nprocs 4 --depth 12 --load-tp 2 --out /tmp/bench_ckpt
+
+Two launches of `deepspeed --num_gpus NPROCS` on synthetic token ids (fp32, ZeRO-1, seq_len --seq-len, one
+sequence per rank and step): (1) dp NPROCS: --steps training steps, then the sharded save, then the old path;
+(2) tp LOAD_TP x dp NPROCS/LOAD_TP resuming the checkpoint of (1) through build_trainer (each rank reads its
+slices), then --steps training steps. Peak RSS per rank and phase is VmHWM, reset through /proc/self/clear_refs
+at the start of the phase. Prints a markdown table; each launch's per-rank numbers are in --out.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from megachat import cli
+
+GB = 1e9
+
+
+def reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+
+
+def peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nprocs", type=int, default=4)
+    p.add_argument("--depth", type=int, default=12)
+    p.add_argument("--vocab-size", type=int, default=65536)
+    p.add_argument("--seq-len", type=int, default=32)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--load-tp", type=int, default=2, help="tp of the resuming launch (dp = nprocs / tp)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--phase", choices=["save", "load"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def config(args, tp: int):
+    from megachat.trainer import TrainConfig
+    return TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.seq_len, device_batch_size=1,
+                       total_batch_size=args.seq_len * args.nprocs, num_iterations=1000, tp=tp, zero=1,
+                       dtype="fp32")
+
+
+def train(trainer, steps: int, args) -> int:
+    """Peak RSS of `steps` training steps on random ids."""
+    import torch
+    reset_peak()
+    for _ in range(steps):
+        g = torch.Generator().manual_seed(trainer.step)
+        rows = torch.randint(0, args.vocab_size, (trainer.cfg.global_batch, args.seq_len + 1), generator=g)
+        mine = rows.chunk(trainer.grid.dp)[trainer.grid.dp_rank]
+        trainer.train_step([(mb[:, :-1], mb[:, 1:]) for mb in mine.split(1)])
+    return peak_rss()
+
+
+def one_writer_save(trainer, path: str) -> None:
+    """megachat's save before sharded checkpoints: weights and optimizer state gathered on rank 0 and written there."""
+    import torch
+    import torch.distributed as dist
+
+    from megachat.optim import full_optimizer_state
+
+    def gather(part):
+        out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(part, out, dst=0)
+        return None if out is None else {k: v for p in out for k, v in p.items()}
+    weights = trainer.full_state_dict()
+    state = full_optimizer_state(trainer.ds_engine)
+    params = gather(state["params"] if trainer.grid.tp_rank == 0 and trainer.grid.dp_rank == 0 else {})
+    if dist.get_rank() == 0:
+        torch.save({"model": weights, "optimizer": {"step": state["step"], "params": params}}, path)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+    dist.barrier()
+
+
+def save_phase(args) -> dict:
+    import torch.distributed as dist
+
+    from megachat import sharded
+    from megachat.trainer import build_trainer
+    run = os.path.join(args.out, "run")
+    trainer = build_trainer(config(args, tp=1), run)
+    rec = {"train_peak": train(trainer, args.steps, args)}
+    trainer.save(trainer.step)  # the checkpoint the load phase resumes (DeepSpeed's files + the sharded state)
+    directory = os.path.join(args.out, "sharded")
+    dist.barrier()
+    reset_peak()
+    t0 = time.perf_counter()
+    sharded.save(directory, trainer.ds_engine, trainer.cfg.model_config(), trainer.step, trainer.layout,
+                 optimizer=True)
+    rec.update(sharded_seconds=time.perf_counter() - t0, sharded_peak=peak_rss(),
+               sharded_bytes=os.path.getsize(os.path.join(directory, f"rank-{dist.get_rank():05d}.safetensors")))
+    dist.barrier()
+    reset_peak()
+    t0 = time.perf_counter()
+    one_writer_save(trainer, os.path.join(args.out, "full_state.pt"))
+    rec.update(one_writer_seconds=time.perf_counter() - t0, one_writer_peak=peak_rss(),
+               one_writer_bytes=os.path.getsize(os.path.join(args.out, "full_state.pt")) if dist.get_rank() == 0 else 0)
+    return rec
+
+
+def load_phase(args) -> dict:
+    from megachat import sharded
+    from megachat.trainer import build_trainer
+    rec = {"load_peak": 0, "load_seconds": 0.0}
+
+    def measured(method):  # the reading inside build_trainer's resume: its peak RSS and time
+        def run(self, *a):
+            reset_peak()
+            t0 = time.perf_counter()
+            method(self, *a)
+            rec["load_seconds"] += time.perf_counter() - t0
+            rec["load_peak"] = max(rec["load_peak"], peak_rss())
+        return run
+    sharded.ShardedState.load_model = measured(sharded.ShardedState.load_model)
+    sharded.ShardedState.load_optimizer = measured(sharded.ShardedState.load_optimizer)
+    reset_peak()
+    t0 = time.perf_counter()
+    trainer = build_trainer(config(args, tp=args.load_tp), os.path.join(args.out, "run"), resume=True)
+    rec.update(resume_seconds=time.perf_counter() - t0, resume_peak=peak_rss())
+    rec["train_peak"] = train(trainer, args.steps, args)
+    return rec
+
+
+def worker(args) -> None:
+    import torch.distributed as dist
+
+    from megachat.parallel import init_distributed
+    init_distributed()
+    rec = save_phase(args) if args.phase == "save" else load_phase(args)
+    ranks = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, rec)
+    if dist.get_rank() == 0:
+        Path(args.out, f"{args.phase}.json").write_text(json.dumps(ranks, indent=1))
+
+
+def launch(args, phase: str) -> list[dict]:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.nprocs), "--master_port",
+           str(port), __file__, "--phase", phase, "--nprocs", str(args.nprocs), "--depth", str(args.depth),
+           "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),
+           "--load-tp", str(args.load_tp), "--out", args.out]
+    if subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL).returncode:
+        raise RuntimeError(f"the {phase} launch failed (its output is above): {' '.join(cmd)}")
+    return json.loads(Path(args.out, f"{phase}.json").read_text())
+
+
+def table(args, save: list[dict], load: list[dict]) -> str:
+    from megachat.model import GPTConfig, nanochat_shapes
+    shapes = nanochat_shapes(GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len))
+    largest = max(r * c for r, c in shapes.values()) * 4
+    n = args.nprocs
+    lines = [f"d{args.depth} ({sum(r * c for r, c in shapes.values()) / 1e6:.0f} M params, vocab {args.vocab_size}), "
+             f"fp32, ZeRO-1, seq_len {args.seq_len}; largest tensor {largest / GB:.2f} GB. Peak RSS in GB "
+             f"(x the rank's training-step peak).", "",
+             f"| rank | train dp{n} | sharded save | one-writer save (before) | written: sharded / before | "
+             f"load as tp{args.load_tp} dp{n // args.load_tp} | train tp{args.load_tp} dp{n // args.load_tp} |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r, (s, lo) in enumerate(zip(save, load)):
+        lines.append(f"| {r} | {s['train_peak'] / GB:.2f} | {s['sharded_peak'] / GB:.2f} "
+                     f"({s['sharded_peak'] / s['train_peak']:.2f}x) | {s['one_writer_peak'] / GB:.2f} "
+                     f"({s['one_writer_peak'] / s['train_peak']:.2f}x) | {s['sharded_bytes'] / GB:.3f} / "
+                     f"{s['one_writer_bytes'] / GB:.3f} GB | {lo['load_peak'] / GB:.2f} "
+                     f"({lo['load_peak'] / lo['train_peak']:.2f}x) | {lo['train_peak'] / GB:.2f} |")
+    written = [s["sharded_bytes"] for s in save]
+    lines += ["", f"Bytes written per rank, max / mean: sharded {max(written) / (sum(written) / n):.2f}, "
+                  f"before {n:.2f} (rank 0 wrote all {save[0]['one_writer_bytes'] / GB:.2f} GB). "
+                  f"Save wall time: sharded {max(s['sharded_seconds'] for s in save):.1f} s, before "
+                  f"{max(s['one_writer_seconds'] for s in save):.1f} s. Load (reading the slices, inside "
+                  f"build_trainer's resume of {max(lo['resume_seconds'] for lo in load):.1f} s): "
+                  f"{max(lo['load_seconds'] for lo in load):.1f} s."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.phase:
+        return worker(args)
+    if args.nprocs % args.load_tp:
+        raise ValueError(f"--load-tp {args.load_tp} does not divide --nprocs {args.nprocs}")
+    os.makedirs(args.out, exist_ok=True)
+    if os.listdir(args.out):
+        raise FileExistsError(f"--out {args.out} is not empty: give a new directory")
+    save = launch(args, "save")
+    load = launch(args, "load")
+    print(table(args, save, load))
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,80 @@
+"""Talk to a trained model over HTTP: an OpenAI-compatible chat API and a chat page, one process or tensor-parallel.
+
+    python scripts/chat_web.py --run RUN_DIR [--host 127.0.0.1 --port 8000] \
+        [--temperature 0.8 --top-k 50 --max-tokens 512] [--max-queue 16]
+    deepspeed --num_gpus N scripts/chat_web.py --run RUN_DIR --tp N
+
+Then open http://127.0.0.1:8000/ or POST http://127.0.0.1:8000/v1/chat/completions (docs/chat.md, "Web server").
+Under tp rank 0 serves HTTP and every rank generates each reply together (megachat.chat_server).
+"""
+import argparse
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
+    p.add_argument("--checkpoint", default=None, help="weights to serve instead of RUN_DIR/model/ (a checkpoint, an export)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch that many processes)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
+    p.add_argument("--top-k", type=int, default=50, help="default when a request gives none")
+    p.add_argument("--max-tokens", type=int, default=512, help="default reply length when a request gives none")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one generating; more: 503")
+    p.add_argument("--name", default=None, help="model name in responses (default: RUN_DIR's name)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+    args = p.parse_args(argv)
+    if args.max_queue < 0:
+        p.error(f"--max-queue {args.max_queue}: must be >= 0")
+    from megachat.chat_server import RequestError, Sampling, parse_sampling
+    args.defaults = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
+    try:
+        parse_sampling(vars(args.defaults), Sampling())  # the limits a request's own values must meet
+    except RequestError as e:
+        p.error(f"{e} (--{str(e).split()[0].replace('_', '-')})")
+    return args
+
+
+def check_port(host: str, port: int) -> None:
+    """Fail before loading the model when the address is taken (bound as uvicorn binds it)."""
+    try:
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+    except OSError as e:
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror}): pass another --port or --host") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from megachat.chat import is_talker, load_chat
+    from megachat.chat_server import create_app, follow
+
+    if os.environ.get("RANK", "0") == "0":
+        check_port(args.host, args.port)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype)
+    if is_talker():
+        import uvicorn
+        name = args.name or os.path.basename(os.path.normpath(args.run))
+        app = create_app(engine, name, args.defaults, args.max_queue)
+        print(f"serving {name} (tp {args.tp}) at http://{args.host}:{args.port}/", flush=True)
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    else:
+        follow(engine)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    from megachat import cli
+
+    cli.run(main)

@@ -1,0 +1,445 @@
+"""scripts/chat_web.py, the chat web server, over real HTTP: a reply is an OpenAI chat completion equal to the
+in-process engine's, streaming sends the same text as server-sent chunks ending in [DONE] (also through the
+official openai SDK), concurrent requests are each answered as if alone, a full queue answers 503 while /health
+stays responsive, every malformed request is a 400 naming the problem, calculator calls arrive as pieces tagged
+`tool` reading [python: EXPR][output: RESULT], the chat page works in headless Chromium, the other tp ranks follow
+rank 0's requests and heartbeats, and under `deepspeed --num_gpus 2 --tp 2` the greedy reply is the single
+process's. Tiny random-weights model (512-id vocab, max length 320)."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from _dist import free_port
+
+from megachat.chat import prompt_ids, stream_reply
+from megachat.chat_server import MAX_MESSAGE_CHARS, Sampling, create_app, generate_reply, reply_pieces
+from megachat.engine import Engine
+from megachat.model import GPTConfig, nanochat_shapes
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = str(ROOT / "scripts" / "chat_web.py")
+CONFIG = dict(sequence_len=32, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64)  # max length 320
+HELLO = [{"role": "user", "content": "Once upon a time there was"}]
+TIMEOUT = 30  # seconds, for every HTTP call
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tok):
+    """RUN_DIR as load_run reads it: config.json {"model", "tokenizer"}, model.pt of random weights."""
+    root = tmp_path_factory.mktemp("chat_run")
+    tok.save(str(root / "tokenizer"))
+    g = torch.Generator().manual_seed(0)  # every matrix random: the init's zero lm_head would tie every logit
+    torch.save({name: torch.randn(shape, generator=g) / (1.0 if "wte" in name else shape[1] ** 0.5)
+                for name, shape in nanochat_shapes(GPTConfig(**CONFIG)).items()}, root / "model.pt")
+    (root / "config.json").write_text(json.dumps({"model": CONFIG, "tokenizer": str(root / "tokenizer")}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(run_dir):
+    """The run's engine in this process: the replies the server must send."""
+    from megachat.checkpoint import load_run
+    from megachat.parallel import Grid
+    model, tok, _ = load_run(str(run_dir), Grid(), torch.device("cpu"))
+    return Engine(model, tok)
+
+
+def expected(engine, messages, max_tokens):
+    """The greedy reply: its text, finish reason, and prompt and completion token counts (the stopping token
+    counts)."""
+    ids = prompt_ids(engine.tokenizer, messages)
+    text = "".join(c for c, _ in reply_pieces(stream_reply(engine, ids, max_tokens=max_tokens, temperature=0)))
+    out, _ = engine.generate_batch([ids], max_tokens=max_tokens, temperature=0)
+    stopped = len(out[0]) < max_tokens
+    return text, "stop" if stopped else "length", len(ids), len(out[0]) + stopped
+
+
+def start(cmd, port, log: Path) -> subprocess.Popen:
+    """Start a server (its own process group) and wait for /health; its output goes to `log`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"{' '.join(cmd)} exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop(proc)
+    raise AssertionError(f"{' '.join(cmd)} did not answer /health in 60 s:\n{log.read_text()[-4000:]}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (every rank), SIGKILL after 10 s."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(wait)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    """`python scripts/chat_web.py --run RUN_DIR` on a free port: its base URL."""
+    port = free_port()
+    proc = start([sys.executable, SCRIPT, "--run", str(run_dir), "--port", str(port)], port,
+                 tmp_path_factory.mktemp("logs") / "server.log")
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+def complete(url, messages, **body):
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages, **body}, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def stream(url, messages, **body):
+    """The chunks of a streaming request (the [DONE] line checked and dropped)."""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json={"messages": messages, "stream": True, **body},
+                      timeout=TIMEOUT) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.read()
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]", events[-3:]
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def streamed_text(chunks):
+    return "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+
+
+def test_a_reply_is_an_openai_chat_completion_equal_to_the_engine_with_its_usage(server, engine):
+    got = complete(server, HELLO, temperature=0, max_tokens=24, model="anything")
+    text, finish, prompt_tokens, completion_tokens = expected(engine, HELLO, 24)
+    assert got["object"] == "chat.completion" and got["id"].startswith("chatcmpl-") and got["model"]
+    assert isinstance(got["created"], int)
+    (choice,) = got["choices"]
+    assert choice["message"] == {"role": "assistant", "content": text} and text
+    assert choice["finish_reason"] == finish
+    assert got["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def test_streaming_sends_chunks_ending_in_done_with_the_same_greedy_text(server):
+    chunks = stream(server, HELLO, temperature=0, max_tokens=24, stream_options={"include_usage": True})
+    whole = complete(server, HELLO, temperature=0, max_tokens=24)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"} and len({c["id"] for c in chunks}) == 1
+    assert len(chunks) > 4  # the text came in pieces
+    finish = chunks[-2]["choices"][0]
+    assert finish["delta"] == {} and finish["finish_reason"] == whole["choices"][0]["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]  # stream_options.include_usage
+    assert streamed_text(chunks) == whole["choices"][0]["message"]["content"]
+
+
+def test_the_openai_sdk_talks_to_it(server):
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{server}/v1", api_key="unused", timeout=TIMEOUT, max_retries=0)
+    whole = client.chat.completions.create(model="megachat", messages=HELLO, temperature=0, max_tokens=16)
+    pieces = client.chat.completions.create(model="megachat", messages=HELLO, temperature=0, max_tokens=16,
+                                            stream=True)
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in pieces if chunk.choices)
+    assert whole.choices[0].message.content == text and text
+    assert whole.usage.completion_tokens <= 16 and [m.id for m in client.models.list()] == [whole.model]
+
+
+def test_concurrent_requests_are_each_answered_as_if_alone(server, engine):
+    convs = [HELLO, [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "The cat sat"}]]
+    want = [expected(engine, m, 20)[0] for m in convs]
+
+    def ask(i):
+        if i % 2:
+            return streamed_text(stream(server, convs[i % 4 // 2], temperature=0, max_tokens=20))
+        return complete(server, convs[i % 4 // 2], temperature=0, max_tokens=20)["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(8)))
+    assert got == [want[i % 4 // 2] for i in range(8)]
+
+
+LONG = "hello world " * 600  # 7,200 characters: over 320 tokens
+USER = {"role": "user", "content": "hi"}
+BAD = [  # (body, the message's words)
+    (b"{not json", "not valid JSON"),
+    (b"[1, 2]", "must be a JSON object"),
+    ({}, "messages must be a non-empty list"),
+    ({"messages": []}, "messages must be a non-empty list"),
+    ({"messages": "hi"}, "messages must be a non-empty list"),
+    ({"messages": [USER, {"role": "assistant", "content": "a"}] * 250 + [USER]}, "501 messages: at most 500"),
+    ({"messages": [None]}, "message 0: expected an object"),
+    ({"messages": [{"role": "bot", "content": "hi"}]}, 'message 0: role "bot" is not allowed'),
+    ({"messages": [{"content": "hi"}]}, "message 0: role null is not allowed"),
+    ({"messages": [USER, {"role": "system", "content": "x"}]}, 'message 1: role "system" is not allowed'),
+    ({"messages": [USER, USER]}, "message 1: role 'user' out of order"),
+    ({"messages": [{"role": "system", "content": "x"}, {"role": "assistant", "content": "a"}, USER]},
+     "message 1: a system message must be followed by a user message"),
+    ({"messages": [USER, {"role": "assistant", "content": "a"}]}, "message 1: the conversation must end with a user"),
+    ({"messages": [{"role": "user", "content": ""}]}, "message 0: empty content"),
+    ({"messages": [{"role": "user", "content": []}]}, "message 0: empty content"),
+    ({"messages": [{"role": "user", "content": 5}]}, "message 0: content must be a string or a list of text parts"),
+    ({"messages": [{"role": "user", "content": [{"type": "python", "text": "1+1"}]}]}, "message 0, part 0: expected"),
+    ({"messages": [USER, {"role": "assistant", "content": [{"type": "image", "text": "x"}]}, USER]},
+     "message 1, part 0: expected"),
+    ({"messages": [{"role": "user", "content": "x" * (MAX_MESSAGE_CHARS + 1)}]},
+     "message 0: 8001 characters, over the limit of 8000"),
+    ({"messages": [USER, {"role": "assistant", "content": "y" * 8000}] * 2 + [USER] + [
+        {"role": "assistant", "content": "y" * 8000}, {"role": "user", "content": "z" * 8000}]},
+     "the messages hold 32006 characters, over the limit of 32000 in all"),
+    ({"messages": [USER], "temperature": -0.1}, "temperature -0.1 is outside [0, 2]"),
+    ({"messages": [USER], "temperature": 2.5}, "temperature 2.5 is outside [0, 2]"),
+    ({"messages": [USER], "temperature": "hot"}, 'temperature must be a number, got "hot"'),
+    ({"messages": [USER], "top_k": 0}, "top_k 0 is outside [1, 200]"),
+    ({"messages": [USER], "top_k": 201}, "top_k 201 is outside [1, 200]"),
+    ({"messages": [USER], "top_k": 1.5}, "top_k must be an integer, got 1.5"),
+    ({"messages": [USER], "top_p": 0}, "top_p 0 is outside (0, 1]"),
+    ({"messages": [USER], "top_p": 1.5}, "top_p 1.5 is outside (0, 1]"),
+    ({"messages": [USER], "max_tokens": 0}, "max_tokens 0 is outside [1, 4096]"),
+    ({"messages": [USER], "max_tokens": 4097}, "max_tokens 4097 is outside [1, 4096]"),
+    ({"messages": [USER], "max_tokens": True}, "max_tokens must be an integer, got true"),
+    ({"messages": [USER], "max_tokens": 4096},
+     "+ max_tokens 4096 exceeds the model's maximum length 320; shorten the conversation or lower max_tokens"),
+    ({"messages": [{"role": "user", "content": LONG}]}, "leaves no room to reply within the model's maximum length"),
+    ({"messages": [USER], "seed": -1}, "seed -1 is outside"),
+    ({"messages": [USER], "n": 2}, "n = 2: this server returns one choice"),
+    ({"messages": [USER], "stream": "yes"}, "stream must be true or false"),
+]
+
+
+@pytest.mark.parametrize("body,words", BAD, ids=[w[:40] for _, w in BAD])
+def test_a_bad_request_is_a_400_naming_the_problem(server, body, words):
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{server}/v1/chat/completions", content=raw, timeout=TIMEOUT,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, (r.status_code, r.text)
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"] == "invalid_request_error", error
+
+
+def test_an_oversized_body_is_a_413(server):
+    r = httpx.post(f"{server}/v1/chat/completions", content=b'{"messages": "' + b"x" * (2 << 20) + b'"}',
+                   timeout=TIMEOUT)
+    assert r.status_code == 413 and "request body over" in r.json()["error"]["message"]
+
+
+def test_a_taken_port_or_a_bad_default_fails_before_loading_the_model(server, run_dir, capsys):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import chat_web
+    port = server.rsplit(":", 1)[1]
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} .*: pass another --port or --host"):
+        chat_web.main(["--run", str(run_dir), "--port", port])
+    with pytest.raises(SystemExit):
+        chat_web.main(["--run", str(run_dir), "--top-k", "500"])
+    assert "top_k 500 is outside [1, 200] (--top-k)" in capsys.readouterr().err
+
+
+# --- in-process servers: an engine whose "model" follows a script, behind a gate the test opens ---
+
+class ScriptedEngine(Engine):
+    """A real engine whose model wants the script's next token (after a token the engine forced, the same
+    one again), then <|assistant_end|>; generate waits for `gate`."""
+
+    def __init__(self, model, tok, script):
+        super().__init__(model, tok)
+        self.script, self.gate, self.pos = script, threading.Event(), 0
+        self.gate.set()
+
+    def generate(self, *args, **kwargs):
+        self.pos = 0
+        if not self.gate.wait(TIMEOUT):
+            raise RuntimeError("the test never opened the gate")
+        yield from super().generate(*args, **kwargs)
+
+    def _logits(self, idx, cache):
+        if idx.size(1) == 1 and self.pos < len(self.script) and idx[0, 0].item() == self.script[self.pos]:
+            self.pos += 1
+        logits = torch.full((idx.size(0), self.tokenizer.vocab_size), -1e9)
+        logits[:, self.script[min(self.pos, len(self.script) - 1)]] = 0.0
+        return logits
+
+
+def calculator_script(tok):
+    sp = tok.encode_special
+    return [*tok.encode("The answer is "), sp("<|python_start|>"), *tok.encode("2+3*4"), sp("<|python_end|>"),
+            *tok.encode(" so there."), sp("<|assistant_end|>")]
+
+
+CALC_REPLY = "The answer is [python: 2+3*4][output: 14] so there."
+
+
+@pytest.fixture(scope="module")
+def scripted(engine):
+    """create_app over a ScriptedEngine (--max-queue 1) served by uvicorn on a thread: (base URL, engine)."""
+    import uvicorn
+    scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(scripted, "scripted", Sampling(), max_queue=1),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not server.started and thread.is_alive() and time.time() < deadline:
+        time.sleep(0.05)
+    assert server.started, "the in-process server did not start"
+    yield f"http://127.0.0.1:{port}", scripted
+    scripted.gate.set()
+    server.should_exit = True
+    thread.join(15)
+
+
+def test_calculator_calls_arrive_as_tool_pieces_inline_in_the_text(scripted):
+    url, _ = scripted
+    chunks = stream(url, HELLO, max_tokens=60)
+    tools = [c["choices"][0]["delta"]["tool"] for c in chunks if "tool" in c["choices"][0].get("delta", {})]
+    assert tools == [{"type": "python", "text": "2+3*4"}, {"type": "output", "text": "14"}]
+    assert streamed_text(chunks) == CALC_REPLY and chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    whole = complete(url, HELLO, max_tokens=60)
+    assert whole["choices"][0]["message"]["content"] == CALC_REPLY
+    # the page sends such a reply back as parts, which the prompt renders as the model's own tool tokens
+    parts = [{"type": "text", "text": "The answer is "}, {"type": "python", "text": "2+3*4"},
+             {"type": "python_output", "text": "14"}, {"type": "text", "text": " so there."}]
+    complete(url, HELLO + [{"role": "assistant", "content": parts}, {"role": "user", "content": "thanks"}])
+
+
+def test_the_same_events_on_every_rank_path(engine):
+    """generate_reply is what every tp rank runs: its events for the scripted engine, the done event last."""
+    scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
+    events = []
+    generate_reply(scripted, {"ids": prompt_ids(engine.tokenizer, HELLO), "sampling": {"max_tokens": 60,
+                                                                                       "temperature": 0}},
+                   events.append)
+    assert "".join(e[1] for e in events if e[0] == "piece") == CALC_REPLY
+    forced = len(engine.tokenizer.encode("14")) + 2  # <|output_start|> 14 <|output_end|>
+    assert events[-1] == ("done", "stop", len(calculator_script(engine.tokenizer)) + forced)
+
+
+def test_a_full_queue_answers_503_while_health_stays_responsive(scripted):
+    url, engine = scripted
+    engine.gate.clear()  # the first request generates, blocked; the second waits (--max-queue 1)
+    try:
+        with httpx.Client(timeout=TIMEOUT) as client, \
+                client.stream("POST", f"{url}/v1/chat/completions", json={"messages": HELLO, "stream": True}) as a, \
+                client.stream("POST", f"{url}/v1/chat/completions", json={"messages": HELLO, "stream": True}) as b:
+            assert a.status_code == b.status_code == 200
+            deadline = time.time() + 10
+            while (stats := client.get(f"{url}/stats", timeout=2).json())["generating"] != 1:
+                assert time.time() < deadline, stats
+            assert stats["waiting"] == 1 and stats["max_queue"] == 1
+            t0 = time.time()
+            assert client.get(f"{url}/health", timeout=2).json()["status"] == "ok"
+            assert time.time() - t0 < 1.0  # the event loop is free while the engine's thread generates
+            busy = client.post(f"{url}/v1/chat/completions", json={"messages": HELLO})
+            assert busy.status_code == 503 and busy.headers["retry-after"] == "1"
+            assert "the server is busy: the queue is full (1 waiting, --max-queue 1)" in busy.json()["error"]["message"]
+            engine.gate.set()
+            for r in (a, b):
+                events = [line for line in r.iter_lines() if line]
+                assert events[-1] == "data: [DONE]"
+                assert streamed_text([json.loads(e[6:]) for e in events[:-1]]) == CALC_REPLY
+            assert client.get(f"{url}/stats").json()["rejected"] == 1
+    finally:
+        engine.gate.set()
+
+
+def test_the_chat_page_streams_a_reply_shows_the_calculator_and_starts_over(scripted, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    url, _ = scripted
+    browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    assert browser and driver_path, "chromium and chromedriver are missing: run `make setup` " \
+                                    "(apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=900,640"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    try:
+        driver.set_page_load_timeout(TIMEOUT)
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, TIMEOUT)
+        wait.until(lambda d: "scripted" in d.find_element(By.ID, "model").text)  # from /health
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("What is 2+3*4?")
+        driver.find_element(By.ID, "send").click()
+        replies = lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant")  # noqa: E731
+        idle = lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"  # noqa: E731
+        wait.until(lambda d: replies(d) and idle(d))
+        reply = replies(driver)[0].text
+        assert reply.startswith("The answer is ") and reply.endswith(" so there."), reply
+        assert [c.text for c in driver.find_elements(By.CSS_SELECTOR, "code.tool.python")] == ["2+3*4"]
+        assert [c.text for c in driver.find_elements(By.CSS_SELECTOR, "code.tool.output")] == ["14"]
+        box.send_keys("Thanks!", Keys.ENTER)  # a second turn: the first reply goes back as content parts
+        wait.until(lambda d: len(replies(d)) == 2 and idle(d))
+        assert not driver.find_elements(By.CSS_SELECTOR, ".message.error")
+        assert [m.text for m in driver.find_elements(By.CSS_SELECTOR, ".message.user")] == ["What is 2+3*4?",
+                                                                                           "Thanks!"]
+        driver.save_screenshot(str(tmp_path / "chat_page.png"))
+        driver.find_element(By.ID, "new-chat").click()
+        assert not driver.find_elements(By.CSS_SELECTOR, ".message")
+        assert driver.find_element(By.ID, "empty").is_displayed()
+    finally:
+        driver.quit()
+
+
+def worker_and_follower(rank, run_dir):
+    """Rank 0: a Worker (heartbeats every 50 ms) given one request after some idle heartbeats; rank 1: follow()."""
+    from megachat.chat_server import Worker, follow
+    from megachat.checkpoint import load_run
+    from megachat.parallel import init_grid
+    model, tok, _ = load_run(run_dir, init_grid(tp=2), torch.device("cpu"))
+    engine = Engine(model, tok)
+    if rank == 1:
+        follow(engine)  # returns once rank 0's worker stops
+        return {}
+    worker, events, done = Worker(engine, heartbeat_s=0.05), [], threading.Event()
+    worker.start()
+    time.sleep(0.3)
+    worker.submit({"ids": prompt_ids(tok, HELLO), "sampling": {"max_tokens": 16, "temperature": 0}},
+                  lambda e: (events.append(e), e[0] == "done" and done.set()))
+    assert done.wait(60), events
+    worker.stop()
+    return {"text": "".join(e[1] for e in events if e[0] == "piece")}
+
+
+def test_the_other_ranks_follow_rank_0s_requests_and_heartbeats_until_it_stops(run_dir, engine):
+    from _dist import run_gloo
+    got = run_gloo(worker_and_follower, 2, str(run_dir), timeout_s=60)
+    assert got[0]["text"] == expected(engine, HELLO, 16)[0] and got[1] == {}
+
+
+def test_tp2_under_the_deepspeed_launcher_answers_as_one_process(server, run_dir, tmp_path):
+    port = free_port()
+    proc = start([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                  str(free_port()), SCRIPT, "--run", str(run_dir), "--tp", "2", "--port", str(port)], port,
+                 tmp_path / "tp.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["tp"] == 2
+        convs = [HELLO, [{"role": "user", "content": "The cat sat"}]]
+        for messages in convs:
+            want = complete(server, messages, temperature=0, max_tokens=16)
+            got = complete(url, messages, temperature=0, max_tokens=16)
+            assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+        sampled = [streamed_text(stream(u, HELLO, temperature=1.0, seed=3, max_tokens=12)) for u in (url, server)]
+        assert sampled[0] == sampled[1]  # the seed travels with the request to every rank
+    finally:
+        stop(proc)
+    assert "Traceback" not in (tmp_path / "tp.log").read_text()

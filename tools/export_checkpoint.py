@@ -1,0 +1,55 @@
+"""Export a run's weights (layout-free, sharded: megachat.sharded) into one file other tools read, streaming one
+tensor at a time (memory: the largest tensor, not the model):
+
+    python tools/export_checkpoint.py RUN_DIR --format safetensors --output d20.safetensors
+    python tools/export_checkpoint.py RUN_DIR/checkpoints/step_005000 --format nanochat --output base_checkpoints/d20
+
+RUN_DIR exports the run's final weights (RUN_DIR/model/; a run that has not finished: its latest checkpoint);
+RUN_DIR/checkpoints/step_NNNNNN that checkpoint's weights. --format safetensors: one file, fp32 weights under
+nanochat's names, the model config in its metadata ("model_config"); --format nanochat: the directory --output
+with model_NNNNNN.pt and meta_NNNNNN.json, nanochat's checkpoint layout. Both load with --init-from.
+"""
+import argparse
+import os
+
+from megachat import cli
+
+
+def source_state(path: str):
+    """The sharded state that `path` names (see the module docstring)."""
+    from megachat.checkpoint import WEIGHTS_DIR, latest_tag, sharded_state
+    ckpt_dir = os.path.join(path, "checkpoints")
+    tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
+    if tag and not os.path.isdir(os.path.join(path, WEIGHTS_DIR)):  # a run that has not finished
+        return sharded_state(os.path.join(ckpt_dir, tag))
+    try:
+        return sharded_state(path)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; give a run directory or RUN_DIR/checkpoints/step_NNNNNN (runs that wrote "
+                                f"model.pt have their weights in one file already)") from None
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", help="RUN_DIR or RUN_DIR/checkpoints/step_NNNNNN")
+    p.add_argument("--format", choices=["safetensors", "nanochat"], required=True)
+    p.add_argument("--output", required=True, help="the .safetensors file, or nanochat's checkpoint directory")
+    args = p.parse_args(argv)
+    from megachat import export
+    state = source_state(args.source)
+    damage = state.damage()
+    if damage:
+        raise RuntimeError(f"{damage}: the source is damaged; export another checkpoint")
+    if args.format == "safetensors":
+        if os.path.isdir(args.output):
+            raise IsADirectoryError(f"--output {args.output} is a directory; give the .safetensors file to write")
+        export.to_safetensors(state, args.output)
+        out = args.output
+    else:
+        out = export.to_nanochat(state, args.output)
+    print(f"exported {state.directory} (step {state.step}, {len(state.tensors)} tensors) to {out}")
+    return out
+
+
+if __name__ == "__main__":
+    cli.run(main)
