@@ -102,11 +102,14 @@ def reset_rss_high_water():
 @torch.no_grad()
 def cache_memory(depth, batch, length, device, dtype):
     """(measured peak growth while generating, analytic cache bytes) for one engine request that fills its cache."""
+    torch.set_num_threads(1)
     model = random_model(depth, 65536, length, device, dtype)
     engine = Engine(model, _Specials(65536))
     prompts = [[1, 2, 3, 4]] * batch
     cfg, attn = model.config, model.transformer.h[0].attn
     analytic = cfg.n_layer * 2 * batch * length * attn.n_kv_head * attn.head_dim * torch.finfo(dtype).bits // 8
+    for _ in engine.generate(prompts, max_tokens=4, temperature=0):  # warm-up: the first forward's own buffers
+        pass
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -132,7 +135,7 @@ def main(argv=None):
     p.add_argument("--hbm-gbps", type=float, default=3350.0, help="GPU memory bandwidth (H100 SXM: 3.35 TB/s)")
     p.add_argument("--mem-depth", type=int, default=4)
     p.add_argument("--mem-batch", type=int, default=16)
-    p.add_argument("--mem-len", type=int, default=1024)
+    p.add_argument("--mem-len", type=int, default=4096)
     args = p.parse_args(argv)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -163,7 +166,12 @@ def main(argv=None):
             print("| " + " | ".join(map(str, row)) + " |", flush=True)
         del model
 
-    measured, analytic = cache_memory(args.mem_depth, args.mem_batch, args.mem_len, device, dtype)
+    # in a fresh process: memory the timing runs freed stays resident in this one and would be reused unseen
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        measured, analytic = pool.submit(cache_memory, args.mem_depth, args.mem_batch, args.mem_len, device,
+                                         dtype).result()
     print(f"\n| KV cache, depth {args.mem_depth}, batch {args.mem_batch}, {args.mem_len} tokens | bytes |")
     print("| --- | --- |")
     print(f"| analytic: layers x 2 x batch x length x KV heads x head_dim x {torch.finfo(dtype).bits // 8} B | "
