@@ -304,3 +304,14 @@ def load_init(path: str) -> tuple[dict, dict]:
     with open(os.path.join(path, f"meta_{steps[-1]:06d}.json")) as f:
         meta = json.load(f)
     return load_weights(os.path.join(path, f"model_{steps[-1]:06d}.pt")), {"model": meta["model_config"]}
+
+
+def load_parent(init_from: str, tokenizer_dir: str | None = None):
+    """What a phase continues from: (full weights, the parent's run config, its tokenizer, the tokenizer's
+    directory): load_init(init_from), with the tokenizer the parent recorded unless tokenizer_dir is given."""
+    from megachat.tokenizer import Tokenizer
+    weights, parent = load_init(init_from)
+    tokenizer_dir = tokenizer_dir or parent.get("tokenizer")
+    if not tokenizer_dir:
+        raise ValueError(f"{init_from} names no tokenizer: pass --tokenizer DIR")
+    return weights, parent, Tokenizer.load(tokenizer_dir), os.path.abspath(tokenizer_dir)

@@ -71,3 +71,16 @@ class Monitor:
         if self.enabled:
             self.file.close()
             self.writer.close()
+
+
+def write_scalars(run_dir: str, tag: str, rows) -> None:
+    """An evaluation's (metric, value) rows as TensorBoard scalars `tag/metric` under RUN_DIR/tensorboard; rows
+    whose value is text (task counts, missing tasks) stay in the evaluation's CSV and markdown only."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    for key, value in rows:
+        try:
+            writer.add_scalar(f"{tag}/{key}", float(value))
+        except ValueError:
+            pass
+    writer.close()

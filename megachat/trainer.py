@@ -365,6 +365,15 @@ class Trainer:
                            "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda, "gpus": gpus,
                            "cpu_count": os.cpu_count(), "world": self.grid.world})
 
+    def finish(self, run_dir: str, monitor=None) -> None:
+        """The end of every phase: the final weights into RUN_DIR/model/, the monitor closed, the process group
+        left together (collective)."""
+        self.save_weights(run_dir)
+        if monitor is not None:
+            monitor.close()
+        dist.barrier()
+        dist.destroy_process_group()
+
     def save_weights(self, run_dir: str) -> None:
         """RUN_DIR/model/: the final fp32 weights under nanochat's names, every rank writing its own slices in
         parallel (megachat.sharded; collective). checkpoint.load_weights reads them, tools/export_checkpoint.py

@@ -122,14 +122,8 @@ def main(argv=None):
                 log(f"sample | {prompt!r} -> {text!r}")
     if rank == 0:
         write_report(args.run, rows, core_result, samples)
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(args.run, "tensorboard"))
-        for k, v in rows:
-            try:
-                tb.add_scalar(f"base_eval/{k}", float(v))
-            except ValueError:
-                pass  # the text rows (task count, missing tasks) are in the CSV and markdown
-        tb.close()
+        from megachat.monitor import write_scalars
+        write_scalars(args.run, "base_eval", rows)
         print(f"wrote {os.path.join(args.run, 'base_eval.csv')} and base_eval.md", flush=True)
     if dist.is_initialized():
         dist.barrier()

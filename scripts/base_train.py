@@ -87,14 +87,11 @@ def main(argv=None):
 
     trainer.fit(lambda i: train.micro_batches(i, cfg.global_batch, cfg.device_batch_size, grid.dp_rank, grid.dp),
                 evaluate if val is not None else None, monitor=monitor, **loop_options(args))
-    trainer.save_weights(args.out)
     if args.sample_tokens > 0:
         for prompt, text in greedy_samples(trainer.model, grid, tokenizer, [args.sample_prompt], args.sample_tokens):
             if rank == 0:
                 print(f"sample | {prompt!r} -> {text!r}", flush=True)
-    monitor.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer.finish(args.out, monitor)
 
 
 if __name__ == "__main__":

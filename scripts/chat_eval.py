@@ -107,14 +107,8 @@ def main(argv=None):
         for k, a in result.accuracy.items():
             print(f"| {k:14s} | {result.examples[k]:8d} | {a:8.4f} | {centered(k, a):8.4f} |")
         print(result.summary(), flush=True)
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(os.path.join(args.run, "tensorboard"))
-        for k, v in rows:
-            try:
-                tb.add_scalar(f"chat_eval/{k}", float(v))
-            except ValueError:
-                pass  # the text rows (task count, missing tasks, an uncomputed ChatCORE) are in the CSV and markdown
-        tb.close()
+        from megachat.monitor import write_scalars
+        write_scalars(args.run, "chat_eval", rows)
         print(f"wrote {os.path.join(args.run, 'chat_eval.csv')} and chat_eval.md", flush=True)
     if dist.is_initialized():
         dist.barrier()

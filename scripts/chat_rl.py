@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megachat.monitor import Monitor
 from megachat.parallel import check_layout, init_distributed
-from megachat.trainer import add_trainer_args, build_trainer, config_from_run
+from megachat.trainer import add_trainer_args, build_trainer, config_from_run, loop_options
 
 
 def parse_args(argv=None):
@@ -51,18 +51,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from megachat import rl
-    from megachat.checkpoint import load_init
+    from megachat.checkpoint import load_parent
     from megachat.engine import Engine
-    from megachat.tokenizer import Tokenizer
 
     if args.pp != 1:
         raise ValueError(f"--pp {args.pp}: RL samples its rollouts with the inference engine, which runs with pp = "
                          f"1; split the model with --tp and the questions over data-parallel ranks instead")
-    weights, parent = load_init(args.init_from)
-    tokenizer_dir = args.tokenizer or parent.get("tokenizer")
-    if not tokenizer_dir:
-        raise ValueError(f"{args.init_from} names no tokenizer: pass --tokenizer DIR")
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     train, held_out, where = rl.load_rl_tasks(args.task, args.chat_data, args.eval_questions, args.seed,
                                               args.eval_data_dir)
     init_distributed()
@@ -84,7 +79,7 @@ def main(argv=None):
     sampling = rl.Sampling(args.num_samples, args.max_new_tokens, args.temperature, args.top_k)
     evaluation = rl.Sampling(args.eval_samples, args.max_new_tokens, 1.0, 50)  # nanochat's pass@k sampling
     trainer.write_run_config(args.out, phase="rl", parent=os.path.abspath(args.init_from),
-                             tokenizer=os.path.abspath(tokenizer_dir), task=args.task,
+                             tokenizer=tokenizer_dir, task=args.task,
                              chat_data=os.path.abspath(args.chat_data) if args.chat_data else None,
                              rl={"questions_per_step": Q, "sampling": vars(sampling),
                                  "eval_questions": len(held_out), "eval_sampling": vars(evaluation)})
@@ -109,12 +104,8 @@ def main(argv=None):
     def evaluate(step):
         return rl.pass_at_k(engine, held_out, evaluation, seed=cfg.seed, **on_grid)
 
-    trainer.fit(batches, evaluate, monitor=monitor, eval_every=args.eval_every, save_every=args.save_every,
-                keep=args.keep_checkpoints)
-    trainer.save_weights(args.out)
-    monitor.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer.fit(batches, evaluate, monitor=monitor, **loop_options(args))
+    trainer.finish(args.out, monitor)
 
 
 if __name__ == "__main__":

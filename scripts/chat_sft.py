@@ -43,19 +43,14 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.checkpoint import load_init
+    from megachat.checkpoint import load_parent
     from megachat.data import batch_indices
     from megachat.evaluation.chat_tasks import eval_indices, evaluate_categorical, load_chat_task
     from megachat.evaluation.model_eval import GridForward
     from megachat.tasks.mixture import render_batch
     from megachat.tasks.recipes import sft_mixture
-    from megachat.tokenizer import Tokenizer
 
-    weights, parent = load_init(args.init_from)
-    tokenizer_dir = args.tokenizer or parent.get("tokenizer")
-    if not tokenizer_dir:
-        raise ValueError(f"{args.init_from} names no tokenizer: pass --tokenizer DIR")
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     train, val, left_out = sft_mixture(args.chat_data, args.identity, args.mixture_scale, args.seed)
     init_distributed()
     rank = dist.get_rank()
@@ -68,7 +63,7 @@ def main(argv=None):
     trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
     trainer.write_run_config(args.out, phase="sft", parent=os.path.abspath(args.init_from),
-                             tokenizer=os.path.abspath(tokenizer_dir), mixture=train.counts(), left_out=left_out)
+                             tokenizer=tokenizer_dir, mixture=train.counts(), left_out=left_out)
     if rank == 0:
         for name, why in left_out.items():
             print(f"chat_sft: {name} left out: {why}", flush=True)
@@ -107,10 +102,7 @@ def main(argv=None):
         return metrics
 
     trainer.fit(batches, evaluate, monitor=monitor, **loop_options(args))
-    trainer.save_weights(args.out)
-    monitor.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer.finish(args.out, monitor)
 
 
 if __name__ == "__main__":

@@ -37,17 +37,12 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.checkpoint import load_init
+    from megachat.checkpoint import load_parent
     from megachat.data import GPTDataset, check_tokenizer, write_conversations
     from megachat.evaluation.loss_eval import val_batches, val_dataset
     from megachat.tasks.recipes import mid_mixture
-    from megachat.tokenizer import Tokenizer
 
-    weights, parent = load_init(args.init_from)
-    tokenizer_dir = args.tokenizer or parent.get("tokenizer")
-    if not tokenizer_dir:
-        raise ValueError(f"{args.init_from} names no tokenizer: pass --tokenizer DIR")
-    tokenizer = Tokenizer.load(tokenizer_dir)
+    weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     init_distributed()
     rank = dist.get_rank()
     data_dir = os.path.join(args.out, "data")
@@ -75,7 +70,7 @@ def main(argv=None):
     trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
     trainer.write_run_config(args.out, phase="mid", parent=os.path.abspath(args.init_from),
-                             tokenizer=os.path.abspath(tokenizer_dir), data=[train_prefix], val_data=val_prefix)
+                             tokenizer=tokenizer_dir, data=[train_prefix], val_data=val_prefix)
     if rank == 0:
         print(f"megachat mid_train: depth {cfg.depth}, tp {cfg.tp} x pp {cfg.pp} x dp {grid.dp}, ZeRO-{cfg.zero}, "
               f"{cfg.dtype}, {cfg.num_iterations} steps of {cfg.total_batch_size:,} tokens, start at step "
@@ -90,10 +85,7 @@ def main(argv=None):
 
     trainer.fit(lambda i: train.micro_batches(i, cfg.global_batch, cfg.device_batch_size, grid.dp_rank, grid.dp),
                 evaluate, monitor=monitor, **loop_options(args))
-    trainer.save_weights(args.out)
-    monitor.close()
-    dist.barrier()
-    dist.destroy_process_group()
+    trainer.finish(args.out, monitor)
 
 
 if __name__ == "__main__":
