@@ -35,8 +35,30 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=10 * 524288)
     p.add_argument("--sample-prompt", default="The capital of France is")
     p.add_argument("--sample-tokens", type=int, default=32)
+    p.add_argument("--preset", default=None, help="configs/presets/dD.json (tools/plan.py's pick): its model, layout, "
+                                                   "batch, horizon and recomputation become the defaults")
     add_trainer_args(p)
+    known, _ = p.parse_known_args(argv)
+    if known.preset:
+        p.set_defaults(**preset_defaults(known.preset))
     return p.parse_args(argv)
+
+
+def preset_defaults(path) -> dict:
+    """argparse defaults from a preset that tools/plan.py wrote; flags given on the command line still win."""
+    import json
+    try:
+        with open(path) as f:
+            preset = json.load(f)
+        model, layout, batch = preset["model"], preset["layout"], preset["batch"]
+        return dict(depth=model["depth"], n_kv_head=model["n_kv_head"], max_seq_len=model["seq_len"],
+                    tp=layout["tp"], pp=layout["pp"], zero=layout["zero"], dtype=layout["dtype"],
+                    total_batch_size=batch["total_batch_size"], device_batch_size=batch["device_batch_size"],
+                    target_param_data_ratio=preset["horizon"]["target_param_data_ratio"],
+                    activation_checkpointing=preset["activation_checkpointing"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"--preset {path}: not a preset tools/plan.py writes ({type(e).__name__}: {e}); make one "
+                         f"with python tools/plan.py --preset-out PATH") from None
 
 
 def horizon(args, params: int, flops_per_token: float) -> int:

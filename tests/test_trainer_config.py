@@ -148,3 +148,22 @@ def test_zero3_sub_group_holds_the_whole_model_whatever_the_users_file_says(tmp_
     conf = ds_config(cfg(zero=3, ds_config=str(path)), dp=2)
     assert conf["zero_optimization"]["sub_group_size"] == num_params(cfg()) + 1
     assert ds_config(cfg(zero=3), dp=1)["zero_optimization"]["sub_group_size"] == int(1e9)
+
+
+def test_a_preset_gives_the_defaults_and_flags_on_the_command_line_win():
+    import json
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(root / "scripts"))
+    from base_train import parse_args
+    base = ["--data", "d", "--tokenizer", "t", "--out", "o", "--preset", str(root / "configs" / "presets" / "d32.json")]
+    args = parse_args(base)
+    assert (args.depth, args.max_seq_len, args.total_batch_size) == (32, 2048, 524288)
+    preset = json.loads((root / "configs" / "presets" / "d32.json").read_text())
+    assert (args.tp, args.pp, args.zero, args.device_batch_size) == (
+        preset["layout"]["tp"], preset["layout"]["pp"], preset["layout"]["zero"], preset["batch"]["device_batch_size"])
+    override = parse_args(base + ["--depth", "4", "--zero", "0"])
+    assert (override.depth, override.zero) == (4, 0) and override.total_batch_size == 524288
+    with pytest.raises(ValueError, match="not a preset tools/plan.py writes"):
+        parse_args(["--data", "d", "--tokenizer", "t", "--out", "o", "--preset", __file__])
