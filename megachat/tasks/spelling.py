@@ -135,11 +135,12 @@ def spelling_bee_example(word: str, letter: str, rng: random.Random) -> dict:
             "answer": str(count)}
 
 
-class SpellingBee(Sequence):
-    """`size` SpellingBee conversations of a split, example i generated from its own seed when indexed."""
+class _Generated(Sequence):
+    """`size` examples of a split, example i made from its own seed (seed_of) when indexed."""
+    name = ""
 
     def __init__(self, size: int, split: str = "train", words: Sequence[str] | None = None, data_dir=None):
-        _check_split("SpellingBee", size, split)
+        _check_split(self.name, size, split)
         self.size, self.split = size, split
         self.words = words if words is not None else word_list(data_dir)
 
@@ -150,31 +151,31 @@ class SpellingBee(Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(self.size))]
         if not -self.size <= index < self.size:
-            raise IndexError(f"SpellingBee index {index} out of range for size {self.size}")
-        rng = random.Random(seed_of(index % self.size, self.split))
+            raise IndexError(f"{self.name} index {index} out of range for size {self.size}")
+        return self.example(random.Random(seed_of(index % self.size, self.split)))
+
+
+class SpellingBee(_Generated):
+    """`size` SpellingBee conversations of a split: how often a letter occurs in a word."""
+    name = "SpellingBee"
+
+    def example(self, rng: random.Random) -> dict:
         word = rng.choice(self.words)
         letter = rng.choice(word) if rng.random() < 0.9 else rng.choice(string.ascii_lowercase)
         return spelling_bee_example(word, letter, rng)
 
 
-class SimpleSpelling(Sequence):
-    """`size` SimpleSpelling conversations of a split: spell one word, drawn by the example's seed."""
+class SimpleSpelling(_Generated):
+    """`size` SimpleSpelling conversations of a split: spell one word."""
+    name = "SimpleSpelling"
 
     def __init__(self, size: int, split: str = "train", words: Sequence[str] | None = None, data_dir=None):
-        _check_split("SimpleSpelling", size, split)
-        self.size, self.split = size, split
-        self.words = list(words if words is not None else word_list(data_dir))
+        super().__init__(size, split, words, data_dir)
+        self.words = list(self.words)
         random.Random(42).shuffle(self.words)  # another order than SpellingBee's
 
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index):
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(self.size))]
-        if not -self.size <= index < self.size:
-            raise IndexError(f"SimpleSpelling index {index} out of range for size {self.size}")
-        word = random.Random(seed_of(index % self.size, self.split)).choice(self.words)
+    def example(self, rng: random.Random) -> dict:
+        word = rng.choice(self.words)
         return {"messages": [{"role": "user", "content": f"Spell the word: {word}"},
                              {"role": "assistant", "content": f"{word}:{','.join(word)}"}]}
 
