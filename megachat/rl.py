@@ -30,20 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from megachat.data import batch_indices
+from megachat.evaluation.chat_tasks import Generation as Sampling  # how the engine samples, as ChatCORE
 from megachat.evaluation.loss_eval import all_reduce_sum
 from megachat.tasks import Task
 
 SPELLING_BEE_TRAIN_SIZE = 80_000  # train split examples (nanochat's midtraining count; seeds 0 .. 79,999)
 RL_TASKS = ("GSM8K", "SpellingBee")
-
-
-@dataclass
-class Sampling:
-    """How rollouts and evaluation sample (nanochat's RL: 16 samples, 256 tokens, T 1.0, top-k 50)."""
-    num_samples: int = 16
-    max_tokens: int = 256
-    temperature: float = 1.0
-    top_k: int | None = 50
 
 
 @dataclass

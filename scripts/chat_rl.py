@@ -76,8 +76,10 @@ def main(argv=None):
                           activation_checkpointing=args.activation_checkpointing, compile=args.compile)
     trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
-    sampling = rl.Sampling(args.num_samples, args.max_new_tokens, args.temperature, args.top_k)
-    evaluation = rl.Sampling(args.eval_samples, args.max_new_tokens, 1.0, 50)  # nanochat's pass@k sampling
+    sampling = rl.Sampling(num_samples=args.num_samples, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k)
+    evaluation = rl.Sampling(num_samples=args.eval_samples, max_tokens=args.max_new_tokens, temperature=1.0,
+                             top_k=50)  # nanochat's pass@k sampling
     trainer.write_run_config(args.out, phase="rl", parent=os.path.abspath(args.init_from),
                              tokenizer=tokenizer_dir, task=args.task,
                              chat_data=os.path.abspath(args.chat_data) if args.chat_data else None,

@@ -135,7 +135,7 @@ def test_rollouts_sample_the_live_model_and_score_its_answers(sft_run, tok):
     engine = Engine(build_model(config, weights=torch.load(sft_run / "model.pt")), tok)
     train, held_out, where = rl.load_rl_tasks("SpellingBee", eval_questions=4)
     assert where.startswith("SpellingBee train (80,000 synthetic questions")
-    sampling = rl.Sampling(num_samples=8, max_tokens=24)
+    sampling = rl.Sampling(num_samples=8, max_tokens=24, temperature=1.0)
     r = rl.rollout(engine, train[0], train.score, sampling, seed=rl.sample_seed(42, 0))
     assert r == rl.rollout(engine, train[0], train.score, sampling, seed=rl.sample_seed(42, 0))
     assert r.prompt == tok.render_for_completion(train[0])
@@ -143,7 +143,7 @@ def test_rollouts_sample_the_live_model_and_score_its_answers(sft_run, tok):
     assert all(t.startswith("#") for t in texts) and all(m == [1] * len(c) for c, m in zip(r.completions, r.masks))
     assert r.rewards == [float(t.endswith(f"#### {train[0]['answer']}")) for t in texts]
     assert 0 < sum(r.rewards) < len(r.rewards), texts  # some right, some wrong: a learning signal
-    passes = rl.pass_at_k(engine, held_out, rl.Sampling(num_samples=4, max_tokens=24), seed=42)
+    passes = rl.pass_at_k(engine, held_out, rl.Sampling(num_samples=4, max_tokens=24, temperature=1.0), seed=42)
     assert list(passes) == ["pass@1", "pass@2", "pass@3", "pass@4"]
     assert all(a <= b for a, b in zip(list(passes.values()), list(passes.values())[1:])), passes
 
