@@ -66,6 +66,7 @@ def newton_schulz(G, steps=5, compute_dtype=torch.bfloat16):
     """nanochat's quintic Newton-Schulz on [..., m, n]; computed in compute_dtype, returned in G's dtype."""
     a, b, c = NS_COEFFS
     X, transposed = newton_schulz_start(G, compute_dtype)
+    X = X.contiguous()  # a tall G's transposed view would make every elementwise op below a strided one (CPU: ~2x)
     for _ in range(steps):
         A = X @ X.mT
         B = b * A + c * A @ A
@@ -79,13 +80,15 @@ def softcap_ce_stats(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0):
     """Local statistics of raw logits [N, V_local] (global ids vocab_start..) and targets [N] int64 global ids,
     fp32 [N] each, of c = cap * tanh(logits / cap): row max, sum of exp(c - max), c at the target (0 where the
     target is ignored or outside this shard)."""
-    capped = (cap * torch.tanh(logits / cap)).float()  # nanochat: softcap in logits' dtype, then float()
+    # nanochat: softcap in logits' dtype, then float(). In place where the op is the same (one [N, V] buffer
+    # instead of five: on a CPU the fresh buffers' page faults cost as much as the math)
+    capped = torch.div(logits, cap).tanh_().mul_(cap).float()
     V = capped.size(1)
     m = capped.max(dim=1).values
-    sumexp = torch.exp(capped - m[:, None]).sum(dim=1)
     local = targets - vocab_start
     owned = (local >= 0) & (local < V) & (targets != ignore_index)
     picked = capped.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1)
+    sumexp = capped.sub_(m[:, None]).exp_().sum(dim=1)
     return m, sumexp, torch.where(owned, picked, torch.zeros_like(picked))
 
 
@@ -93,14 +96,14 @@ def softcap_ce_backward(logits, targets, lse, dloss, cap=15.0, ignore_index=-1, 
     """d loss / d logits [N, V_local] in logits' dtype: (softmax - onehot) * dloss * (1 - tanh^2), 0 on ignored
     rows; lse: the log-sum-exp fp32 [N] over the whole vocab (all shards), dloss [N]."""
     V = logits.size(1)
-    th = torch.tanh(logits / cap)
-    grad = torch.exp((cap * th).float() - lse[:, None])
+    th = torch.div(logits, cap).tanh_()  # the same ops as written out of place, in place on one buffer each
+    grad = (cap * th).float().sub_(lse[:, None]).exp_()
     local = targets - vocab_start
     owned = (local >= 0) & (local < V) & (targets != ignore_index)
     rows = owned.nonzero().squeeze(1)
     grad[rows, local[rows]] -= 1.0
     g = dloss.float().masked_fill(targets == ignore_index, 0.0)
-    grad = grad * g[:, None] * (1.0 - th.float() ** 2)  # d(cap*tanh(x/cap))/dx = 1 - tanh^2
+    grad.mul_(g[:, None]).mul_(th.float().square_().neg_().add_(1.0))  # d(cap*tanh(x/cap))/dx = 1 - tanh^2
     return grad.to(logits.dtype)
 
 

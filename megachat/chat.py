@@ -4,9 +4,10 @@
   (pp = 1: any run's layout-free weights load under any tp), and wrap it in the inference engine.
 - `prompt_ids(tokenizer, messages)`: a conversation that ends with the user's turn -> the tokens to complete
   (nanochat's chat format, then <|assistant_start|>); malformed conversations raise ValueError naming the message.
-- `stream_reply(engine, ids, ...)`: the assistant's reply as events while it is generated: ("text", piece),
-  ("python", expression) when the model calls the calculator and ("output", result) when the engine forces the
-  result in. Text is decoded incrementally and held back while it ends in an incomplete UTF-8 character.
+- `stream_reply(engine, ids, sampling)`: the assistant's reply, sampled as a megachat.engine.Sampling says, as
+  events while it is generated: ("text", piece), ("python", expression) when the model calls the calculator and
+  ("output", result) when the engine forces the result in. Text is decoded incrementally and held back while it
+  ends in an incomplete UTF-8 character.
 - `share(obj)`: under tp, rank 0 reads the user and broadcasts each request, so every rank decodes together.
 """
 from __future__ import annotations
@@ -62,17 +63,16 @@ class _Decoder:
         self.ids, self.sent = [], 0
 
 
-def stream_reply(engine, ids: list[int], max_tokens: int = 256, temperature: float = 0.6, top_k: int | None = 50,
-                 top_p: float | None = None, seed: int = 42):
-    """Yield (kind, text) events of the assistant's reply to prompt `ids`: kind is "text", "python" (the
-    calculator expression, once its block closes) or "output" (the calculator's result, forced by the engine)."""
+def stream_reply(engine, ids: list[int], sampling):
+    """Yield (kind, text) events of the assistant's reply to prompt `ids` (one sample, as megachat.engine.Sampling
+    `sampling` says): kind is "text", "python" (the calculator expression, once its block closes) or "output" (the
+    calculator's result, forced by the engine)."""
     tok = engine.tokenizer
     sp = tok.encode_special
     python_start, python_end = sp("<|python_start|>"), sp("<|python_end|>")
     output_start, output_end = sp("<|output_start|>"), sp("<|output_end|>")
     kind, decoder = "text", _Decoder(tok)
-    for tokens, _ in engine.generate([ids], max_tokens=max_tokens, temperature=temperature, top_k=top_k,
-                                     top_p=top_p, seed=seed):
+    for tokens, _ in engine.generate([ids], sampling):
         token = tokens[0]
         if token is None or token in (engine.assistant_end, engine.bos):
             break

@@ -42,6 +42,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from megachat.chat import prompt_ids, share, stream_reply
+from megachat.engine import Sampling
 
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8_000
@@ -63,20 +64,14 @@ class RequestError(ValueError):
         return {"error": {"message": str(self), "type": self.kind}}
 
 
-@dataclass
-class Sampling:
-    """How one reply is sampled (stream_reply's arguments). seed None: a fresh one per request."""
-    max_tokens: int = 512
-    temperature: float = 0.8
-    top_k: int | None = 50
-    top_p: float | None = None
-    seed: int | None = None
+# what a request does not set (scripts/chat_web.py's defaults): seed None draws a fresh one per request
+DEFAULT_SAMPLING = Sampling(max_tokens=512, temperature=0.8, top_k=50, seed=None)
 
 
 @dataclass
 class ChatRequest:
     ids: list[int]  # the prompt: the conversation, then <|assistant_start|>
-    sampling: Sampling  # seed drawn
+    sampling: Sampling  # one sample, seed drawn
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
@@ -205,11 +200,12 @@ class _Metered:
 
 
 def generate_reply(engine, request: dict, emit=lambda event: None) -> None:
-    """One shared request {"ids", "sampling"} on this rank, emitting ("piece", content, tool) events, then
-    ("done", finish_reason, completion_tokens) or ("error", RequestError). Every rank runs it alike."""
+    """One shared request {"ids", "sampling": a Sampling, its seed drawn} on this rank, emitting ("piece", content,
+    tool) events, then ("done", finish_reason, completion_tokens) or ("error", RequestError). Every rank runs it
+    alike."""
     metered = _Metered(engine)
     try:
-        for content, tool in reply_pieces(stream_reply(metered, request["ids"], **request["sampling"])):
+        for content, tool in reply_pieces(stream_reply(metered, request["ids"], request["sampling"])):
             emit(("piece", content, tool))
     except ValueError as e:  # the engine refusing the request, alike on every rank
         emit(("error", RequestError(str(e))))
@@ -316,11 +312,13 @@ def _chat_ui() -> str:
     return resources.files("megachat").joinpath("chat_ui.html").read_text(encoding="utf-8")
 
 
-def create_app(engine, model_name: str = "megachat", defaults: Sampling = Sampling(), max_queue: int = 16,
+def create_app(engine, model_name: str = "megachat", defaults: Sampling = DEFAULT_SAMPLING, max_queue: int = 16,
                heartbeat_s: float = 60.0):
     """The FastAPI app serving `engine` (rank 0's under tp: run `follow(engine)` on the others). Its lifespan
     starts and stops the engine's worker thread."""
     parse_sampling(asdict(defaults), Sampling())  # bad defaults fail at start, with the request's messages
+    if defaults.num_samples != 1:
+        raise ValueError(f"defaults.num_samples {defaults.num_samples}: the server replies with one sample (n = 1)")
     worker = Worker(engine, max_queue, heartbeat_s)
     started = time.time()
     tp = engine.model.grid.tp
@@ -373,7 +371,7 @@ def create_app(engine, model_name: str = "megachat", defaults: Sampling = Sampli
                 with contextlib.suppress(RuntimeError):  # the loop closed (server shutting down)
                     loop.call_soon_threadsafe(events.put_nowait, event)
 
-            job = worker.submit({"ids": req.ids, "sampling": asdict(req.sampling)}, emit)
+            job = worker.submit({"ids": req.ids, "sampling": req.sampling}, emit)
         except RequestError as e:
             return error(e)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}

@@ -31,9 +31,9 @@ from torch.utils.checkpoint import checkpoint
 from megachat import kernels
 from megachat.parallel import Grid, check_layout
 from megachat.tensor_parallel import (ColumnParallelLinear, HeadReplicatedLinear, RowParallelLinear,
-                                      VocabParallelEmbedding, VocabParallelLMHead, copy_to_tp_region,
-                                      gather_tensor, gather_vocab_logits, padded_vocab_size, shard_tensor,
-                                      tp_group_of, vocab_parallel_loss)
+                                      VocabParallelEmbedding, VocabParallelLMHead, enter_tp_region,
+                                      SequenceShard, gather_tensor, gather_vocab_logits, padded_vocab_size,
+                                      sequence_parallel_now, shard_tensor, tp_group_of, vocab_parallel_loss)
 
 SOFTCAP = 15.0
 ROPE_BASE = 10000
@@ -109,6 +109,8 @@ class CausalSelfAttention(nn.Module):
         C, D, tp = config.n_embd, config.head_dim, grid.tp
         self.layer_idx = layer_idx  # its slot in a KV cache
         self.recompute_core = False  # GPT.set_activation_checkpointing("selective")
+        self.sequence_parallel = False  # GPT.set_sequence_parallel: x is this rank's [B, T/tp, C] while training
+        self.regather = True  # re-gather the sequence in backward instead of keeping it (off under full recompute)
         self.head_dim = D
         self.n_head = config.n_head // tp  # local query heads
         self.group = tp_group_of(grid)
@@ -135,11 +137,13 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, cache=None):
         """x [B, T, C] -> [B, T, C]. cache: a megachat.engine.KVCache holding the earlier tokens' keys and values
         (inference): x's tokens come after them, at each row's own positions."""
-        B, T, _ = x.shape
-        x = copy_to_tp_region(x, self.group)  # one backward all-reduce for q, k and v together
-        q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
-        k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
-        v = self.c_v(x).view(B, T, self.n_kv_head, self.head_dim)
+        sp = sequence_parallel_now(self.sequence_parallel)
+        full = enter_tp_region(x, self.group, sp)  # one all-reduce (or gather) in backward for q, k and v together
+        B, T, _ = full.shape
+        shared = SequenceShard(x, self.group, users=3) if sp and self.regather else None
+        q = self.c_q(full, shared).view(B, T, self.n_head, self.head_dim)
+        k = self.c_k(full, shared).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.c_v(full, shared).view(B, T, self.n_kv_head, self.head_dim)
         q, k = kernels.rope_qk(q, k, self.cos, self.sin, 0 if cache is None else cache.positions())
         q, k = kernels.rmsnorm(q), kernels.rmsnorm(k)  # QK-norm, after RoPE as in nanochat
         if cache is None and self.recompute_core and torch.is_grad_enabled():
@@ -151,18 +155,22 @@ class CausalSelfAttention(nn.Module):
         else:
             k, v, mask = cache.update(self.layer_idx, k, v)
             y = kernels.attention(q, k, v, mask=mask)
-        return self.c_proj(y.reshape(B, T, -1))
+        return self.c_proj(y.reshape(B, T, -1), sp)
 
 
 class MLP(nn.Module):
     def __init__(self, config, grid):
         super().__init__()
         self.group = tp_group_of(grid)
+        self.sequence_parallel = False  # GPT.set_sequence_parallel
+        self.regather = True  # as CausalSelfAttention.regather
         self.c_fc = ColumnParallelLinear(config.n_embd, 4 * config.n_embd, grid)
         self.c_proj = RowParallelLinear(4 * config.n_embd, config.n_embd, grid)
 
     def forward(self, x):
-        return self.c_proj(kernels.relu2(self.c_fc(copy_to_tp_region(x, self.group))))
+        sp = sequence_parallel_now(self.sequence_parallel)
+        shared = SequenceShard(x, self.group, users=1) if sp and self.regather else None
+        return self.c_proj(kernels.relu2(self.c_fc(enter_tp_region(x, self.group, sp), shared)), sp)
 
 
 class Block(nn.Module):
@@ -185,14 +193,15 @@ class Block(nn.Module):
 
 
 class EmbeddingStage(nn.Module):
-    """Pipeline stage 0: idx [B, T] int64 -> norm(wte(idx)) [B, T, C]."""
+    """Pipeline stage 0: idx [B, T] int64 -> norm(wte(idx)) [B, T, C] (under sequence parallelism this rank's
+    [B, T/tp, C])."""
 
     def __init__(self, wte):
         super().__init__()
         self.wte = wte
 
     def forward(self, idx, cache=None):
-        return kernels.rmsnorm(self.wte(idx))
+        return kernels.rmsnorm(self.wte(idx, sequence_parallel_now(self.wte.sequence_parallel)))
 
 
 class HeadStage(nn.Module):
@@ -207,7 +216,7 @@ class HeadStage(nn.Module):
         self.fused_loss = fused_loss
 
     def forward(self, x, cache=None):
-        x = copy_to_tp_region(kernels.rmsnorm(x), self.group)
+        x = enter_tp_region(kernels.rmsnorm(x), self.group, sequence_parallel_now(self.lm_head.sequence_parallel))
         return x if self.fused_loss else self.lm_head(x)
 
 
@@ -231,6 +240,17 @@ class GPT(nn.Module):
             raise ValueError(f"--activation-checkpointing {mode!r}: use none, full or selective")
         for block in self.transformer.h:
             block.recompute, block.attn.recompute_core = mode == "full", mode == "selective"
+            block.attn.regather = block.mlp.regather = mode != "full"
+
+    def set_sequence_parallel(self, enabled: bool) -> None:
+        """Megatron's sequence parallelism while training (tp > 1): the embedding, the norms and the residual
+        stream hold T / tp positions per tp rank; the tp all-reduces become all-gathers and reduce-scatters (see
+        megachat/tensor_parallel.py). The micro-batch's sequence length must divide by tp."""
+        if enabled and self.grid.tp == 1:
+            raise ValueError("--sequence-parallel splits the sequence over tensor-parallel ranks: it needs --tp > 1")
+        self.transformer.wte.sequence_parallel = self.lm_head.sequence_parallel = enabled
+        for block in self.transformer.h:
+            block.attn.sequence_parallel = block.mlp.sequence_parallel = enabled
 
     def layers(self, fused_loss=False):
         """The model as a sequence of stages (the same module objects): idx [B, T] -> hidden state [B, T, C] ->

@@ -172,18 +172,35 @@ class HybridOptimizer(torch.optim.Optimizer):
     def _orthogonalize(self, plan: Plan, u: torch.Tensor) -> torch.Tensor:
         """u: fp32 (matrix_numel,), the momentum-updated gradient of this rank's Muon pieces -> the scaled
         Newton-Schulz update of the same pieces, computed on whole matrices by their owners."""
-        whole = plan.gather_owned(u)
+        here = self._held_whole(plan)
+        whole = {j: piece.of_packed(u).view(plan.matrices[j].full_shape) for j, piece in here.items()} if here \
+            else plan.gather_owned(u)
         by_shape: dict[tuple, list[int]] = {}
         for j, matrix in whole.items():
             by_shape.setdefault(tuple(matrix.shape), []).append(j)
         updates = {}
+        update = torch.empty_like(u) if here else None
         for shape, js in by_shape.items():
             out = newton_schulz(torch.stack([whole[j] for j in js]), steps=self.param_groups[0]["ns_steps"],
                                 compute_dtype=self.ns_dtype)
             scale = max(1.0, shape[0] / shape[1]) ** 0.5
             for j, o in zip(js, out):
-                updates[j] = o * scale
-        return plan.scatter_updates(updates, u)
+                if here:  # straight into the update's piece: no exchange to pack it for
+                    torch.mul(o, scale, out=here[j].of_packed(update).view(shape))
+                else:
+                    updates[j] = o * scale
+        return update if here else plan.scatter_updates(updates, u)
+
+    def _held_whole(self, plan: Plan) -> dict | None:
+        """{matrix index: the piece holding it whole} when this rank is its stage's only rank and holds every
+        matrix in one run (one process; the exchange would only copy them), else None."""
+        if len(plan.to_owner) != 1 or len(plan.owned) != len(plan.matrices):
+            return None
+        runs = {self._names[piece.param_index]: piece for piece in plan.matrix_pieces}
+        here = {j: runs.get(plan.matrices[j].name) for j in plan.owned}
+        if any(piece is None or piece.length != math.prod(plan.matrices[j].full_shape) for j, piece in here.items()):
+            return None
+        return here
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -13,13 +13,14 @@ Memory (bytes), following what megachat and DeepSpeed 0.19 allocate (`predict_me
 - gradients: bf16 ZeRO-1 is DeepSpeed's BF16_Optimizer: a full fp32 accumulation buffer (configs/ds/*_bf16.json
   set grad_accum_dtype fp32) and the bf16 .grad of every parameter, kept until the next backward; fp32 ZeRO-0/1:
   full fp32 .grad; ZeRO-2/3: the fp32 partition of 1/dp.
-- optimizer: DeepSpeed's fp32 master partition (ZeRO >= 1; a copy even when the weights are fp32), Muon's momentum
+- optimizer: DeepSpeed's fp32 master partition (ZeRO >= 1, bf16; fp32 shares the weights'), Muon's momentum
   (4 bytes per block-matrix element) and AdamW's two moments (8 bytes per wte / lm_head element), of exactly the
   elements this dp rank holds in DeepSpeed's flat partition (ZeRO-1/2: contiguous 1/dp of the flattened stage, so
   the rank holding wte or lm_head holds more Adam state; ZeRO-3: 1/dp of every parameter).
 - activations: what autograd saves in one micro-batch's forward (`activation_bytes`, counted kernel by kernel from
   megachat.model and megachat.kernels), times the micro-batches in flight on the stage (DeepSpeed's 1F1B
   TrainSchedule: min(pp - stage, micro-batches)), plus the pipe engine's received input and kept output of each.
+  Layout.sequence_parallel: the norms, the residual stream and the column-parallel inputs keep T / tp positions.
   Job.fused_head_loss: the LM head fused with the loss (no [tokens, vocab / tp] logits saved, one chunk of them
   in the workspace) or not (the logits saved); the default is what megachat's training forward does
   (FUSED_HEAD_LOSS_DEFAULT). Layout.checkpointing: "full" keeps only each block's input and recomputes the block
@@ -37,10 +38,14 @@ Time per optimizer step (`predict_time`), m micro-batches per rank, p = pp:
   recomputes (full: each block's forward, a third of its FLOPs; selective: the attention core's forward);
 - tp: 2 all-reduces forward and 2 backward per block of [tokens, n_embd] activations (+ embedding and head), over
   NVLink at NCCL's bus bandwidth, t = 2 (tp-1)/tp x bytes / busbw, not overlapped (megachat has no tp overlap);
+  sequence parallelism replaces each all-reduce by an all-gather and a reduce-scatter (the same bytes) and adds
+  one all-gather per block's column-parallel input in backward (the re-gather of what it kept as a shard): 5
+  all-reduce equivalents per block instead of 4;
 - pp: the bubble, step = (m + p - 1) x the slowest stage's micro-batch (fraction (p-1)/(m+p-1) idle), and one
   send of [tokens, n_embd] forward and one backward per micro-batch and stage boundary (1/tp from each tp rank,
-  then an all-gather inside the tp group, as DeepSpeed partitions pipe activations), over InfiniBand when the
-  neighbouring stage is on another node;
+  then an all-gather inside the tp group, as DeepSpeed partitions pipe activations; under sequence parallelism
+  each tp rank's own T / tp shard and no all-gather), over InfiniBand when the neighbouring stage is on another
+  node;
 - dp: ZeRO-0/1 (BF16_Optimizer) all-reduce the fp32 gradients once per step and (ZeRO >= 1) all-gather the
   updated weights; ZeRO-2 reduce-scatters bf16 gradients every micro-batch; ZeRO-3 all-gathers the weights for
   forward (and what it released for backward) and reduce-scatters every micro-batch; NVLink inside a node,
@@ -110,6 +115,7 @@ class Layout:
     zero: int
     micro_batch: int  # sequences per rank per micro-step (--device-batch-size)
     checkpointing: str = "none"  # --activation-checkpointing: "none", "selective" or "full"
+    sequence_parallel: bool = False  # --sequence-parallel (tp > 1)
 
     @property
     def world(self) -> int:
@@ -117,7 +123,8 @@ class Layout:
 
     def flags(self) -> str:
         return (f"--tp {self.tp} --pp {self.pp} --zero {self.zero} --device-batch-size {self.micro_batch}"
-                + (f" --activation-checkpointing {self.checkpointing}" if self.checkpointing != "none" else ""))
+                + (f" --activation-checkpointing {self.checkpointing}" if self.checkpointing != "none" else "")
+                + (" --sequence-parallel" if self.sequence_parallel else ""))
 
 
 @dataclass
@@ -227,7 +234,8 @@ def stage_layers(config: GPTConfig, tp: int, pp: int, stage: int) -> tuple[Layer
 # --- activations ------------------------------------------------------------------------------------------------
 
 def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = "bf16",
-                     fused_head_loss: bool = FUSED_HEAD_LOSS_DEFAULT, checkpointing: str = "none") -> dict[str, int]:
+                     fused_head_loss: bool = FUSED_HEAD_LOSS_DEFAULT, checkpointing: str = "none",
+                     sequence_parallel: bool = False) -> dict[str, int]:
     """Bytes autograd saves for backward in one micro-batch's forward, per GPT.layers() kind ("embedding", "block"
     (one block), "head"), on one tp rank; parameters and buffers excluded (they are model states).
 
@@ -242,7 +250,10 @@ def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = 
     raw logits [tokens, vocab / tp] (the softcap cross-entropy saves them) or, with fused_head_loss
     (tensor_parallel.vocab_parallel_linear_loss), nothing of vocabulary size; the targets (int64), the
     log-sum-exp and the trainer's per-token loss weights (fp32). checkpointing "full": a block saves only its
-    input; "selective": a block saves all but the attention's log-sum-exp."""
+    input; "selective": a block saves all but the attention's log-sum-exp. sequence_parallel: every rmsnorm's
+    input and 1/rms hold T / tp positions (so does a fully recomputed block's input), and so does the normed x
+    the column-parallel layers share (kept as this rank's shard and all-gathered again in backward); the LM
+    head's input is kept whole (once per micro-batch, not per layer)."""
     a = DTYPE_BYTES[dtype]
     n = micro_batch * config.sequence_len  # tokens
     C, D = config.n_embd, config.head_dim
@@ -250,20 +261,23 @@ def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = 
     kv = config.n_kv_head // tp if config.n_kv_head % tp == 0 else 1
     from megachat.tensor_parallel import padded_vocab_size
     v_local = min(padded_vocab_size(config.vocab_size, tp) // tp, config.vocab_size)
-    block = n * a * (4 * C + 3 * h * D + 3 * kv * D + 4 * C // tp) + n * 4 * (2 + 2 * h + kv)
+    s = tp if sequence_parallel and tp > 1 else 1  # the residual stream's positions are split s ways
+    # both rmsnorms' inputs and 1/rms, and the normed x that q, k, v and c_fc share (their saved input)
+    sequence = 2 * (2 * n * a * C + n * 4) // s
+    block = sequence + n * a * (3 * h * D + 3 * kv * D + 4 * C // tp) + n * 4 * (2 * h + kv)
     if checkpointing == "full":
-        block = n * a * C
+        block = n * a * C // s
     elif checkpointing == "selective":
         block -= n * 4 * h
-    embedding = n * 8 + (n if tp > 1 else 0) + n * a * C + n * 4
-    head = 2 * n * a * C + n * 4 + n * (8 + 4 + 4) + (0 if fused_head_loss else n * a * v_local)
+    embedding = n * 8 + (n if tp > 1 else 0) + (n * a * C + n * 4) // s
+    head = (n * a * C + n * 4) // s + n * a * C + n * (8 + 4 + 4) + (0 if fused_head_loss else n * a * v_local)
     return {"embedding": embedding, "block": block, "head": head}
 
 
 def stage_activation_bytes(job: Job, layout: Layout, stage: int) -> int:
     """Saved bytes of one micro-batch's forward through one pipeline stage's layers."""
     per = activation_bytes(job.config, layout.tp, layout.micro_batch, job.dtype, job.fused_head_loss,
-                           layout.checkpointing)
+                           layout.checkpointing, layout.sequence_parallel)
     return sum(per[layer.kind] for layer in stage_layers(job.config, layout.tp, layout.pp, stage))
 
 
@@ -291,25 +305,38 @@ class ZeroSettings:
     overlap_comm: bool = False
     prefetch_bucket_size: int = 50_000_000
     max_reuse_distance: int = 1_000_000_000
+    max_live_parameters: int = 1_000_000_000
     param_persistence_threshold: int = 100_000
 
 
 @lru_cache(maxsize=32)
-def zero_settings(zero: int, dtype: str, ds_config: str | None = None) -> ZeroSettings:
-    """Read the DeepSpeed JSON the trainer would use (megachat.trainer.ds_config) and fill in DeepSpeed's defaults."""
+def zero_settings(zero: int, dtype: str, ds_config: str | None = None, model_numel: int | None = None,
+                  layer_numel: int | None = None) -> ZeroSettings:
+    """Read the DeepSpeed JSON the trainer would use and fill in what megachat.trainer.ds_config sizes from the model
+    (trainer.zero_buckets, given the unsharded model's and its largest layer's elements), then DeepSpeed's defaults."""
     import json
     from pathlib import Path
 
-    from megachat.trainer import CONFIG_DIR
+    from megachat.trainer import CONFIG_DIR, zero_buckets
     path = Path(ds_config) if ds_config else CONFIG_DIR / f"zero{zero}_{dtype}.json"
     z = json.loads(path.read_text()).get("zero_optimization", {})
+    if zero >= 1 and model_numel is not None:
+        z = {**zero_buckets(zero, model_numel, layer_numel), **z}
     d = ZeroSettings()
     return ZeroSettings(reduce_bucket_size=int(z.get("reduce_bucket_size", d.reduce_bucket_size)),
                         overlap_comm=bool(z.get("overlap_comm", zero == 3)),
                         prefetch_bucket_size=int(z.get("stage3_prefetch_bucket_size", d.prefetch_bucket_size)),
                         max_reuse_distance=int(z.get("stage3_max_reuse_distance", d.max_reuse_distance)),
+                        max_live_parameters=int(z.get("stage3_max_live_parameters", d.max_live_parameters)),
                         param_persistence_threshold=int(z.get("stage3_param_persistence_threshold",
                                                               d.param_persistence_threshold)))
+
+
+def job_zero_settings(job: Job, zero: int, ds_config: str | None = None) -> ZeroSettings:
+    """zero_settings for this job's model, as megachat.trainer.ds_config sizes them."""
+    layers = layer_params(job.config, 1)
+    return zero_settings(zero, job.dtype, ds_config, sum(sum(layer.numels) for layer in layers),
+                         max(sum(layer.numels) for layer in layers))
 
 
 def held_elements(layers, dp: int, zero: int) -> list[dict[str, int]]:
@@ -341,10 +368,10 @@ def held_elements(layers, dp: int, zero: int) -> list[dict[str, int]]:
 
 
 def model_state_bytes(layers, dp: int, zero: int, dtype: str, settings: ZeroSettings,
-                      dp_rank: int | None = None) -> dict[str, float]:
+                      dp_rank: int | None = None, micro_batches: int = 1) -> dict[str, float]:
     """weights, grads, optimizer (fp32 master + Muon momentum + AdamW moments) and buffers (DeepSpeed's gradient
     buckets; ZeRO-3's persistent whole parameters go to weights) of one dp rank of a stage (None: the rank holding
-    the most)."""
+    the most), at their most during a step of `micro_batches` micro-batches per rank."""
     w = DTYPE_BYTES[dtype]
     numels = [n for layer in layers for n in layer.numels]
     N = sum(numels)
@@ -356,7 +383,8 @@ def model_state_bytes(layers, dp: int, zero: int, dtype: str, settings: ZeroSett
     if zero == 0:  # fp32 only (check_config refuses bf16 at ZeRO-0): the engine's .grad and the client optimizer
         out.update(weights=w * N, grads=4 * N)
         return out
-    out["optimizer"] += 4 * part  # DeepSpeed's fp32 master partition
+    if dtype != "fp32":  # DeepSpeed's fp32 master partition; in fp32 it is the weights' own (trainer.share_fp32_master)
+        out["optimizer"] += 4 * part
     if zero == 3:
         persistent = sum(n for n in numels if n < settings.param_persistence_threshold)
         out.update(weights=w * part + w * persistent, grads=4 * part,
@@ -369,8 +397,25 @@ def model_state_bytes(layers, dp: int, zero: int, dtype: str, settings: ZeroSett
     # DeepSpeedZeroOptimizer: ZeRO-1 keeps the full fp32 .grad between micro-batches and stages fp32 in its bucket;
     # ZeRO-2 keeps only the fp32 partition and stages each backward's gradients in the model dtype
     out["grads"] = 4 * N if zero == 1 else 4 * part
+    if zero == 2 and dtype == "fp32" and micro_batches > 1:
+        # DeepSpeed 0.19's fp32 path keeps the partition accumulated so far beside the one each further backward
+        # reduces into, and adds them at its end (bf16 accumulates into one fp32 partition)
+        out["grads"] = 8 * part
     out["buffers"] = (4 if zero == 1 else w) * settings.reduce_bucket_size * (2 if settings.overlap_comm else 1)
     return out
+
+
+def predict_gathered_bytes(layers, zero: int, dtype: str, settings: ZeroSettings) -> float:
+    """ZeRO-3's whole copies of partitioned parameters (those not below stage3_param_persistence_threshold) alive at
+    once during forward and backward: DeepSpeed prefetches while fewer than stage3_max_live_parameters are gathered,
+    always fetches the module it runs (at most the largest layer); what it keeps for reuse within
+    stage3_max_reuse_distance counts among the live ones. With DeepSpeed's defaults (1e9 live) the whole stage."""
+    if zero != 3:
+        return 0.0
+    sizes = [[n for n in layer.numels if n >= settings.param_persistence_threshold] for layer in layers]
+    total = sum(sum(s) for s in sizes)
+    largest = max(sum(s) for s in sizes)
+    return DTYPE_BYTES[dtype] * min(total, settings.max_live_parameters + largest)
 
 
 # --- one layout -------------------------------------------------------------------------------------------------
@@ -414,13 +459,16 @@ def predict_memory(job: Job, layout: Layout, hw: Hardware, settings: ZeroSetting
     c, a = job.config, DTYPE_BYTES[job.dtype]
     layers = stage_layers(c, layout.tp, layout.pp, stage)
     m = job.global_batch // (layout.micro_batch * layout.dp)
-    states = model_state_bytes(layers, layout.dp, layout.zero, job.dtype, settings)
+    states = model_state_bytes(layers, layout.dp, layout.zero, job.dtype, settings, micro_batches=m)
     n = layout.micro_batch * c.sequence_len
     flight = in_flight(layout.pp, stage, m)
     acts = stage_activation_bytes(job, layout, stage) * flight
     if layout.pp > 1:  # the pipe engine's buffers per micro-batch in flight: the received input (all but the first
-        # stage) and the output kept for its backward (all but the last; DeepSpeed empties it when tp > 1)
-        acts += flight * n * c.n_embd * a * ((stage > 0) + (stage < layout.pp - 1 and layout.tp == 1))
+        # stage) and the output kept for its backward (all but the last; DeepSpeed empties it when tp > 1 and it
+        # partitions the message; under sequence parallelism each tp rank sends and keeps its own T / tp shard)
+        sp = layout.sequence_parallel
+        acts += flight * n * c.n_embd * a * ((stage > 0) + (stage < layout.pp - 1 and (layout.tp == 1 or sp))) \
+            // (layout.tp if sp else 1)
     # backward transients: the logits' gradient (or one fused chunk) on the head stage; one block's activation
     # gradients ([tokens, 4C/tp] twice, [tokens, C] twice) anywhere
     from megachat.tensor_parallel import padded_vocab_size
@@ -437,8 +485,8 @@ def predict_memory(job: Job, layout: Layout, hw: Hardware, settings: ZeroSetting
     if layout.checkpointing == "full":  # the block being recomputed holds its activations again
         backward += activation_bytes(c, layout.tp, layout.micro_batch, job.dtype)["block"]
     N = sum(sum(layer.numels) for layer in layers)
-    if layout.zero == 3:  # gathered parameters: those re-used within max_reuse_distance stay, plus the prefetch
-        backward += a * min(N, settings.max_reuse_distance // 2 + settings.prefetch_bucket_size)
+    if layout.zero == 3:  # gathered parameters
+        backward += predict_gathered_bytes(layers, layout.zero, job.dtype, settings)
     elif layout.zero == 1 and job.dtype == "bf16" and layout.dp > 1:  # the engine's flattened all-reduce bucket
         backward += 4 * min(N, settings.reduce_bucket_size)
     # optimizer-step transients: Muon's packed fp32 g/update (x3) and whole matrices at their owners (gathered,
@@ -466,11 +514,15 @@ def predict_time(job: Job, layout: Layout, hw: Hardware, settings: ZeroSettings)
     act = n * c.n_embd * a
     tp_nodes = _spans_nodes(0, tp, 1, hw)
     tp_ar = 2 * (tp - 1) / tp * act / _group_busbw(tp, tp_nodes, hw) if tp > 1 else 0.0
+    # a block's tp collectives in all-reduce equivalents: 2 forward, 2 backward; under sequence parallelism an
+    # all-gather + reduce-scatter pair replaces each all-reduce, plus the 2 re-gathers of the column inputs
+    per_block = 5 if layout.sequence_parallel else 4
     stage_ranks = tp * dp
     crosses = pp > 1 and _spans_nodes(0, 2, stage_ranks, hw) > 1
-    # DeepSpeed sends 1/tp of the activation from each tp rank and all-gathers it inside the tp group
+    # DeepSpeed sends 1/tp of the activation from each tp rank and all-gathers it inside the tp group; under
+    # sequence parallelism each tp rank sends its own 1/tp and nothing is gathered
     p2p = 2 * (act / tp / (hw.ib_busbw_per_gpu if crosses else hw.nvlink_busbw)
-               + (tp - 1) / tp * act / hw.nvlink_busbw) if pp > 1 else 0.0
+               + (0 if layout.sequence_parallel else (tp - 1) / tp * act / hw.nvlink_busbw)) if pp > 1 else 0.0
     dp_nodes = _spans_nodes(0, dp, tp, hw)
     dp_bw = _group_busbw(dp, dp_nodes, hw)
     w = DTYPE_BYTES[job.dtype]
@@ -499,7 +551,7 @@ def predict_time(job: Job, layout: Layout, hw: Hardware, settings: ZeroSettings)
         held = max(h["matrix"] + h["adam"] for h in held_elements(layers, dp, layout.zero))
         stages.append(_StageTime(
             compute=_flops_per_token(c, layers, layout.checkpointing) * n / tp / flops_rate,
-            tp_comm=sum(4 if layer.kind == "block" else 1 for layer in layers) * tp_ar,  # embedding, head: 1 each
+            tp_comm=sum(per_block if layer.kind == "block" else 1 for layer in layers) * tp_ar,  # embedding, head: 1
             pp_comm=p2p, dp_micro=dp_micro, dp_step=dp_step,
             optimizer=exchange + ns + OPTIMIZER_BYTES_PER_ELEMENT * held / hw.hbm_bandwidth))
     slowest = max(stages, key=lambda t: t.micro)
@@ -532,7 +584,7 @@ def _model_flops_per_token(fields: tuple) -> float:
 
 def predict(job: Job, layout: Layout, hw: Hardware = Hardware(), ds_config: str | None = None) -> Prediction:
     """Memory (the stage that needs the most) and step time of one layout; no validity check (see plan)."""
-    settings = zero_settings(layout.zero, job.dtype, ds_config)
+    settings = job_zero_settings(job, layout.zero, ds_config)
     memories = [predict_memory(job, layout, hw, settings, s) for s in range(layout.pp)]
     stage = max(range(layout.pp), key=lambda s: memories[s].total)
     time = predict_time(job, layout, hw, settings)
@@ -586,6 +638,7 @@ def layout_error(job: Job, layout: Layout, hw: Hardware, world: int | None = Non
                       device_batch_size=layout.micro_batch, total_batch_size=job.total_batch_size,
                       num_iterations=1, tp=layout.tp, pp=layout.pp, zero=layout.zero, dtype=job.dtype,
                       n_kv_head=job.config.n_kv_head,
+                      sequence_parallel=layout.sequence_parallel,
                       **({"activation_checkpointing": layout.checkpointing} if layout.checkpointing != "none" else {}))
     if vars(cfg.model_config()) != vars(job.config):
         return f"the model {job.config} is not nanochat's sizing for depth {job.config.n_layer}: megachat trains " \
@@ -603,7 +656,7 @@ def _divisors(n: int) -> list[int]:
 
 def plan(job: Job, nodes: int, hw: Hardware = Hardware(), *, tp: int | None = None, pp: int | None = None,
          dp: int | None = None, zero: int | None = None, micro_batch: int | None = None,
-         checkpointing: str | None = None, ds_config: str | None = None) -> Plan:
+         checkpointing: str | None = None, sequence_parallel: bool | None = None, ds_config: str | None = None) -> Plan:
     """Every layout of nodes x hw.gpus_per_node GPUs (fixed parts as given), predicted and ranked: those that fit
     by step time (Plan.pick chooses among them), those over the memory by their total, and the rejected ones with
     megachat's reason (each reason once per tp, pp, dp, ZeRO stage, and per micro-batch where it depends on it)."""
@@ -624,8 +677,10 @@ def plan(job: Job, nodes: int, hw: Hardware = Hardware(), *, tp: int | None = No
             for z in [zero] if zero is not None else [0, 1, 2, 3]:
                 valid_batch = d is not None and job.global_batch % d == 0
                 batches = [micro_batch] if micro_batch else _divisors(job.global_batch // d) if valid_batch else [1]
-                for b, ck in itertools.product(batches, [checkpointing] if checkpointing else CHECKPOINTING):
-                    layout = Layout(tp=t, pp=p, dp=d or 1, zero=z, micro_batch=b, checkpointing=ck)
+                sps = [sequence_parallel] if sequence_parallel is not None else [False, True] if t > 1 else [False]
+                for b, ck, sp in itertools.product(batches, [checkpointing] if checkpointing else CHECKPOINTING, sps):
+                    layout = Layout(tp=t, pp=p, dp=d or 1, zero=z, micro_batch=b, checkpointing=ck,
+                                    sequence_parallel=sp)
                     err = layout_error(job, layout, hw, world)
                     if err:
                         keys = {"tp": t, "pp": p, **({"dp": d} if d else {}), "zero": z,
@@ -675,7 +730,8 @@ def model_storages(model) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
 
 
-_GRAD_ATTRS = ("averaged_gradients", "grads_in_partition", "fp32_groups_gradients_flat", "grad_partitions_flat_buffer")
+_GRAD_ATTRS = ("averaged_gradients", "all_grad_tensors", "grads_in_partition", "fp32_groups_gradients_flat",
+               "grad_partitions_flat_buffer")
 _MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
 
 
@@ -690,15 +746,33 @@ def _tensors(obj, depth=0):
             yield from _tensors(v, depth + 1)
 
 
-def model_state_census(engine, model) -> dict[str, int]:
-    """Bytes this rank holds, tensor by tensor, each storage once: weights (the parameters, or their ZeRO-3
-    partitions and persistent whole copies), grads (.grad and DeepSpeed's gradient buffers), optimizer
-    (DeepSpeed's fp32 master partition and HybridOptimizer's state), buffers (DeepSpeed's gradient buckets)."""
+def live_storages() -> set[int]:
+    """data_ptrs of every tensor storage the garbage collector reaches now (for model_state_census's `exclude`)."""
+    import gc
+    import warnings
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        return {o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and not o.is_meta}
+
+
+def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[str, int]:
+    """Bytes this rank holds now, counted tensor by tensor, each storage once (views share it), by what it is:
+    weights (the parameters, or their ZeRO-3 partitions and persistent whole copies), grads (.grad and DeepSpeed's
+    gradient partitions), optimizer (DeepSpeed's fp32 master partition where it is not the weights' own and
+    HybridOptimizer's state), buffers (DeepSpeed's gradient buckets), gathered (ZeRO-3's whole copies of partitioned
+    parameters, alive between their all-gather and their release) and other: every further tensor the garbage
+    collector can reach (batches, activations kept from Python, anything held by mistake). The model's own buffers
+    (the RoPE tables) and the storages in `exclude` (live_storages() before the trainer was built) are left out."""
+    import gc
+    import warnings
+
     from megachat.optim import _unwrap
     wrapper = engine.optimizer
     opt, _ = _unwrap(wrapper)
-    counted: set[int] = set()
-    out = {"weights": 0, "grads": 0, "optimizer": 0, "buffers": 0}
+    counted = {t.untyped_storage().data_ptr() for t in model.buffers() if not t.is_meta} | set(exclude)
+    out = {"weights": 0, "grads": 0, "optimizer": 0, "buffers": 0, "gathered": 0, "other": 0}
 
     def add(kind, tensors):
         for t in tensors:
@@ -709,15 +783,61 @@ def model_state_census(engine, model) -> dict[str, int]:
                 counted.add(s.data_ptr())
                 out[kind] += s.nbytes()
 
-    for bucket in getattr(wrapper, "ipg_buckets", {}).values():  # first: gradients may be views into a bucket
-        add("buffers", _tensors(bucket.buffer))
     params = [p for p in model.parameters() if not p.is_meta]
+    partitioned = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
     add("weights", [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params])
     add("weights", [p.data for p in params if getattr(p, "ds_persist", False)])
+    add("gathered", [p.data for p in partitioned])
+    for bucket in getattr(wrapper, "ipg_buckets", {}).values():  # before grads: gradients may be views into a bucket
+        add("buffers", _tensors(bucket.buffer))
     add("grads", [p.grad for p in params])
     for name in _GRAD_ATTRS:
         add("grads", _tensors(getattr(wrapper, name, None)))
     for name in _MASTER_ATTRS:
         add("optimizer", _tensors(getattr(wrapper, name, None)))
     add("optimizer", _tensors({id(k): v for k, v in opt.state.items()}))
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
+    add("other", [t for t in found if not t.is_meta and t.device.type != "meta"])
+    add("other", [t.grad for t in found if t.is_leaf and t.grad is not None])
     return out
+
+
+def measure_model_states(trainer, batches, exclude: set[int] = frozenset()) -> dict[str, int]:
+    """The most this rank holds of each model_state_census kind during one trainer.train_step(batches) (call it after
+    a first step, so that the optimizer's state exists): counted at the end of every backward (pp = 1), inside
+    backward once the first parameter's gradient has arrived (its last), just before the optimizer step and after
+    the step; ZeRO-3's gathered parameters also after every module's forward and at every gradient's arrival."""
+    engine, model, seen = trainer.ds_engine, trainer.model, []
+    params = [p for p in model.parameters() if not p.is_meta]
+    partitioned = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
+    gathered = [0]
+
+    def census():
+        seen.append(model_state_census(engine, model, exclude))
+
+    def count_gathered(*_):
+        gathered[0] = max(gathered[0], sum({p.data.untyped_storage().data_ptr(): p.data.untyped_storage().nbytes()
+                                            for p in partitioned if p.data.numel()}.values()))
+
+    wrapper = engine.optimizer
+    step, backward = wrapper.step, engine.backward
+    hooks = [params[0].register_post_accumulate_grad_hook(lambda p: census())]  # its gradient arrives last
+    if partitioned:
+        hooks += [m.register_forward_hook(count_gathered) for m in model.modules()]
+        hooks += [p.register_post_accumulate_grad_hook(count_gathered) for p in params[1:]]
+    wrapper.step = lambda *a, **k: (census(), step(*a, **k))[1]
+    if trainer.cfg.pp == 1:
+        engine.backward = lambda *a, **k: (backward(*a, **k), census())[0]
+    try:
+        trainer.train_step(batches)
+        census()
+    finally:
+        wrapper.step, engine.backward = step, backward
+        for h in hooks:
+            h.remove()
+    most = {k: max(c[k] for c in seen) for k in seen[0]}
+    most["gathered"] = max(most["gathered"], gathered[0])
+    return most

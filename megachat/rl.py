@@ -4,8 +4,9 @@ without launching.
 
 - `load_rl_tasks(name, chat_data)`: the train questions in a seeded order (global example number i -> one
   conversation, the same for any dp size and any restart) and the held-out questions evaluation samples.
-- `rollout(engine, conversation, score, sampling, seed)`: one question's `num_samples` completions from the live
-  model (megachat.engine, calculator tool included) and their rewards (the task's score: 1 right, 0 wrong).
+- `rollout(engine, conversation, score, sampling)`: one question's `num_samples` completions from the live model
+  (megachat.engine, calculator tool included, sampled as the megachat.engine.Sampling says) and their rewards (the
+  task's score: 1 right, 0 wrong).
 - `Rollout.advantages()`: reward - the mean reward of that question's samples (no std normalisation); a question
   whose samples all score alike teaches nothing and gets weight 0.
 - `policy_rows(rollouts, seq_len, pad_id)`: (x, y, w) [rows, seq_len], one row per sample = prompt + completion
@@ -18,19 +19,19 @@ without launching.
 - `pass_at_k(...)`: pass@1..k on held-out questions (k = sampling.num_samples), split over dp and summed.
 Sums over the grid count one rank per dp slice (`scores`), as megachat.evaluation.chat_tasks does.
 
-Every question's samples come from a generator seeded by (seed, its global example number) (evaluation: (seed,
-"eval", question)), so the samples do not depend on the layout, a resume draws the same ones, and every tp rank
-of a dp slice, calling the engine with the same arguments, gets the same samples.
+Every question's samples come from a generator seeded by (sampling.seed, its global example number) (evaluation:
+(sampling.seed, "eval", question)), so the samples do not depend on the layout, a resume draws the same ones, and
+every tp rank of a dp slice, calling the engine with the same arguments, gets the same samples.
 """
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from megachat.data import batch_indices
-from megachat.evaluation.chat_tasks import Generation as Sampling  # how the engine samples, as ChatCORE
+from megachat.engine import Sampling
 from megachat.evaluation.loss_eval import all_reduce_sum
 from megachat.tasks import Task
 
@@ -94,14 +95,12 @@ def prompt_length(tokenizer, task: Task, count: int) -> int:
     return max(len(tokenizer.render_for_completion(task[i])) for i in range(min(count, len(task))))
 
 
-def rollout(engine, conversation: dict, score, sampling: Sampling, seed: int) -> Rollout:
-    """sampling.num_samples completions of one question from the engine's model and their rewards (collective
-    over tp: every tp rank of the slice calls it with the same arguments)."""
+def rollout(engine, conversation: dict, score, sampling: Sampling) -> Rollout:
+    """sampling.num_samples completions of one question from the engine's model, seeded by sampling.seed, and
+    their rewards (collective over tp: every tp rank of the slice calls it with the same arguments)."""
     tok = engine.tokenizer
     prompt = tok.render_for_completion(conversation)
-    completions, masks = engine.generate_batch([prompt], num_samples=sampling.num_samples,
-                                               max_tokens=sampling.max_tokens, temperature=sampling.temperature,
-                                               top_k=sampling.top_k, seed=seed)
+    completions, masks = engine.generate_batch([prompt], sampling)
     rewards = [float(score(conversation, tok.decode(c))) for c in completions]
     return Rollout(prompt, completions, masks, rewards)
 
@@ -153,15 +152,17 @@ def check_rl_batch(questions_per_step: int, num_samples: int, device_batch_size:
 
 
 def rollout_batches(engine, task: Task, step: int, questions_per_step: int, sampling: Sampling, *, seq_len: int,
-                    device_batch_size: int, seed: int, dp_rank: int = 0, dp_size: int = 1,
+                    device_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
                     scores: bool = True) -> tuple[list[tuple], dict]:
     """This dp slice's micro-batches of global batch `step` (its contiguous share of questions
-    step*Q .. step*Q+Q-1, example numbers past the task's end wrap into the next epoch), and the batch's
-    {"reward": mean reward, "sequence_length": mean completion tokens} over the world, to which one rank per dp
-    slice contributes (scores=True; evaluation.chat_tasks' convention)."""
+    step*Q .. step*Q+Q-1, example numbers past the task's end wrap into the next epoch; question n is sampled with
+    seed sample_seed(sampling.seed, n)), and the batch's {"reward": mean reward, "sequence_length": mean completion
+    tokens} over the world, to which one rank per dp slice contributes (scores=True; evaluation.chat_tasks'
+    convention)."""
     rollouts = []
     for n in batch_indices(step, questions_per_step, dp_rank, dp_size).tolist():
-        rollouts.append(rollout(engine, task[n % len(task)], task.score, sampling, sample_seed(seed, n)))
+        rollouts.append(rollout(engine, task[n % len(task)], task.score,
+                                replace(sampling, seed=sample_seed(sampling.seed, n))))
     x, y, w = policy_rows(rollouts, seq_len, engine.tokenizer.bos_id)
     sums = torch.tensor([sum(sum(r.rewards) for r in rollouts),
                          sum(len(c) for r in rollouts for c in r.completions), float(x.size(0))],
@@ -171,16 +172,16 @@ def rollout_batches(engine, task: Task, step: int, questions_per_step: int, samp
                                                        "sequence_length": lengths / samples}
 
 
-def pass_at_k(engine, task: Task, sampling: Sampling, *, seed: int, dp_rank: int = 0, dp_size: int = 1,
+def pass_at_k(engine, task: Task, sampling: Sampling, *, dp_rank: int = 0, dp_size: int = 1,
               scores: bool = True) -> dict[str, float]:
     """{"pass@k": fraction of the task's questions that any of their first k samples answers right} for k = 1 ..
-    sampling.num_samples; question i is sampled by dp slice i % dp_size with seed (seed, "eval", i), and counted
-    by the rank of its slice that has scores=True."""
+    sampling.num_samples; question i is sampled by dp slice i % dp_size with seed sample_seed(sampling.seed,
+    "eval", i), and counted by the rank of its slice that has scores=True."""
     k = sampling.num_samples
     counts = torch.zeros(k + 1, dtype=torch.float64)  # questions passed within k = 1..K samples, questions
     for i in range(dp_rank, len(task), dp_size):
-        right = [reward > 0 for reward in rollout(engine, task[i], task.score, sampling,
-                                                  sample_seed(seed, "eval", i)).rewards]
+        seeded = replace(sampling, seed=sample_seed(sampling.seed, "eval", i))
+        right = [reward > 0 for reward in rollout(engine, task[i], task.score, seeded).rewards]
         if scores:
             counts += torch.tensor([float(any(right[:j + 1])) for j in range(k)] + [1.0], dtype=torch.float64)
     all_reduce_sum(counts)

@@ -1,8 +1,13 @@
 """Megatron-style tensor-parallel layers, small and plain, and the helpers that move weights in and out of shards.
 
-- `copy_to_tp_region` / `reduce_from_tp_region`: the two autograd functions of Megatron's TP (identity forward
-  and all-reduce backward, and the reverse). A block calls `copy_to_tp_region` once on the normed input of its
-  column-parallel layers, and each row-parallel layer ends in `reduce_from_tp_region`.
+- `enter_tp_region` / `leave_tp_region`: the autograd functions of Megatron's TP. A block calls
+  `enter_tp_region` once on the normed input of its column-parallel layers (identity forward, all-reduce
+  backward), and each row-parallel layer ends in `leave_tp_region` (all-reduce forward, identity backward).
+- Sequence parallelism (Megatron's, `GPT.set_sequence_parallel`): the residual stream and its norms hold T / tp
+  positions on each tp rank; `enter_tp_region` all-gathers the sequence (reduce-scatter in backward) and
+  `leave_tp_region` reduce-scatters the row-parallel partial sums (all-gather in backward), in place of the
+  all-reduces. The same function, with activations outside the tp region split tp ways. Only while autograd
+  records (`sequence_parallel_now`); the norms have no parameters, so no gradient needs an extra all-reduce.
 - `ColumnParallelLinear` (output features split, partition_dim 0), `RowParallelLinear` (input features split,
   partition_dim 1), `VocabParallelEmbedding` (rows of the vocab split, masked lookup + all-reduce),
   `VocabParallelLMHead` (column-parallel over the vocab, never gathered: the loss is
@@ -68,14 +73,123 @@ class _ReduceFromTPRegion(torch.autograd.Function):
         return grad, None
 
 
-def copy_to_tp_region(x, group):
-    """Identity forward; all-reduce of the gradient over group in backward (no-op when group is None)."""
-    return x if group is None else _CopyToTPRegion.apply(x, group)
+def sequence_parallel_now(enabled):
+    """Whether a layer set for sequence parallelism splits the sequence on this call: only while autograd records.
+    Sequence parallelism exists to shrink what backward keeps; evaluation and generation (any length, a KV cache)
+    take the plain tp path, which computes the same function."""
+    return enabled and torch.is_grad_enabled()
 
 
-def reduce_from_tp_region(x, group):
-    """All-reduce (sum) over group in forward; identity in backward (no-op when group is None)."""
-    return x if group is None else _ReduceFromTPRegion.apply(x, group)
+def _seq_shard_len(T, tp):
+    if T % tp != 0:
+        raise ValueError(f"sequence parallelism splits the {T} positions of a micro-batch over tp = {tp} ranks, "
+                         f"which does not divide them; use a sequence length divisible by {tp} or drop "
+                         f"--sequence-parallel")
+    return T // tp
+
+
+def _all_gather_seq(x, group):
+    """[B, T/tp, C] on each tp rank -> [B, T, C] (rank r's shard at positions r*T/tp..), on every rank."""
+    tp = dist.get_world_size(group)
+    parts = x.new_empty(tp * x.size(0), *x.shape[1:])
+    dist.all_gather_single(parts, x.contiguous(), group=group)
+    B, t = x.size(0), x.size(1)
+    return parts.view(tp, B, t, *x.shape[2:]).transpose(0, 1).reshape(B, tp * t, *x.shape[2:])
+
+
+def _reduce_scatter_seq(x, group):
+    """[B, T, C] partial sums on each tp rank -> this rank's shard [B, T/tp, C] of their sum."""
+    tp = dist.get_world_size(group)
+    B, t = x.size(0), _seq_shard_len(x.size(1), tp)
+    parts = x.reshape(B, tp, t, *x.shape[2:]).transpose(0, 1).contiguous()  # [tp, B, T/tp, C], rank-major
+    out = x.new_empty(B, t, *x.shape[2:])
+    dist.reduce_scatter_single(out, parts.view(tp * B, *parts.shape[2:]), group=group)
+    return out
+
+
+class _GatherFromSequenceParallel(torch.autograd.Function):
+    """Forward all-gather of the sequence shards, backward reduce-scatter (Megatron's sequence parallelism)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_seq(grad, ctx.group), None
+
+
+class _ReduceScatterToSequenceParallel(torch.autograd.Function):
+    """Forward reduce-scatter of partial sums into sequence shards, backward all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _reduce_scatter_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_seq(grad, ctx.group), None
+
+
+class SequenceShard:
+    """The all-gathered input `full` [B, T, C] of column-parallel layers under sequence parallelism, kept for their
+    backward as this rank's `shard` [B, T/tp, C] only and all-gathered again when the first of its `users` layers
+    needs it in backward, once for all of them (Megatron's sequence-parallel linear layers re-gather the same
+    way): a block keeps T / tp positions of its column-parallel inputs instead of T, for one more all-gather."""
+
+    def __init__(self, shard, group, users):
+        self.shard, self.group, self.users_left, self.full = shard, group, users, None
+
+    def gathered(self, shard):
+        if self.full is None:
+            self.full = _all_gather_seq(shard, self.group)
+        full, self.users_left = self.full, self.users_left - 1
+        if self.users_left == 0:  # the last layer holds it now; freed with its backward
+            self.full = None
+        return full
+
+
+class _SequenceParallelLinear(torch.autograd.Function):
+    """F.linear(full, weight), where full is the all-gather of `shared.shard`: saves the shard, not full."""
+
+    @staticmethod
+    def forward(ctx, full, shard, weight, shared):
+        ctx.save_for_backward(shard, weight)
+        ctx.shared = shared
+        return F.linear(full, weight)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        shard, weight = ctx.saved_tensors
+        full = ctx.shared.gathered(shard)
+        grad_weight = grad.reshape(-1, grad.size(-1)).t() @ full.reshape(-1, full.size(-1))
+        return grad @ weight, None, grad_weight, None
+
+
+def column_linear(x, weight, shared=None):
+    """F.linear(x, weight), or with a SequenceShard of x the same product keeping only the shard for backward."""
+    return F.linear(x, weight) if shared is None else _SequenceParallelLinear.apply(x, shared.shard, weight, shared)
+
+
+def enter_tp_region(x, group, sequence_parallel=False):
+    """The input of column-parallel layers: x [B, T, C] as is (its gradient all-reduced in backward), or under
+    sequence parallelism this rank's shard [B, T/tp, C] all-gathered into [B, T, C] (gradient reduce-scattered)."""
+    if group is None:
+        return x
+    return _GatherFromSequenceParallel.apply(x, group) if sequence_parallel else _CopyToTPRegion.apply(x, group)
+
+
+def leave_tp_region(x, group, sequence_parallel=False):
+    """The output of a row-parallel layer: partial sums [B, T, C] all-reduced, or under sequence parallelism
+    reduce-scattered into this rank's shard [B, T/tp, C] of the sequence."""
+    if group is None:
+        return x
+    if sequence_parallel:
+        return _ReduceScatterToSequenceParallel.apply(x, group)
+    return _ReduceFromTPRegion.apply(x, group)
 
 
 def _mark(param, partition_dim):
@@ -109,7 +223,7 @@ def _divide(n, tp, what):
 class ColumnParallelLinear(_TPLayer):
     """y[..., out/tp] = x @ W_shard.T, W_shard = rows tp_rank*out/tp.. of the full [out, in] weight; no bias.
 
-    The input must already be in the tp region (`copy_to_tp_region`); a block does that once for q, k and v.
+    The input must already be in the tp region (`enter_tp_region`); a block does that once for q, k and v.
     """
 
     def __init__(self, in_features, out_features, grid):
@@ -119,8 +233,9 @@ class ColumnParallelLinear(_TPLayer):
         self.partition_dim = 0
         self.weight = _mark(nn.Parameter(torch.empty(local, in_features)), 0)
 
-    def forward(self, x):
-        return F.linear(x, self.weight)
+    def forward(self, x, shared=None):
+        """shared: a SequenceShard of x (sequence parallelism), so that only its shard is kept for backward."""
+        return column_linear(x, self.weight, shared)
 
 
 class RowParallelLinear(_TPLayer):
@@ -134,8 +249,8 @@ class RowParallelLinear(_TPLayer):
         self.weight = _mark(nn.Parameter(torch.empty(out_features, local)), 1)
         self.group = tp_group_of(grid)
 
-    def forward(self, x):
-        return reduce_from_tp_region(F.linear(x, self.weight), self.group)
+    def forward(self, x, sequence_parallel=False):
+        return leave_tp_region(F.linear(x, self.weight), self.group, sequence_parallel)
 
 
 class HeadReplicatedLinear(_TPLayer):
@@ -154,10 +269,10 @@ class HeadReplicatedLinear(_TPLayer):
         self.weight = _mark(nn.Parameter(torch.empty(n_heads * head_dim, in_features)), None)
         self.group = tp_group_of(grid)
 
-    def forward(self, x):
+    def forward(self, x, shared=None):
         # The backward all-reduce sums the rows each rank used into the full gradient, identical on every rank.
-        w = copy_to_tp_region(self.weight, self.group)
-        return F.linear(x, w[self.head * self.head_dim:(self.head + 1) * self.head_dim])
+        w = enter_tp_region(self.weight, self.group)
+        return column_linear(x, w[self.head * self.head_dim:(self.head + 1) * self.head_dim], shared)
 
 
 def padded_vocab_size(vocab_size, tp):
@@ -185,6 +300,7 @@ def vocab_shard(vocab_size, grid):
 
 class VocabParallelEmbedding(_TPLayer):
     """idx [..] int64 -> [.., dim]: each rank looks up the ids of its vocab shard (zeros elsewhere), all-reduce."""
+    sequence_parallel = False  # read by the model's EmbeddingStage (GPT.set_sequence_parallel)
 
     def __init__(self, vocab_size, dim, grid):
         super().__init__()
@@ -194,13 +310,14 @@ class VocabParallelEmbedding(_TPLayer):
         self.weight = _mark(nn.Parameter(torch.empty(self.vocab_stop - self.vocab_start, dim)), 0)
         self.group = tp_group_of(grid)
 
-    def forward(self, idx):
+    def forward(self, idx, sequence_parallel=False):
+        """Under sequence parallelism the partial sums are reduce-scattered: this rank's [B, T/tp, C] shard."""
         if self.group is None:
             return F.embedding(idx, self.weight)
         outside = (idx < self.vocab_start) | (idx >= self.vocab_stop)
         local = torch.where(outside, torch.zeros_like(idx), idx - self.vocab_start)
         out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
-        return reduce_from_tp_region(out, self.group)
+        return leave_tp_region(out, self.group, sequence_parallel)
 
 
 class VocabParallelLMHead(_TPLayer):
@@ -208,6 +325,7 @@ class VocabParallelLMHead(_TPLayer):
 
     The input must be in the tp region. Padding rows of the weight are left out of the logits.
     """
+    sequence_parallel = False  # read by the model's HeadStage (GPT.set_sequence_parallel)
 
     def __init__(self, dim, vocab_size, grid):
         super().__init__()
@@ -350,7 +468,7 @@ def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", i
 def vocab_parallel_linear_loss(hidden, weight, targets, vocab_start, group, reduction="mean", ignore_index=-1,
                                chunk_tokens=None):
     """vocab_parallel_loss(F.linear(hidden, weight), targets, vocab_start, group, reduction) with the matmul fused
-    in: hidden [B, T, C] (in the tp region: its gradient here is this shard's part, which copy_to_tp_region's
+    in: hidden [B, T, C] (in the tp region: its gradient here is this shard's part, which enter_tp_region's
     backward all-reduces), weight [V_local, C] this shard's real rows (global ids vocab_start..), targets [B, T].
     The logits are computed and dropped chunk_tokens tokens at a time, forward and backward (default
     `loss_chunk_tokens`: a chunk's logits within LOSS_CHUNK_BYTES), so no [B*T, V_local] tensor is ever made.

@@ -58,6 +58,8 @@ class TrainConfig:
     lr_scale: float = 1.0  # every base learning rate times this (nanochat's init_lr_frac: SFT 0.02, RL 0.05)
     activation_checkpointing: str = "none"  # "full" or "selective" recomputation (GPT.set_activation_checkpointing)
     compile: bool = False  # torch.compile each block (as nanochat compiles its model); eager under ZeRO-3
+    ns_dtype: str | None = None  # Muon's Newton-Schulz compute dtype, "bf16" or "fp32"; None: the run's dtype
+    sequence_parallel: bool = False  # Megatron's: norms and residual stream hold T / tp positions (tp > 1)
     ds_config: str | None = None  # a DeepSpeed JSON to use instead of configs/ds/zero{Z}_{dtype}.json
 
     def model_config(self) -> GPTConfig:
@@ -90,12 +92,23 @@ def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> N
                         "(a requeue loop needs no logic)")
     p.add_argument("--activation-checkpointing", choices=["none", "full", "selective"], default="none",
                    help="recompute activations in backward: every block's (full) or the attention core's (selective)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="split the sequence over the tp ranks outside attention and MLP (Megatron's sequence "
+                        "parallelism: tp x less activation memory there, same communication volume); needs --tp > 1")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (eager under ZeRO-3)")
     p.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON instead of configs/ds/zero{Z}_{dtype}.json")
     p.add_argument("--out", required=True, help="RUN_DIR")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
+
+
+def config_options(args) -> dict:
+    """The TrainConfig fields that add_trainer_args' flags give: layout, precision, seed, DeepSpeed JSON and the
+    memory and speed switches (every phase passes them through unchanged)."""
+    return dict(tp=args.tp, pp=args.pp, zero=args.zero, dtype=args.dtype, seed=args.seed, ds_config=args.ds_config,
+                activation_checkpointing=args.activation_checkpointing, compile=args.compile,
+                sequence_parallel=args.sequence_parallel)
 
 
 def loop_options(args) -> dict:
@@ -129,6 +142,14 @@ def check_config(cfg: TrainConfig, world: int) -> int:
                          "shards nothing, so it costs what ZeRO-0 would); use --zero 1, or --dtype fp32")
     if cfg.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"--activation-checkpointing {cfg.activation_checkpointing!r}: use none, full or selective")
+    if cfg.ns_dtype not in (None, "bf16", "fp32"):
+        raise ValueError(f"ns_dtype {cfg.ns_dtype!r} is not a Newton-Schulz compute dtype: use bf16 (nanochat's), "
+                         f"fp32, or None for the run's dtype")
+    if cfg.sequence_parallel and cfg.tp == 1:
+        raise ValueError("--sequence-parallel splits the sequence over tensor-parallel ranks: it needs --tp > 1")
+    if cfg.sequence_parallel and cfg.seq_len % cfg.tp:
+        raise ValueError(f"--sequence-parallel splits the {cfg.seq_len} positions of a sequence over --tp {cfg.tp} "
+                         f"ranks: use a --max-seq-len divisible by {cfg.tp}")
     if cfg.total_batch_size % cfg.seq_len:
         raise ValueError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                          f"{cfg.seq_len}: the global batch is a whole number of sequences")
@@ -170,9 +191,68 @@ def ds_config(cfg: TrainConfig, dp: int) -> dict:
                 gradient_clipping=0.0)  # HybridOptimizer clips inside its step by the true global norm
     zero = conf.setdefault("zero_optimization", {})
     zero["stage"] = cfg.zero
+    if cfg.sequence_parallel:  # each tp rank sends its own sequence shard: not the same tensor split tp ways
+        conf["pipeline"] = {**conf.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
     if cfg.zero == 3:  # Muon steps every parameter of a stage at once: one ZeRO-3 sub group must hold them all
         zero["sub_group_size"] = max(int(zero.get("sub_group_size", 1e9)), num_params(cfg) + 1)
+    if cfg.zero >= 1:
+        for key, value in zero_buckets(cfg.zero, num_params(cfg), largest_layer(cfg)).items():
+            zero.setdefault(key, value)  # what the JSON sets wins
     return conf
+
+
+def zero_buckets(zero: int, model_numel: int, layer_numel: int) -> dict:
+    """DeepSpeed's gradient bucket and ZeRO-3 gathering limits (elements) sized from the model: what ds_config fills
+    in where the JSON leaves them out, and what megachat.planner plans with. DeepSpeed's defaults (reduce_bucket_size
+    5e8, stage3_max_live_parameters and stage3_max_reuse_distance 1e9) suit models of billions of parameters; below
+    that one bucket stages every gradient of a backward at once and ZeRO-3 keeps every weight it gathered for forward
+    until its backward, so ZeRO-2 and ZeRO-3 held more than ZeRO-1 (docs/scaling.md, "ZeRO memory, measured").
+    ZeRO-1 keeps whole gradients anyway: a bucket of at most the model. ZeRO-2/3 stage one layer (the largest of
+    GPT.layers()) at a time; ZeRO-3 prefetches one layer, keeps at most two gathered, and keeps a gathered weight
+    only when it is used again within one layer (the LM head, whose backward follows its forward)."""
+    if zero == 1:
+        return {"reduce_bucket_size": min(500_000_000, model_numel)}
+    out = {"reduce_bucket_size": min(500_000_000, layer_numel)}
+    if zero == 3:
+        out.update(stage3_prefetch_bucket_size=layer_numel, stage3_max_live_parameters=2 * layer_numel,
+                   stage3_max_reuse_distance=layer_numel)
+    return out
+
+
+def largest_layer(cfg: TrainConfig) -> int:
+    """Elements of the largest entry of GPT.layers() (embedding, a block or the LM head) of the unsharded model."""
+    with torch.device("meta"):
+        return max(sum(p.numel() for p in layer.parameters())
+                   for layer in GPT(cfg.model_config(), grid=Grid()).layers())
+
+
+def share_fp32_master(ds_optimizer) -> None:
+    """fp32 training at ZeRO >= 1: make DeepSpeed's fp32 master partition the weights' own partition instead of a
+    copy. DeepSpeed copies the master into the weights after every step, so the two are always equal and the copy
+    costs 4 bytes per held element (a third of ZeRO-3's model states). ZeRO-3 means to share it (stage3.py's
+    _create_fp32_partitions, "we don't need another copy of the weights") but compares a torch.device with the
+    device's name, which is never equal, so it copies; ZeRO-1/2 always copy. The master tensor objects stay (the
+    optimizer's param group and state are keyed by them); only their storage becomes the weights'."""
+    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: the flat of each sub group's partitions
+        pairs = list(zip(ds_optimizer.fp32_partitioned_groups_flat, ds_optimizer.fp16_partitioned_groups_flat))
+    elif hasattr(ds_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2: this rank's slice of the flat
+        pairs = [(master, ds_optimizer.parallel_partitioned_bit16_groups[i][
+                      dist.get_rank(group=ds_optimizer.real_dp_process_group[i])])
+                 for i, master in enumerate(ds_optimizer.single_partition_of_fp32_groups)]
+    else:
+        return
+    if not all(m.dtype == w.dtype and m.shape == w.shape and m.device == w.device for m, w in pairs):
+        return
+    for master, weights in pairs:
+        master.data = weights.data
+    if hasattr(ds_optimizer, "single_partition_of_fp32_groups"):
+        ds_optimizer._link_all_hp_params()  # its per-parameter views (safe_get_full_fp32_param) into the new storage
+
+
+def newton_schulz_dtype(cfg: TrainConfig) -> torch.dtype:
+    """Muon's Newton-Schulz compute dtype: cfg.ns_dtype, else the run's (bf16 runs as nanochat; fp32 runs in fp32,
+    which the equivalence tests compare exactly; nanochat itself always runs it in bf16)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ns_dtype or cfg.dtype]
 
 
 def model_flops_per_token(cfg: TrainConfig) -> float:
@@ -467,6 +547,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     dev = device()
     model = build_model(cfg.model_config(), grid, dev, weights=weights, seed=cfg.seed)
     model.set_activation_checkpointing(cfg.activation_checkpointing)
+    model.set_sequence_parallel(cfg.sequence_parallel)
     if cfg.compile and cfg.zero == 3:  # ZeRO-3 gathers each weight in hooks around every module's forward
         if dist.get_rank() == 0:
             print("--compile: ZeRO-3 fetches weights in module hooks that torch.compile cannot trace; running eager",
@@ -482,12 +563,16 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, num_iterations=cfg.num_iterations,
                                 **rates,
                                 warmdown_ratio=cfg.warmdown_ratio, max_grad_norm=cfg.grad_clip,
-                                ns_dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+                                ns_dtype=newton_schulz_dtype(cfg))
     without_deepspeed_shm_allreduce()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts init_distributed's process group
     engine, _, _, _ = deepspeed.initialize(model=pipeline_module(model, grid) if cfg.pp > 1 else model,
                                            optimizer=optimizer, config=ds_config(cfg, dp),
                                            mpu=None if cfg.pp > 1 else grid)
+    if world == 1 and cfg.zero == 0:  # one process: DeepSpeed's gradient all-reduce would only copy every gradient
+        engine.enable_backward_allreduce = False  # into flat buckets and back (an all-reduce over one rank, / 1)
+    if cfg.dtype == "fp32" and cfg.zero >= 1:
+        share_fp32_master(engine.optimizer)
     trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, device=dev, ckpt_dir=ckpt_dir,
                       step=start, flops_per_token=model_flops_per_token(cfg))
     if layout_free is not None:

@@ -15,8 +15,8 @@ import torch.distributed as dist
 
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
-from megachat.trainer import (TrainConfig, add_trainer_args, build_trainer, loop_options, model_flops_per_token,
-                              num_params)
+from megachat.trainer import (TrainConfig, add_trainer_args, build_trainer, config_options, loop_options,
+                              model_flops_per_token, num_params)
 
 
 def parse_args(argv=None):
@@ -55,7 +55,8 @@ def preset_defaults(path) -> dict:
                     tp=layout["tp"], pp=layout["pp"], zero=layout["zero"], dtype=layout["dtype"],
                     total_batch_size=batch["total_batch_size"], device_batch_size=batch["device_batch_size"],
                     target_param_data_ratio=preset["horizon"]["target_param_data_ratio"],
-                    activation_checkpointing=preset["activation_checkpointing"])
+                    activation_checkpointing=preset["activation_checkpointing"],
+                    sequence_parallel=layout.get("sequence_parallel", False))
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"--preset {path}: not a preset tools/plan.py writes ({type(e).__name__}: {e}); make one "
                          f"with python tools/plan.py --preset-out PATH") from None
@@ -86,9 +87,7 @@ def main(argv=None):
     rank = dist.get_rank()
     cfg = TrainConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
-                      num_iterations=1, tp=args.tp, pp=args.pp, zero=args.zero, dtype=args.dtype, seed=args.seed,
-                      n_kv_head=args.n_kv_head, ds_config=args.ds_config,
-                      activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+                      num_iterations=1, n_kv_head=args.n_kv_head, **config_options(args))
     cfg.num_iterations = horizon(args, num_params(cfg), model_flops_per_token(cfg))
     trainer = build_trainer(cfg, args.out, resume=args.resume)
     grid = trainer.grid

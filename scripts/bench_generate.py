@@ -14,10 +14,11 @@ cache's analytic size, layers x 2 x batch x length x local KV heads x head_dim x
 """
 import argparse
 import time
+from dataclasses import replace
 
 import torch
 
-from megachat.engine import Engine, KVCache
+from megachat.engine import Engine, KVCache, Sampling
 from megachat.model import GPTConfig, build_model, nanochat_shapes
 
 
@@ -108,7 +109,8 @@ def cache_memory(depth, batch, length, device, dtype):
     prompts = [[1, 2, 3, 4]] * batch
     cfg, attn = model.config, model.transformer.h[0].attn
     analytic = cfg.n_layer * 2 * batch * length * attn.n_kv_head * attn.head_dim * torch.finfo(dtype).bits // 8
-    for _ in engine.generate(prompts, max_tokens=4, temperature=0):  # warm-up: the first forward's own buffers
+    greedy = Sampling(max_tokens=4, temperature=0)
+    for _ in engine.generate(prompts, greedy):  # warm-up: the first forward's own buffers
         pass
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -118,7 +120,7 @@ def cache_memory(depth, batch, length, device, dtype):
         reset_rss_high_water()
         base = rss_high_water_bytes()
     # temperature 0 and a bos-free vocabulary keep every row decoding to the end: the cache fills completely
-    for _ in engine.generate(prompts, max_tokens=length - 4, temperature=0):
+    for _ in engine.generate(prompts, replace(greedy, max_tokens=length - 4)):
         pass
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss_high_water_bytes()
     return peak - base, analytic

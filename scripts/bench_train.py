@@ -12,10 +12,23 @@ pp > 1 the time of each pipeline instruction is measured by wrapping the engine'
 DeepSpeed 0.19.8's PipelineEngine fails with wall_clock_breakdown on ("bwd_microstep timer has already been
 started"). Each part is the max over ranks (on each rank its parts add up to about the step time).
 The CPU ratio compares the whole run's model FLOP/s with ONE process's fp32 matmul FLOP/s.
+
+Side by side with nanochat (one process, fp32, one thread unless --threads):
+
+    python scripts/bench_train.py --vs-nanochat --compile --depth 4 --max-seq-len 256 --device-batch-size 4
+
+builds nanochat's own GPT, its setup_optimizers() (Muon + AdamW) and torch.compile(model, dynamic=False) as its
+base_train does, next to megachat's trainer at the same depth, sequence length, batch and vocabulary, and alternates
+their steps (the order flips every round, so load on the box hits both alike). Prints the median of each part over
+the timed rounds with the min-max spread, and megachat's tokens/s over nanochat's. nanochat is an optional
+dependency (`import nanochat.gpt`: a checkout of github.com/karpathy/nanochat on PYTHONPATH); without it its column
+reads "absent". (PyPI's `nanochat` 0.1.2 is not it: that sdist holds only the rustbpe tokenizer crate and the README.)
+Both run Muon's Newton-Schulz in bf16, as nanochat always does (TrainConfig.ns_dtype="bf16" for megachat).
 """
 import argparse
 import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -95,6 +108,133 @@ def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
     return 2 * n ** 3 * repeats / (time.perf_counter() - t0)
 
 
+def sync() -> None:
+    """Wait for queued device work, so a timer reads the work itself (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def nanochat_step(cfg: TrainConfig):
+    """nanochat's own training step at cfg's depth / sequence length / batch / vocabulary, one process, fp32: its
+    GPT and init_weights(), its setup_optimizers() (Muon + fused AdamW) and torch.compile(model, dynamic=False) as its
+    base_train; the schedule (lr warmdown, Muon momentum warmup) and gradient clipping at 1.0 as base_train sets them.
+    Returns step(x, y) -> {fwd, bwd, optim} in ms, or None when nanochat cannot be imported. Call it before
+    init_distributed: nanochat picks its distributed optimizers whenever RANK is set."""
+    try:
+        from nanochat.gpt import GPT, GPTConfig
+    except ImportError:
+        return None
+    from megachat.optim import lr_multiplier, muon_momentum
+    mc = cfg.model_config()
+    model = GPT(GPTConfig(sequence_len=mc.sequence_len, vocab_size=mc.vocab_size, n_layer=mc.n_layer,
+                          n_head=mc.n_head, n_kv_head=mc.n_kv_head, n_embd=mc.n_embd))
+    model.init_weights()
+    model.transformer.wte.float()  # nanochat keeps wte in bf16 for CUDA autocast; fp32 here, as every other weight
+    optimizers = model.setup_optimizers()
+    adamw, muon = optimizers
+    compiled = torch.compile(model, dynamic=False)
+    it = 0
+
+    def step(x, y):
+        nonlocal it
+        t0 = time.perf_counter()
+        loss = compiled(x, y)
+        sync()
+        t1 = time.perf_counter()
+        loss.backward()
+        sync()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lrm = lr_multiplier(it, cfg.num_iterations, cfg.warmdown_ratio)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(it)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        sync()
+        it += 1
+        return {"fwd": (t1 - t0) * 1000, "bwd": (t2 - t1) * 1000, "optim": (time.perf_counter() - t2) * 1000}
+    return step
+
+
+def side_by_side(args) -> None:
+    """--vs-nanochat: nanochat's step and megachat's, alternating in one process; prints the markdown table."""
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        raise ValueError("--vs-nanochat compares one process with one process: run it with plain `python`, not a "
+                         "launcher with several ranks")
+    torch.set_num_threads(args.threads)
+    total = args.device_batch_size * args.max_seq_len
+    cfg = TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.max_seq_len,
+                      device_batch_size=args.device_batch_size, total_batch_size=total,
+                      num_iterations=args.warmup + args.steps, zero=args.zero, dtype="fp32", compile=args.compile,
+                      ns_dtype="bf16",  # nanochat's Muon runs Newton-Schulz in bf16 whatever the model's dtype
+                      ds_config=timed_ds_config(args.zero, "fp32"))
+    rank = os.environ.pop("RANK", None)  # nanochat builds its single-process optimizers only without RANK
+    nano = nanochat_step(cfg)
+    if rank is not None:
+        os.environ["RANK"] = rank
+    init_distributed()
+    trainer = build_trainer(cfg)
+    os.unlink(cfg.ds_config)
+    data = SyntheticTokens(args.vocab_size, args.max_seq_len)
+
+    def megachat(x, y):
+        t0 = time.perf_counter()
+        trainer.train_step([(x, y)])
+        sync()
+        step = (time.perf_counter() - t0) * 1000
+        timers = trainer.ds_engine.get_wall_clock_timers()
+        parts = {"fwd": timers["fwd_microstep"], "bwd": timers["bwd_microstep"], "optim": timers["step_microstep"]}
+        return {**parts, "other": step - sum(parts.values()), "step": step}
+
+    def timed_nanochat(x, y):
+        t0 = time.perf_counter()
+        parts = nano(x, y)
+        step = (time.perf_counter() - t0) * 1000
+        return {**parts, "other": step - sum(parts.values()), "step": step}
+
+    runs = {"megachat": megachat, **({"nanochat": timed_nanochat} if nano else {})}
+    rows = {name: [] for name in runs}
+    for i in range(args.warmup + args.steps):
+        (x, y), = data.micro_batches(i, args.device_batch_size, args.device_batch_size, 0, 1)
+        x, y = x.contiguous(), y.contiguous()  # as nanochat's loader hands them (its loss views targets flat)
+        order = list(runs) if i % 2 == 0 else list(reversed(runs))
+        for name in order:
+            rec = runs[name](x, y)
+            if i >= args.warmup:
+                rows[name].append(rec)
+
+    cols = ["fwd", "bwd", "optim", "other", "step"]
+
+    def cell(recs, k):
+        v = [r[k] for r in recs]
+        return f"{statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"
+
+    def tokens_per_s(recs):
+        return total / statistics.median(r["step"] for r in recs) * 1000
+
+    print(f"\nd{args.depth}, T {args.max_seq_len}, batch {args.device_batch_size}, vocab {args.vocab_size}, fp32, "
+          f"{args.threads} thread(s), Newton-Schulz in bf16 in both, megachat ZeRO-{args.zero} with compile "
+          f"{'on' if args.compile else 'off'}; {args.steps} timed steps each after {args.warmup} warm-up, "
+          f"alternating; ms: median (min-max)\n")
+    print("| | fwd ms | bwd ms | optim ms | other ms | step ms | tokens/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in ("nanochat", "megachat"):
+        if name not in rows:
+            print("| nanochat | absent | absent | absent | absent | absent | absent |")
+            continue
+        print(f"| {name} | " + " | ".join(cell(rows[name], k) for k in cols) + f" | {tokens_per_s(rows[name]):,.0f} |")
+    if "nanochat" in rows:
+        best = min(r["step"] for r in rows["nanochat"]) / min(r["step"] for r in rows["megachat"])
+        print(f"\nmegachat / nanochat tokens/s: {tokens_per_s(rows['megachat']) / tokens_per_s(rows['nanochat']):.2f}x "
+              f"(of the median steps; of the fastest steps, the least disturbed by other load: {best:.2f}x)",
+              flush=True)
+    dist.destroy_process_group()
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--depth", type=int, default=4)
@@ -109,8 +249,14 @@ def main(argv=None):
                    help="micro-batches per step (pp > 1 only: the pipeline fills with them; pp = 1 times one)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compile", action="store_true", help="torch.compile megachat's blocks (TrainConfig.compile)")
+    p.add_argument("--vs-nanochat", action="store_true",
+                   help="one process, fp32: nanochat's step and megachat's side by side (see above)")
+    p.add_argument("--threads", type=int, default=1, help="--vs-nanochat: torch.set_num_threads")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.vs_nanochat:
+        return side_by_side(args)
 
     init_distributed()
     world = dist.get_world_size()
@@ -122,7 +268,8 @@ def main(argv=None):
     cfg = TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=total,
                       num_iterations=args.warmup + args.steps, tp=args.tp, pp=args.pp, zero=args.zero,
-                      dtype=args.dtype, ds_config=timed_ds_config(args.zero, args.dtype) if args.pp == 1 else None)
+                      dtype=args.dtype, compile=args.compile,
+                      ds_config=timed_ds_config(args.zero, args.dtype) if args.pp == 1 else None)
     trainer = build_trainer(cfg)
     if cfg.ds_config:
         os.unlink(cfg.ds_config)

@@ -16,10 +16,14 @@ same turn, and /quit or end of input stops every rank.
 import argparse
 import itertools
 import sys
+from dataclasses import replace
 
 import torch.distributed as dist
 
+from megachat.engine import Sampling
+
 COMMANDS = "/clear starts a new conversation, /quit (or end of input) exits"
+DEFAULT_SAMPLING = Sampling(max_tokens=256, temperature=0.6, top_k=50, seed=42)  # nanochat's chat_cli
 
 
 def parse_args(argv=None):
@@ -27,10 +31,11 @@ def parse_args(argv=None):
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch as many with deepspeed)")
     p.add_argument("-p", "--prompt", default=None, help="answer this one prompt and exit")
-    p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
-    p.add_argument("--max-tokens", type=int, default=256, help="most tokens per reply")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed of every reply")
+    d = DEFAULT_SAMPLING
+    p.add_argument("--temperature", type=float, default=d.temperature, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens per reply")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed of every reply")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
     if args.temperature < 0 or args.top_k < 0 or args.max_tokens < 1:
@@ -38,6 +43,8 @@ def parse_args(argv=None):
                 f"{args.max_tokens} >= 1")
     if args.prompt is not None and not args.prompt.strip():
         p.error("-p needs a non-empty prompt")
+    args.sampling = replace(d, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                            seed=args.seed)
     return args
 
 
@@ -57,8 +64,7 @@ def answer(engine, messages, args, out: Output, label: str = "") -> list[dict]:
     """Stream the assistant's reply to `messages` to `out` after `label`; returns it as nanochat parts. Raises the
     engine's ValueError, before printing anything, when the prompt plus --max-tokens does not fit."""
     from megachat.chat import prompt_ids, stream_reply
-    events = stream_reply(engine, prompt_ids(engine.tokenizer, messages), max_tokens=args.max_tokens,
-                          temperature=args.temperature, top_k=args.top_k or None, seed=args.seed)
+    events = stream_reply(engine, prompt_ids(engine.tokenizer, messages), args.sampling)
     first = next(events, None)  # the engine checks the request's length here
     out.write(label)
     parts = []

@@ -15,6 +15,7 @@ import argparse
 import csv
 import io
 import os
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
 
 
 def parse_args(argv=None):
+    from megachat.evaluation.chat_tasks import BATCH_SIZE, CHATCORE_TASKS, DEFAULT_SAMPLING
+    d = DEFAULT_SAMPLING  # nanochat's chat_eval settings
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
     p.add_argument("--checkpoint", default=None,
@@ -33,23 +36,24 @@ def parse_args(argv=None):
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--tasks", default=TASKS, help=f"comma list of {TASKS}")
     p.add_argument("--max-per-task", type=int, default=-1, help="examples per task (-1 = all)")
-    p.add_argument("--num-samples", type=int, default=1, help="samples per problem; passes if any is right")
-    p.add_argument("--max-tokens", type=int, default=512, help="tokens generated per sample at most")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k most likely tokens (0 = all)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per engine call")
-    p.add_argument("--seed", type=int, default=42, help="sampling seed of the first batch (batch b: seed + b)")
+    p.add_argument("--num-samples", type=int, default=d.num_samples, help="samples per problem; passes if any is right")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens generated per sample at most")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--top-k", type=int, default=d.top_k, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="prompts per engine call")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed of the first batch (batch b: seed + b)")
     p.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
-    from megachat.evaluation.chat_tasks import CHATCORE_TASKS
     args.task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in args.task_names if t not in CHATCORE_TASKS]
     if unknown or not args.task_names:
         p.error(f"--tasks {args.tasks}: unknown {unknown}; use a comma list of {TASKS}")
     if args.num_samples < 1 or args.max_tokens < 1 or args.batch_size < 1 or args.temperature < 0:
         p.error("--num-samples, --max-tokens and --batch-size must be >= 1 and --temperature >= 0")
+    args.sampling = replace(d, num_samples=args.num_samples, max_tokens=args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, seed=args.seed)
     return args
 
 
@@ -78,7 +82,7 @@ def main(argv=None):
     args = parse_args(argv)
     from megachat.checkpoint import load_run, read_run_config
     from megachat.engine import Engine
-    from megachat.evaluation.chat_tasks import Generation, centered, evaluate_chatcore, load_chat_task
+    from megachat.evaluation.chat_tasks import centered, evaluate_chatcore, load_chat_task
     from megachat.evaluation.model_eval import GridForward
     from megachat.parallel import device, init_distributed, init_grid
 
@@ -92,14 +96,13 @@ def main(argv=None):
     model, tokenizer, _ = load_run(args.run, grid, dev, dtype, weights_path=args.checkpoint,
                                    tokenizer_dir=args.tokenizer)
     fwd = GridForward(model, grid)
-    generation = Generation(num_samples=args.num_samples, max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_k=args.top_k or None, batch_size=args.batch_size, seed=args.seed)
+    generation = f"{args.sampling}, batch_size {args.batch_size}"
     log = print if rank == 0 else None
     if log:
         log(f"chat_eval: tp {grid.tp} x dp {grid.dp}, tasks {', '.join(args.task_names)}, {generation}")
-    result = evaluate_chatcore(tasks, tokenizer, fwd.letter_logits, Engine(model, tokenizer), generation,
-                               max_per_task=args.max_per_task, dp_rank=grid.dp_rank, dp_size=grid.dp,
-                               scores=fwd.reports, device=dev, log=log)
+    result = evaluate_chatcore(tasks, tokenizer, fwd.letter_logits, Engine(model, tokenizer), args.sampling,
+                               batch_size=args.batch_size, max_per_task=args.max_per_task, dp_rank=grid.dp_rank,
+                               dp_size=grid.dp, scores=fwd.reports, device=dev, log=log)
     if rank == 0:
         rows = write_report(args.run, result, f"tp {grid.tp} x dp {grid.dp}, max_per_task {args.max_per_task}, "
                                               f"{generation}")

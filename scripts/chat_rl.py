@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megachat.monitor import Monitor
 from megachat.parallel import check_layout, init_distributed
-from megachat.trainer import add_trainer_args, build_trainer, config_from_run, loop_options
+from megachat.trainer import add_trainer_args, build_trainer, config_from_run, config_options, loop_options
 
 
 def parse_args(argv=None):
@@ -52,11 +52,15 @@ def main(argv=None):
     args = parse_args(argv)
     from megachat import rl
     from megachat.checkpoint import load_parent
-    from megachat.engine import Engine
+    from megachat.engine import Engine, Sampling
 
     if args.pp != 1:
         raise ValueError(f"--pp {args.pp}: RL samples its rollouts with the inference engine, which runs with pp = "
                          f"1; split the model with --tp and the questions over data-parallel ranks instead")
+    if args.zero == 3:  # every forward would gather the weights over dp, but each dp slice decodes its own questions
+        raise ValueError("--zero 3: ZeRO-3 gathers the weights with a collective over the data-parallel ranks in "
+                         "every forward, and each data-parallel slice's rollouts stop after their own number of "
+                         "decode steps (the ranks would wait on each other forever); use --zero 1 or 2")
     weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     train, held_out, where = rl.load_rl_tasks(args.task, args.chat_data, args.eval_questions, args.seed,
                                               args.eval_data_dir)
@@ -71,15 +75,15 @@ def main(argv=None):
     # lr x (1 - step / num_iterations) (warmdown over the whole run) and no clipping: nanochat's chat_rl
     cfg = config_from_run(parent, seq_len=seq_len, device_batch_size=args.device_batch_size,
                           total_batch_size=Q * args.num_samples * seq_len, num_iterations=num_iterations,
-                          tp=args.tp, pp=1, zero=args.zero, dtype=args.dtype, seed=args.seed,
-                          lr_scale=args.lr_scale, warmdown_ratio=1.0, grad_clip=0.0, ds_config=args.ds_config,
-                          activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+                          lr_scale=args.lr_scale, warmdown_ratio=1.0, grad_clip=0.0,
+                          **{**config_options(args), "pp": 1})
     trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
-    sampling = rl.Sampling(num_samples=args.num_samples, max_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k)
-    evaluation = rl.Sampling(num_samples=args.eval_samples, max_tokens=args.max_new_tokens, temperature=1.0,
-                             top_k=50)  # nanochat's pass@k sampling
+    # seed: the base of every question's own seed (megachat.rl.sample_seed), as the run's --seed
+    sampling = Sampling(num_samples=args.num_samples, max_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=cfg.seed)
+    evaluation = Sampling(num_samples=args.eval_samples, max_tokens=args.max_new_tokens, temperature=1.0, top_k=50,
+                          seed=cfg.seed)  # nanochat's pass@k sampling
     trainer.write_run_config(args.out, phase="rl", parent=os.path.abspath(args.init_from),
                              tokenizer=tokenizer_dir, task=args.task,
                              chat_data=os.path.abspath(args.chat_data) if args.chat_data else None,
@@ -96,7 +100,7 @@ def main(argv=None):
 
     def batches(i):
         micro, stats = rl.rollout_batches(engine, train, i, Q, sampling, seq_len=seq_len,
-                                          device_batch_size=cfg.device_batch_size, seed=cfg.seed, **on_grid)
+                                          device_batch_size=cfg.device_batch_size, **on_grid)
         monitor.log(i + 1, **stats)
         if rank == 0:
             print(f"step {i + 1:6d} rollouts | reward {stats['reward']:.4f} | sequence length "
@@ -104,7 +108,7 @@ def main(argv=None):
         return micro
 
     def evaluate(step):
-        return rl.pass_at_k(engine, held_out, evaluation, seed=cfg.seed, **on_grid)
+        return rl.pass_at_k(engine, held_out, evaluation, **on_grid)
 
     trainer.fit(batches, evaluate, monitor=monitor, **loop_options(args))
     trainer.finish(args.out, monitor)

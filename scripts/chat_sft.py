@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
-from megachat.trainer import add_trainer_args, build_trainer, config_from_run, loop_options
+from megachat.trainer import add_trainer_args, build_trainer, config_from_run, config_options, loop_options
 
 
 def parse_args(argv=None):
@@ -57,9 +57,7 @@ def main(argv=None):
     G, T = args.examples_per_step, args.max_seq_len
     cfg = config_from_run(parent, seq_len=T, device_batch_size=args.device_batch_size, total_batch_size=G * T,
                           num_iterations=args.num_iterations if args.num_iterations > 0 else max(1, len(train) // G),
-                          tp=args.tp, pp=args.pp, zero=args.zero, dtype=args.dtype, seed=args.seed,
-                          warmdown_ratio=1.0, lr_scale=args.lr_scale, ds_config=args.ds_config,
-                          activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+                          warmdown_ratio=1.0, lr_scale=args.lr_scale, **config_options(args))
     trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
     trainer.write_run_config(args.out, phase="sft", parent=os.path.abspath(args.init_from),

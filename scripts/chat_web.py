@@ -16,15 +16,21 @@ import torch.distributed as dist
 
 
 def parse_args(argv=None):
+    from dataclasses import replace
+
+    from megachat.chat_server import DEFAULT_SAMPLING, RequestError, parse_sampling
+    from megachat.engine import Sampling
+    defaults = DEFAULT_SAMPLING  # a request's own values override these
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
     p.add_argument("--checkpoint", default=None, help="weights to serve instead of RUN_DIR/model/ (a checkpoint, an export)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (launch that many processes)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--temperature", type=float, default=0.8, help="default when a request gives none")
-    p.add_argument("--top-k", type=int, default=50, help="default when a request gives none")
-    p.add_argument("--max-tokens", type=int, default=512, help="default reply length when a request gives none")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="default when a request gives none")
+    p.add_argument("--top-k", type=int, default=defaults.top_k, help="default when a request gives none")
+    p.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
+                   help="default reply length when a request gives none")
     p.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one generating; more: 503")
     p.add_argument("--name", default=None, help="model name in responses (default: RUN_DIR's name)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
@@ -32,8 +38,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_queue < 0:
         p.error(f"--max-queue {args.max_queue}: must be >= 0")
-    from megachat.chat_server import RequestError, Sampling, parse_sampling
-    args.defaults = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
+    args.defaults = replace(defaults, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
     try:
         parse_sampling(vars(args.defaults), Sampling())  # the limits a request's own values must meet
     except RequestError as e:

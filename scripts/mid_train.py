@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
-from megachat.trainer import add_trainer_args, build_trainer, config_from_run, loop_options
+from megachat.trainer import add_trainer_args, build_trainer, config_from_run, config_options, loop_options
 
 
 def parse_args(argv=None):
@@ -64,9 +64,7 @@ def main(argv=None):
     cfg = config_from_run(parent, seq_len=args.max_seq_len, device_batch_size=args.device_batch_size,
                           total_batch_size=args.total_batch_size,
                           num_iterations=args.num_iterations if args.num_iterations > 0 else epoch,
-                          tp=args.tp, pp=args.pp, zero=args.zero, dtype=args.dtype, seed=args.seed,
-                          ds_config=args.ds_config,
-                          activation_checkpointing=args.activation_checkpointing, compile=args.compile)
+                          **config_options(args))
     trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
     trainer.write_run_config(args.out, phase="mid", parent=os.path.abspath(args.init_from),

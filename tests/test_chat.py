@@ -6,7 +6,7 @@ import torch
 from test_engine import model_on
 
 from megachat.chat import prompt_ids, stream_reply
-from megachat.engine import Engine
+from megachat.engine import Engine, Sampling
 
 
 def scripted_engine(tok, script):
@@ -37,7 +37,7 @@ def test_a_calculator_call_is_streamed_as_its_expression_and_the_forced_result(t
     forced = len(tok.encode("14")) + 2
     script = [*before, sp("<|python_start|>"), *tok.encode("2+3*4"), sp("<|python_end|>"), *[300] * forced, *after,
               sp("<|assistant_end|>")]
-    events = list(stream_reply(scripted_engine(tok, script), [tok.bos_id], max_tokens=60, temperature=0))
+    events = list(stream_reply(scripted_engine(tok, script), [tok.bos_id], Sampling(max_tokens=60, temperature=0)))
     assert ("python", "2+3*4") in events and ("output", "14") in events
     kinds = [k for k, _ in events]
     assert kinds.index("python") < kinds.index("output")
@@ -51,7 +51,7 @@ def test_a_character_split_over_tokens_is_held_back_until_complete(tok):
     sp = tok.encode_special
     euro = "€".encode()  # 3 bytes, 3 tokens
     script = [*tok.encode("Price "), *(byte_token(tok, b) for b in euro), *tok.encode(" 5"), sp("<|assistant_end|>")]
-    events = list(stream_reply(scripted_engine(tok, script), [tok.bos_id], max_tokens=30, temperature=0))
+    events = list(stream_reply(scripted_engine(tok, script), [tok.bos_id], Sampling(max_tokens=30, temperature=0)))
     pieces = [t for k, t in events if k == "text"]
     assert "".join(pieces) == "Price € 5"
     assert not any("\ufffd" in p for p in pieces)

@@ -15,7 +15,7 @@ from test_chat import scripted_engine
 from test_engine import model_on, random_weights
 
 from megachat.chat import prompt_ids
-from megachat.engine import Engine
+from megachat.engine import Engine, Sampling
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "chat_cli.py")
@@ -47,7 +47,7 @@ def replies(tok):
     messages, out = [], []
     for turn in TURNS:
         messages.append({"role": "user", "content": turn})
-        ids = engine.generate_batch([prompt_ids(tok, messages)], max_tokens=MAX_TOKENS, temperature=0)[0][0]
+        ids = engine.generate_batch([prompt_ids(tok, messages)], Sampling(max_tokens=MAX_TOKENS, temperature=0))[0][0]
         assert not tools & set(ids)  # this test's replies are plain text
         text = tok.decode(ids).rstrip("\ufffd")  # the stream holds back a character cut off by max_tokens
         assert text
@@ -111,7 +111,8 @@ def test_a_tool_call_is_shown_inline_and_kept_as_the_model_made_it(tok, capsys):
     assert parts == [{"type": "text", "text": "So "}, {"type": "python", "text": "2+3*4"},
                      {"type": "python_output", "text": "14"}, {"type": "text", "text": " done"}]
     # the next turn's prompt holds the reply token for token as the engine generated it
-    generated = Engine.generate_batch(scripted_engine(tok, script), [[tok.bos_id]], max_tokens=30, temperature=0)[0][0]
+    generated = Engine.generate_batch(scripted_engine(tok, script), [[tok.bos_id]],
+                                     Sampling(max_tokens=30, temperature=0))[0][0]
     messages = [{"role": "user", "content": "2+3*4?"}, {"role": "assistant", "content": parts},
                 {"role": "user", "content": "ok"}]
     ids = prompt_ids(tok, messages)
@@ -126,7 +127,7 @@ def test_an_empty_reply_is_left_out_of_the_conversation(tok, monkeypatch, capsys
     sp = tok.encode_special
     engine = scripted_engine(tok, [sp("<|assistant_end|>"), *tok.encode("Hi"), sp("<|assistant_end|>")])
     prompts, generate = [], engine.generate
-    engine.generate = lambda ps, **kw: prompts.append(ps[0]) or generate(ps, **kw)
+    engine.generate = lambda ps, sampling: prompts.append(ps[0]) or generate(ps, sampling)
     monkeypatch.setattr(megachat.chat, "load_chat", lambda run, tp: (engine, None))
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
     assert chat_cli.main(["--run", "unused", "--temperature", "0", "--max-tokens", "8"]) == 0

@@ -4,13 +4,15 @@ examples with a tiny random model (real gloo groups), and the script end to end 
 import json
 import os
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 from _dist import run_gloo
 
+from megachat.engine import Sampling
 from megachat.evaluation import sources
-from megachat.evaluation.chat_tasks import (CHAT_BASELINES, CHATCORE_TASKS, ChatCoreResult, Generation, chatcore,
+from megachat.evaluation.chat_tasks import (CHAT_BASELINES, CHATCORE_TASKS, DEFAULT_SAMPLING, ChatCoreResult, chatcore,
                                             eval_indices, evaluate_categorical, evaluate_chatcore, evaluate_generative,
                                             load_chat_task)
 from megachat.model import GPTConfig, nanochat_shapes
@@ -89,15 +91,15 @@ def test_categorical_scoring_picks_the_best_letter_among_the_options_only():
 
 
 class ScriptedEngine:
-    """generate_batch answers prompt p's sample j with replies[p][j]; records each call's prompts and seed."""
+    """generate_batch answers prompt p's sample j with replies[p][j]; records each call's prompts and sampling."""
 
     def __init__(self, replies, max_len=10_000):
         self.tokenizer, self.replies, self.calls, self.max_len = CharTokenizer(), replies, [], max_len
 
-    def generate_batch(self, prompts, num_samples, max_tokens, temperature, top_k, seed):
-        self.calls.append(([self.tokenizer.decode(p) for p in prompts], seed))
+    def generate_batch(self, prompts, sampling: Sampling):
+        self.calls.append(([self.tokenizer.decode(p) for p in prompts], sampling))
         rows = [self.tokenizer.encode(self.replies[self.tokenizer.decode(p)][j]) for p in prompts
-                for j in range(num_samples)]
+                for j in range(sampling.num_samples)]
         return rows, [[1] * len(r) for r in rows]
 
 
@@ -108,14 +110,17 @@ def test_generative_scoring_passes_a_problem_when_any_sample_is_right_and_batche
     replies = {"q0": ["#### 0", "#### 9"], "q1": ["#### 7", "so #### 1"], "q2": ["#### 2.0", "2"],
                "q3": ["#### 3", "#### 3"], "q4": ["", "#### 4,"]}
     engine = ScriptedEngine(replies)
-    acc = evaluate_generative(convs, score, engine, Generation(num_samples=2, batch_size=2, seed=7))
+    two = replace(DEFAULT_SAMPLING, num_samples=2, seed=7)
+    acc = evaluate_generative(convs, score, engine, two, batch_size=2)
     assert acc == pytest.approx(4 / 5)  # all but q2: "2.0" is not "2", and "2" alone has no "####"
-    assert engine.calls == [(["q0", "q1"], 7), (["q2", "q3"], 8), (["q4"], 9)]
+    # batch b samples as asked with seed 7 + b
+    assert engine.calls == [(["q0", "q1"], replace(two, seed=7)), (["q2", "q3"], replace(two, seed=8)),
+                            (["q4"], replace(two, seed=9))]
     # a prompt that does not fit the engine with max_tokens after it fails without being generated
-    engine = ScriptedEngine(replies, max_len=len("q0") + Generation().max_tokens)  # room for q0 only
+    engine = ScriptedEngine(replies, max_len=len("q0") + DEFAULT_SAMPLING.max_tokens)  # room for q0 only
     convs[1]["messages"][0]["content"] = "q1 is a much longer question"
-    acc = evaluate_generative(convs[:2], score, engine, Generation(num_samples=2, batch_size=2, seed=7))
-    assert acc == pytest.approx(1 / 2) and engine.calls == [(["q0"], 7)]
+    acc = evaluate_generative(convs[:2], score, engine, two, batch_size=2)
+    assert acc == pytest.approx(1 / 2) and engine.calls == [(["q0"], two)]
 
 
 def test_chatcore_is_the_mean_centered_accuracy_over_all_six_tasks_only():
@@ -170,8 +175,8 @@ def evaluate(run_dir, grid, tasks):
     model, tokenizer, _ = load_run(str(run_dir), grid, "cpu")
     fwd = GridForward(model, grid)
     result = evaluate_chatcore(tasks, tokenizer, fwd.letter_logits, Engine(model, tokenizer),
-                               Generation(max_tokens=12, batch_size=2), dp_rank=grid.dp_rank, dp_size=grid.dp,
-                               scores=fwd.reports)
+                               replace(DEFAULT_SAMPLING, max_tokens=12), batch_size=2, dp_rank=grid.dp_rank,
+                               dp_size=grid.dp, scores=fwd.reports)
     return {"accuracy": result.accuracy, "chatcore": result.chatcore, "completions": list(RECORDED)}
 
 

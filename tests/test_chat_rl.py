@@ -88,10 +88,12 @@ def test_gsm8k_trains_on_the_fetched_train_split_in_a_seeded_order_and_evaluates
                                                                for i in range(3)]
 
 
-def test_pp_is_refused_before_anything_starts(tmp_path):
+@pytest.mark.parametrize("flags,message", [(["--pp", "2"], "--pp 2: RL samples its rollouts with the inference engine"),
+                                           (["--zero", "3"], "--zero 3: ZeRO-3 gathers the weights with a collective")])
+def test_pp_and_zero3_are_refused_before_anything_starts(tmp_path, flags, message):
     import chat_rl
-    with pytest.raises(ValueError, match="--pp 2: RL samples its rollouts with the inference engine"):
-        chat_rl.main(["--init-from", str(tmp_path), "--out", str(tmp_path / "out"), "--pp", "2"])
+    with pytest.raises(ValueError, match=message):
+        chat_rl.main(["--init-from", str(tmp_path), "--out", str(tmp_path / "out"), *flags])
 
 
 # ---- a tiny SFT-like model whose answers are sometimes right ----
@@ -129,21 +131,21 @@ def sft_run(tmp_path_factory, tok):
 
 
 def test_rollouts_sample_the_live_model_and_score_its_answers(sft_run, tok):
-    from megachat.engine import Engine
+    from megachat.engine import Engine, Sampling
     from megachat.model import build_model
     config = GPTConfig(**json.loads((sft_run / "config.json").read_text())["model"])
     engine = Engine(build_model(config, weights=torch.load(sft_run / "model.pt")), tok)
     train, held_out, where = rl.load_rl_tasks("SpellingBee", eval_questions=4)
     assert where.startswith("SpellingBee train (80,000 synthetic questions")
-    sampling = rl.Sampling(num_samples=8, max_tokens=24, temperature=1.0)
-    r = rl.rollout(engine, train[0], train.score, sampling, seed=rl.sample_seed(42, 0))
-    assert r == rl.rollout(engine, train[0], train.score, sampling, seed=rl.sample_seed(42, 0))
+    sampling = Sampling(num_samples=8, max_tokens=24, temperature=1.0, seed=rl.sample_seed(42, 0))
+    r = rl.rollout(engine, train[0], train.score, sampling)
+    assert r == rl.rollout(engine, train[0], train.score, sampling)
     assert r.prompt == tok.render_for_completion(train[0])
     texts = [tok.decode(c) for c in r.completions]
     assert all(t.startswith("#") for t in texts) and all(m == [1] * len(c) for c, m in zip(r.completions, r.masks))
     assert r.rewards == [float(t.endswith(f"#### {train[0]['answer']}")) for t in texts]
     assert 0 < sum(r.rewards) < len(r.rewards), texts  # some right, some wrong: a learning signal
-    passes = rl.pass_at_k(engine, held_out, rl.Sampling(num_samples=4, max_tokens=24, temperature=1.0), seed=42)
+    passes = rl.pass_at_k(engine, held_out, Sampling(num_samples=4, max_tokens=24, temperature=1.0, seed=42))
     assert list(passes) == ["pass@1", "pass@2", "pass@3", "pass@4"]
     assert all(a <= b for a, b in zip(list(passes.values()), list(passes.values())[1:])), passes
 

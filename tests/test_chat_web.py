@@ -22,8 +22,8 @@ import torch
 from _dist import free_port
 
 from megachat.chat import prompt_ids, stream_reply
-from megachat.chat_server import MAX_MESSAGE_CHARS, Sampling, create_app, generate_reply, reply_pieces
-from megachat.engine import Engine
+from megachat.chat_server import DEFAULT_SAMPLING, MAX_MESSAGE_CHARS, create_app, generate_reply, reply_pieces
+from megachat.engine import Engine, Sampling
 from megachat.model import GPTConfig, nanochat_shapes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,8 +58,9 @@ def expected(engine, messages, max_tokens):
     """The greedy reply: its text, finish reason, and prompt and completion token counts (the stopping token
     counts)."""
     ids = prompt_ids(engine.tokenizer, messages)
-    text = "".join(c for c, _ in reply_pieces(stream_reply(engine, ids, max_tokens=max_tokens, temperature=0)))
-    out, _ = engine.generate_batch([ids], max_tokens=max_tokens, temperature=0)
+    greedy = Sampling(max_tokens=max_tokens, temperature=0)
+    text = "".join(c for c, _ in reply_pieces(stream_reply(engine, ids, greedy)))
+    out, _ = engine.generate_batch([ids], greedy)
     stopped = len(out[0]) < max_tokens
     return text, "stop" if stopped else "length", len(ids), len(out[0]) + stopped
 
@@ -289,7 +290,7 @@ def scripted(engine):
     import uvicorn
     scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(scripted, "scripted", Sampling(), max_queue=1),
+    server = uvicorn.Server(uvicorn.Config(create_app(scripted, "scripted", DEFAULT_SAMPLING, max_queue=1),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -321,9 +322,8 @@ def test_the_same_events_on_every_rank_path(engine):
     """generate_reply is what every tp rank runs: its events for the scripted engine, the done event last."""
     scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
     events = []
-    generate_reply(scripted, {"ids": prompt_ids(engine.tokenizer, HELLO), "sampling": {"max_tokens": 60,
-                                                                                       "temperature": 0}},
-                   events.append)
+    generate_reply(scripted, {"ids": prompt_ids(engine.tokenizer, HELLO),
+                              "sampling": Sampling(max_tokens=60, temperature=0)}, events.append)
     assert "".join(e[1] for e in events if e[0] == "piece") == CALC_REPLY
     forced = len(engine.tokenizer.encode("14")) + 2  # <|output_start|> 14 <|output_end|>
     assert events[-1] == ("done", "stop", len(calculator_script(engine.tokenizer)) + forced)
@@ -412,7 +412,7 @@ def worker_and_follower(rank, run_dir):
     worker, events, done = Worker(engine, heartbeat_s=0.05), [], threading.Event()
     worker.start()
     time.sleep(0.3)
-    worker.submit({"ids": prompt_ids(tok, HELLO), "sampling": {"max_tokens": 16, "temperature": 0}},
+    worker.submit({"ids": prompt_ids(tok, HELLO), "sampling": Sampling(max_tokens=16, temperature=0)},
                   lambda e: (events.append(e), e[0] == "done" and done.set()))
     assert done.wait(60), events
     worker.stop()

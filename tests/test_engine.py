@@ -5,7 +5,7 @@ import pytest
 import torch
 from _dist import run_gloo
 
-from megachat.engine import Engine, KVCache, sample_next
+from megachat.engine import Engine, KVCache, Sampling, sample_next
 from megachat.model import GPTConfig, build_model, nanochat_shapes
 from megachat.parallel import init_grid
 
@@ -36,7 +36,7 @@ def test_cached_logits_equal_a_full_recompute_at_every_step_for_prompts_of_diffe
     engine._logits = lambda idx, cache: seen.append(logits_of(idx, cache)) or seen[-1]
     ps = prompts(tok)
     rows = [list(p) for p in ps for _ in range(2)]
-    steps = list(engine.generate(ps, num_samples=2, max_tokens=8, temperature=1.0, seed=3))
+    steps = list(engine.generate(ps, Sampling(num_samples=2, max_tokens=8, temperature=1.0, seed=3)))
     assert len(steps) == len(seen) == 8  # the prefill's logits, then one decode forward per step but the last
     with torch.no_grad():
         for step, logits in enumerate(seen):
@@ -52,9 +52,9 @@ def test_cached_logits_equal_a_full_recompute_at_every_step_for_prompts_of_diffe
 def test_the_same_seed_gives_the_same_samples_and_samples_of_one_prompt_differ(tok):
     engine = Engine(model_on(), tok)
     ps = [prompts(tok)[0]]
-    a = engine.generate_batch(ps, num_samples=4, max_tokens=10, temperature=1.0, seed=7)
-    b = engine.generate_batch(ps, num_samples=4, max_tokens=10, temperature=1.0, seed=7)
-    c = engine.generate_batch(ps, num_samples=4, max_tokens=10, temperature=1.0, seed=8)
+    a = engine.generate_batch(ps, Sampling(num_samples=4, max_tokens=10, temperature=1.0, seed=7))
+    b = engine.generate_batch(ps, Sampling(num_samples=4, max_tokens=10, temperature=1.0, seed=7))
+    c = engine.generate_batch(ps, Sampling(num_samples=4, max_tokens=10, temperature=1.0, seed=8))
     assert a == b and a != c
     assert len({tuple(t[:3]) for t in a[0]}) > 1  # each sample draws its own first token (nanochat shared it)
 
@@ -62,8 +62,8 @@ def test_the_same_seed_gives_the_same_samples_and_samples_of_one_prompt_differ(t
 def test_greedy_batch_equals_each_prompt_alone(tok):
     engine = Engine(model_on(), tok)
     ps = prompts(tok)
-    batch, _ = engine.generate_batch(ps, max_tokens=8, temperature=0)
-    alone = [engine.generate_batch([p], max_tokens=8, temperature=0)[0][0] for p in ps]
+    batch, _ = engine.generate_batch(ps, Sampling(max_tokens=8, temperature=0))
+    alone = [engine.generate_batch([p], Sampling(max_tokens=8, temperature=0))[0][0] for p in ps]
     assert batch == alone
 
 
@@ -71,13 +71,19 @@ def test_a_request_longer_than_the_cache_is_refused_and_the_cache_never_grows(to
     model = model_on()
     engine = Engine(model, tok, max_len=20)
     with pytest.raises(ValueError, match="exceeds the engine's maximum length 20"):
-        next(engine.generate([prompts(tok)[0]], max_tokens=15))
+        next(engine.generate([prompts(tok)[0]], Sampling(max_tokens=15)))
     cache = KVCache(model, batch=1, max_len=4)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         with pytest.raises(ValueError, match="KV cache of 4 tokens cannot take 5"):
             model(torch.tensor([[4, 5]]), cache=cache)
     assert cache.k.size(2) == 4
+
+
+def test_a_request_without_a_seed_is_refused(tok):
+    engine = Engine(model_on(), tok)
+    with pytest.raises(ValueError, match="sampling.seed is None: draw one for the request"):
+        next(engine.generate([prompts(tok)[0]], Sampling(max_tokens=4, seed=None)))
 
 
 def test_cache_bytes_are_the_analytic_size():
@@ -108,7 +114,7 @@ def test_the_calculator_result_is_forced_into_the_row(tok):
         return logits
 
     engine._logits = scripted
-    out, mask = engine.generate_batch([[tok.bos_id]], max_tokens=30, temperature=0)
+    out, mask = engine.generate_batch([[tok.bos_id]], Sampling(max_tokens=30, temperature=0))
     forced = [t for t, m in zip(out[0], mask[0]) if m == 0]
     assert tok.decode(forced) == "<|output_start|>14<|output_end|>"
     start = out[0].index(sp("<|output_start|>"))
@@ -123,8 +129,8 @@ def tp_worker(rank, tok_dir):
     grid = init_grid(tp=2)
     engine = Engine(model_on(grid), tok)
     cache = KVCache(engine.model, batch=1, max_len=8)
-    return {"greedy": engine.generate_batch(prompts(tok), max_tokens=8, temperature=0)[0],
-            "sampled": engine.generate_batch(prompts(tok)[:1], num_samples=3, max_tokens=6, seed=5)[0],
+    return {"greedy": engine.generate_batch(prompts(tok), Sampling(max_tokens=8, temperature=0))[0],
+            "sampled": engine.generate_batch(prompts(tok)[:1], Sampling(num_samples=3, max_tokens=6, seed=5))[0],
             "kv_heads": cache.k.size(3)}
 
 
@@ -132,8 +138,8 @@ def test_tp2_greedy_and_seeded_samples_equal_one_process(tok, tmp_path):
     tok.save(str(tmp_path / "tok"))
     got = run_gloo(tp_worker, 2, str(tmp_path / "tok"), timeout_s=120)
     engine = Engine(model_on(), tok)
-    want = engine.generate_batch(prompts(tok), max_tokens=8, temperature=0)[0]
-    sampled = engine.generate_batch(prompts(tok)[:1], num_samples=3, max_tokens=6, seed=5)[0]
+    want = engine.generate_batch(prompts(tok), Sampling(max_tokens=8, temperature=0))[0]
+    sampled = engine.generate_batch(prompts(tok)[:1], Sampling(num_samples=3, max_tokens=6, seed=5))[0]
     for r in got:
         assert r["greedy"] == want and r["sampled"] == sampled
         assert r["kv_heads"] == CONFIG["n_kv_head"] // 2  # each tp rank caches only its KV heads

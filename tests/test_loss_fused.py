@@ -15,7 +15,7 @@ from _dist import run_gloo
 from megachat import tensor_parallel
 from megachat.model import GPTConfig, build_model, nanochat_shapes
 from megachat.parallel import Grid, init_grid
-from megachat.tensor_parallel import (VocabParallelLMHead, copy_to_tp_region, loss_chunk_tokens, shard_tensor,
+from megachat.tensor_parallel import (VocabParallelLMHead, enter_tp_region, loss_chunk_tokens, shard_tensor,
                                       vocab_parallel_linear_loss, vocab_parallel_loss)
 
 pytestmark = pytest.mark.timeout(180)
@@ -156,7 +156,7 @@ def tp2_worker(rank):
     for chunk in CHUNKS:
         h = hidden.clone().requires_grad_()
         head.weight.grad = None
-        loss = head.loss(copy_to_tp_region(h, head.group), targets, reduction="none")
+        loss = head.loss(enter_tp_region(h, head.group), targets, reduction="none")
         (loss * weights).sum().backward()
         results[chunk] = (loss.detach(), h.grad, head.weight.grad.clone())
     tensor_parallel.LOSS_CHUNK_BYTES = 5 * 126 * 4  # 5 tokens of a 126-id shard: 10 chunks of the 48 tokens

@@ -32,8 +32,9 @@ DEPTH, VOCAB, SEQ, MICRO = 4, 1024, 64, 2
 STATE_LAYOUTS = {1: [(1, 1, 1, "fp32")],
                  2: [(2, 1, 1, "fp32"), (1, 1, 1, "fp32"), (1, 1, 3, "fp32"), (1, 1, 1, "bf16"), (1, 1, 2, "bf16"),
                      (1, 2, 1, "bf16")]}
-# (tp, pp, dtype) whose saved activations are counted per launch
-ACTIVATION_LAYOUTS = {1: [(1, 1, "fp32"), (1, 1, "bf16")], 2: [(2, 1, "fp32"), (2, 1, "bf16"), (1, 2, "fp32")]}
+# (tp, pp, dtype, sequence parallel) whose saved activations are counted per launch
+ACTIVATION_LAYOUTS = {1: [(1, 1, "fp32", False), (1, 1, "bf16", False)],
+                      2: [(2, 1, "fp32", False), (2, 1, "bf16", False), (2, 1, "bf16", True), (1, 2, "fp32", False)]}
 TOLERANCE = 0.10
 
 
@@ -42,7 +43,7 @@ def _batch(torch, seed=0):
     return torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g)
 
 
-def _activations(torch, tp, pp, dtype):
+def _activations(torch, tp, pp, dtype, sp):
     """[(label, quantity, measured, planned)] of one layout's saved activations on this rank: per layer kind (the
     head unfused and, where megachat has it, fused with the loss; a block under each activation checkpointing
     mode megachat has), or per pipeline stage as the pipeline trains it."""
@@ -53,13 +54,14 @@ def _activations(torch, tp, pp, dtype):
     grid = init_grid(tp, pp) if tp * pp > 1 else Grid()
     config = GPTConfig.from_depth(DEPTH, VOCAB, SEQ)
     model = build_model(config, grid, dtype=torch.bfloat16 if dtype == "bf16" else None)
+    model.set_sequence_parallel(sp)
     x, y = _batch(torch)
     w = torch.ones(MICRO, SEQ)
     exclude = model_storages(model)
-    label = f"tp{tp} pp{pp} {dtype}"
+    label = f"tp{tp} pp{pp} {dtype}" + (" sp" if sp else "")
     fused = hasattr(model, "head_loss")  # megachat's LM head fused with the loss (GPT.head_loss)
     if pp == 1:
-        planned = activation_bytes(config, tp, MICRO, dtype, fused_head_loss=False)
+        planned = activation_bytes(config, tp, MICRO, dtype, fused_head_loss=False, sequence_parallel=sp)
         layers, rows, h = model.layers(), [], x
         for layer, kind in ((layers[0], "embedding"), (layers[1], "block")):
             with saved_tensor_bytes(exclude) as got:
@@ -71,7 +73,8 @@ def _activations(torch, tp, pp, dtype):
                 layers[2](h)
             model.set_activation_checkpointing("none")
             rows.append((label, f"activations: block, {mode} recompute", got["bytes"],
-                         activation_bytes(config, tp, MICRO, dtype, checkpointing=mode)["block"]))
+                         activation_bytes(config, tp, MICRO, dtype, checkpointing=mode,
+                                          sequence_parallel=sp)["block"]))
         for layer in layers[2:-1]:
             h = layer(h)
         with saved_tensor_bytes(exclude) as got:
@@ -81,7 +84,8 @@ def _activations(torch, tp, pp, dtype):
             with saved_tensor_bytes(exclude) as got:
                 model.head_loss(model.layers(fused_loss=True)[-1](h), (y, w))
             rows.append((label, "activations: head fused with the loss", got["bytes"],
-                         activation_bytes(config, tp, MICRO, dtype, fused_head_loss=True)["head"]))
+                         activation_bytes(config, tp, MICRO, dtype, fused_head_loss=True,
+                                          sequence_parallel=sp)["head"]))
         return rows
     # one pipeline stage, as the pipeline trains it: ids into the first, a received hidden state (requires grad, as
     # DeepSpeed's) into the others
@@ -102,7 +106,7 @@ def _model_states(torch, tp, pp, zero, dtype):
     """[(label, quantity, measured, planned)] of one layout's model states on this rank."""
     import torch.distributed as dist
 
-    from megachat.planner import model_state_bytes, model_state_census, stage_layers, zero_settings
+    from megachat.planner import Job, job_zero_settings, model_state_bytes, model_state_census, stage_layers
     from megachat.trainer import TrainConfig, build_trainer
     dp = dist.get_world_size() // (tp * pp)
     cfg = TrainConfig(depth=DEPTH, vocab_size=VOCAB, seq_len=SEQ, device_batch_size=MICRO,
@@ -125,7 +129,9 @@ def _model_states(torch, tp, pp, zero, dtype):
     trainer.train_step(batches)
     got = {k: max(c[k] for c in seen) for k in seen[0]}
     layers = stage_layers(cfg.model_config(), tp, pp, trainer.grid.pp_rank)
-    planned = model_state_bytes(layers, dp, zero, dtype, zero_settings(zero, dtype), dp_rank=trainer.grid.dp_rank)
+    settings = job_zero_settings(Job(cfg.model_config(), cfg.total_batch_size, dtype), zero)
+    planned = model_state_bytes(layers, dp, zero, dtype, settings, dp_rank=trainer.grid.dp_rank,
+                                micro_batches=len(batches))
     label = f"tp{tp} pp{pp} dp{dp} ZeRO-{zero} {dtype}" + (f" stage {trainer.grid.pp_rank}" if pp > 1 else "")
     return [(label, k, got[k], planned[k]) for k in ("weights", "grads", "optimizer", "buffers")]
 
@@ -220,13 +226,15 @@ def test_zero3_states_shrink_with_dp_and_its_gathered_parameters_follow_the_deep
     z1 = predict(job, Layout(tp=1, pp=1, dp=8, zero=1, micro_batch=16), Hardware()).memory
     z3 = predict(job, layout, Hardware()).memory
     assert z3.weights + z3.grads + z3.optimizer < (z1.weights + z1.grads + z1.optimizer) / 3
-    # DeepSpeed's default stage3_max_reuse_distance (1e9) keeps d20's parameters gathered from forward to backward
-    # (up to 5e8 + the 5e7 prefetch, in bf16); a config that releases them at once plans without them
+    # megachat sizes ZeRO-3's gathering from the model (trainer.zero_buckets: at most two layers live, one being
+    # fetched); DeepSpeed's defaults (1e9 live parameters, reuse distance 1e9) keep all of d20 gathered, in bf16
+    from megachat.planner import layer_params
     conf = json.loads((CONFIG_DIR / "zero3_bf16.json").read_text())
-    conf["zero_optimization"].update(stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)
+    conf["zero_optimization"].update(stage3_max_live_parameters=10**9, stage3_max_reuse_distance=10**9)
     (tmp_path / "z3.json").write_text(json.dumps(conf))
-    released = predict(job, layout, Hardware(), ds_config=str(tmp_path / "z3.json")).memory
-    assert z3.workspace - released.workspace == 2 * 550_000_000
+    defaults = predict(job, layout, Hardware(), ds_config=str(tmp_path / "z3.json")).memory
+    sizes = [sum(layer.numels) for layer in layer_params(job.config, 1)]
+    assert defaults.workspace - z3.workspace == 2 * (sum(sizes) - 3 * max(sizes))
 
 
 def main():

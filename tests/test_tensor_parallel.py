@@ -83,6 +83,18 @@ def worker(rank):
     with torch.no_grad():
         results["pipeline_logits"] = model.gather_logits(kernels.softcap(x))
         results["pipeline_loss"] = model.loss(x, targets)
+    model = build(config, grid, random_state_dict(config, seed=2))
+    model.set_sequence_parallel(True)
+    results["small_sp"] = run_model(model, idx, targets)  # logits and per-token losses: no autograd, no split
+    try:  # 15 positions do not split over 2 ranks
+        model(idx[:, :15], targets[:, :15])
+    except ValueError as e:
+        results["sp_error"] = str(e)
+    for mode in ("full", "selective"):  # recomputation replays the sequence-parallel collectives in backward
+        model = build(config, grid, random_state_dict(config, seed=2))
+        model.set_sequence_parallel(True)
+        model.set_activation_checkpointing(mode)
+        results[f"small_sp_{mode}"] = run_model(model, idx, targets)
     results["init"] = full_state_dict(build(config, grid, seed=7))
     results["ce"] = vocab_split_softcap_ce(rank, *ce_inputs())
     return results
@@ -141,6 +153,20 @@ def test_tp2_split_kv_heads_and_padded_vocab_match_single_process(tp2, small_tp1
 def test_tp2_per_token_losses_match_single_process(tp2, small_tp1):
     for r in range(2):
         assert rel_err(tp2[r]["small"]["per_token"], small_tp1["per_token"]) < 1e-5
+
+
+@pytest.mark.parametrize("key", ["small_sp", "small_sp_full", "small_sp_selective"])
+def test_tp2_sequence_parallel_loss_and_gradients_match_single_process(tp2, small_tp1, key):
+    for rank in tp2:
+        got = rank[key]
+        assert rel_err(got["loss"], small_tp1["loss"]) < 1e-5
+        assert rel_err(got["logits"], small_tp1["logits"]) < 1e-5  # evaluation (no autograd) runs unsplit
+        for name, grad in small_tp1["grads"].items():
+            assert rel_err(got["grads"][name], grad) < 1e-5, name
+
+
+def test_tp2_sequence_parallel_refuses_a_length_tp_does_not_divide(tp2):
+    assert "does not divide them" in tp2[0]["sp_error"] and "--sequence-parallel" in tp2[0]["sp_error"]
 
 
 def test_tp2_init_with_real_groups_equals_tp1_init(tp2):

@@ -100,6 +100,17 @@ LAYOUTS = [
 ]
 
 
+
+
+def layout_curve(corpus, tmp_path, name) -> dict:
+    """The loss curve of LAYOUTS' layout `name`: the layout test's, or (a test run alone) made here."""
+    if name not in LAYOUT_CURVES:
+        nprocs, args = next((n, a) for lay, n, a in LAYOUTS if lay == name)
+        train(corpus, tmp_path / "plain", nprocs, *tiny(corpus), *args)
+        LAYOUT_CURVES[name] = curve(tmp_path / "plain")
+    return LAYOUT_CURVES[name]
+
+
 @pytest.mark.parametrize("name,nprocs,args", LAYOUTS, ids=[l[0] for l in LAYOUTS])
 def test_layout_matches_single_process(corpus, reference, tmp_path, name, nprocs, args):
     proc = train(corpus, tmp_path, nprocs, *tiny(corpus), *args)
@@ -321,11 +332,8 @@ CHECKPOINTING = [("tp2", 2, ["--tp", "2"], "full"), ("pp2", 2, ["--pp", "2"], "s
 
 @pytest.mark.parametrize("name,nprocs,args,mode", CHECKPOINTING, ids=[c[0] + "_" + c[3] for c in CHECKPOINTING])
 def test_activation_checkpointing_gives_the_same_losses(corpus, tmp_path, name, nprocs, args, mode):
-    if name not in LAYOUT_CURVES:  # run alone: make the layout's own curve first
-        train(corpus, tmp_path / "plain", nprocs, *tiny(corpus), *args)
-        LAYOUT_CURVES[name] = curve(tmp_path / "plain")
     train(corpus, tmp_path / mode, nprocs, *tiny(corpus), *args, "--activation-checkpointing", mode)
-    assert_same_curve(curve(tmp_path / mode), LAYOUT_CURVES[name], rel=1e-6)
+    assert_same_curve(curve(tmp_path / mode), layout_curve(corpus, tmp_path, name), rel=1e-6)
 
 
 def test_activation_checkpointing_under_dp2_gives_the_same_losses(corpus, dp2_zero1, tmp_path):
@@ -336,3 +344,25 @@ def test_activation_checkpointing_under_dp2_gives_the_same_losses(corpus, dp2_ze
 def test_compiled_blocks_give_the_eager_losses(corpus, reference, tmp_path):
     train(corpus, tmp_path, 1, *tiny(corpus), "--save-every", "2", "--keep-checkpoints", "2", "--compile")
     assert_same_curve(curve(tmp_path), curve(reference), rel=1e-5)
+
+
+COMPILED = [("tp2", 2, ["--tp", "2", "--sequence-parallel"]), ("pp2", 2, ["--pp", "2"])]
+
+
+@pytest.mark.parametrize("name,nprocs,args", COMPILED, ids=[c[0] for c in COMPILED])
+def test_compiled_blocks_give_the_eager_losses_under_tp_and_pp(corpus, tmp_path, name, nprocs, args):
+    # tp's collectives (here sequence parallelism's all-gathers and reduce-scatters) run inside the compiled
+    # blocks; the pipeline engine calls the compiled blocks of its stage
+    train(corpus, tmp_path / "compiled", nprocs, *tiny(corpus), *args, "--compile")
+    assert_same_curve(curve(tmp_path / "compiled"), layout_curve(corpus, tmp_path, name), rel=1e-5)
+
+
+SEQUENCE_PARALLEL = [("tp2", 2, ["--tp", "2"]), ("tp2_pp2_dp2", 8, ["--tp", "2", "--pp", "2"])]
+
+
+@pytest.mark.parametrize("name,nprocs,args", SEQUENCE_PARALLEL, ids=[s[0] for s in SEQUENCE_PARALLEL])
+def test_sequence_parallelism_gives_the_tp_losses(corpus, tmp_path, name, nprocs, args):
+    # the residual stream and norms hold 16 of the 32 positions per tp rank; with pp > 1 each tp rank sends its
+    # own shard to the next stage (DeepSpeed's partitioned pipe messages are turned off for it)
+    train(corpus, tmp_path / "sp", nprocs, *tiny(corpus), *args, "--sequence-parallel")
+    assert_same_curve(curve(tmp_path / "sp"), layout_curve(corpus, tmp_path, name), rel=1e-5)

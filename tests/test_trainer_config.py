@@ -2,7 +2,9 @@
 group is created) with a message naming the value and the fix; the DeepSpeed config gets the batch filled in."""
 import pytest
 
-from megachat.trainer import TrainConfig, check_config, ds_config
+import torch
+
+from megachat.trainer import TrainConfig, check_config, ds_config, newton_schulz_dtype
 
 
 def cfg(**kw):
@@ -23,8 +25,14 @@ def cfg(**kw):
     (dict(pp=8, depth=4), 8, "--pp 8 is larger than the number of layers (4)"),
     (dict(dtype="fp16"), 1, "--dtype 'fp16' is not supported"),
     (dict(dtype="bf16", zero=0), 1, "--dtype bf16 needs --zero >= 1"),
+    (dict(ns_dtype="fp16"), 1, "ns_dtype 'fp16' is not a Newton-Schulz compute dtype"),
+    (dict(sequence_parallel=True), 1, "--sequence-parallel splits the sequence over tensor-parallel ranks: it needs "
+                                      "--tp > 1"),
+    (dict(sequence_parallel=True, tp=2, seq_len=31, total_batch_size=248), 2,
+     "splits the 31 positions of a sequence over --tp 2 ranks: use a --max-seq-len divisible by 2"),
 ], ids=["zero2_pp2", "zero3_pp2", "tp_not_dividing_heads", "tp_multiple_of_kv_heads_ok", "world_not_tp_pp_dp",
-        "batch_not_divisible", "batch_not_whole_sequences", "pp_over_layers", "bad_dtype", "bf16_zero0"])
+        "batch_not_divisible", "batch_not_whole_sequences", "pp_over_layers", "bad_dtype", "bf16_zero0",
+        "bad_ns_dtype", "sp_without_tp", "sp_length_not_divisible"])
 def test_check_config_refuses_bad_layouts_with_a_clear_message(kw, world, message):
     if message is None:
         assert check_config(cfg(**kw), world) == 1
@@ -167,3 +175,17 @@ def test_a_preset_gives_the_defaults_and_flags_on_the_command_line_win():
     assert (override.depth, override.zero) == (4, 0) and override.total_batch_size == 524288
     with pytest.raises(ValueError, match="not a preset tools/plan.py writes"):
         parse_args(["--data", "d", "--tokenizer", "t", "--out", "o", "--preset", __file__])
+
+
+def test_newton_schulz_runs_in_the_runs_dtype_unless_ns_dtype_says_otherwise():
+    assert newton_schulz_dtype(cfg(dtype="fp32")) == torch.float32
+    assert newton_schulz_dtype(cfg(dtype="bf16", zero=1)) == torch.bfloat16
+    assert newton_schulz_dtype(cfg(dtype="fp32", ns_dtype="bf16")) == torch.bfloat16  # nanochat's, in an fp32 run
+
+
+def test_sequence_parallelism_turns_off_deepspeeds_partitioned_pipe_messages():
+    # DeepSpeed sends 1/tp of a stage's output from each tp rank, assuming every tp rank holds the same tensor;
+    # under sequence parallelism each holds its own shard of the sequence
+    assert "pipeline" not in ds_config(cfg(tp=2, pp=2, zero=1), 1)
+    pipe = ds_config(cfg(tp=2, pp=2, zero=1, sequence_parallel=True), 1)["pipeline"]
+    assert pipe["pipe_partitioned"] is False and pipe["grad_partitioned"] is False

@@ -39,6 +39,8 @@ def parse_args(argv=None):
                                                                                          "micro-step")
     p.add_argument("--checkpointing", "--activation-checkpointing", choices=["none", "selective", "full"],
                    default=None, help="fix the activation checkpointing (default: plan all three)")
+    p.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                   help="fix sequence parallelism on or off (default: plan both where tp > 1)")
     p.add_argument("--fused-head-loss", action=argparse.BooleanOptionalAction, default=None,
                    help="plan the LM head fused with the loss (no [tokens x vocab/tp] logits saved) or not; default: "
                         "what megachat's training forward does")
@@ -85,14 +87,14 @@ def hardware_from_args(args):
 def row(rank, pred):
     lay, m, t = pred.layout, pred.memory, pred.time
     return (f"{rank:>4} {lay.tp:>3} {lay.pp:>3} {lay.dp:>4} {lay.zero:>5} {lay.micro_batch:>4} {pred.micro_batches:>5} "
-            f"{lay.checkpointing[:4]:>5} "
+            f"{lay.checkpointing[:4]:>5} {'sp' if lay.sequence_parallel else '':>2} "
             f"{m.total / GiB:7.1f} = {m.weights / GiB:5.1f} {m.grads / GiB:5.1f} {m.optimizer / GiB:5.1f} "
             f"{m.activations / GiB:6.1f} {m.workspace / GiB:5.1f} {t.total:8.3f} {pred.tokens_per_s / 1e3:9,.0f}k "
             f"{100 * pred.mfu:5.1f}%  {t.compute:.3f}/{t.tp_comm:.3f}/{t.pp_comm + t.bubble:.3f}/{t.dp_comm:.3f}/"
             f"{t.muon:.3f}")
 
 
-HEADER = ("rank  tp  pp   dp  zero   mb accum  ckpt  memory GiB = weights grads optim  activ works   step s   "
+HEADER = ("rank  tp  pp   dp  zero   mb accum  ckpt sp  memory GiB = weights grads optim  activ works   step s   "
           "tokens/s    MFU  compute/tp/pp+bubble/dp/muon s")
 
 
@@ -113,7 +115,8 @@ def preset(args, job, hw, pred) -> dict:
                   "seq_len": c.sequence_len, "params": params},
         "hardware": {"nodes": args.nodes, "gpus_per_node": hw.gpus_per_node, "gpu": hw.name,
                      "gpu_memory_gib": round(hw.memory / GiB, 1)},
-        "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero": lay.zero, "dtype": job.dtype},
+        "layout": {"tp": lay.tp, "pp": lay.pp, "dp": lay.dp, "zero": lay.zero, "dtype": job.dtype,
+                   "sequence_parallel": lay.sequence_parallel},
         "batch": {"total_batch_size": job.total_batch_size, "device_batch_size": lay.micro_batch,
                   "grad_accum": pred.micro_batches},
         "horizon": {"target_param_data_ratio": args.target_param_data_ratio, "num_iterations": steps,
@@ -123,8 +126,9 @@ def preset(args, job, hw, pred) -> dict:
         "predicted": {**pred.to_json(), "training_hours": round(steps * pred.time.total / 3600, 1)},
         "base_train_flags": flags,
         "printed_by": "python tools/plan.py " + " ".join(_plan_flags(args)),
-        "note": "scripts/base_train.py does not read presets yet: pass base_train_flags (with --data, --tokenizer, "
-                "--out, ...) under the deepspeed launcher on nodes x gpus_per_node GPUs",
+        "note": "scripts/base_train.py --preset PATH takes these as defaults (flags still win); or pass "
+                "base_train_flags (with --data, --tokenizer, --out, ...) under the deepspeed launcher on nodes x "
+                "gpus_per_node GPUs",
     }
 
 
@@ -137,6 +141,8 @@ def _plan_flags(args) -> list[str]:
         if getattr(args, key) != defaults[key]:
             out.append(f"--{key.replace('_', '-')} {getattr(args, key):g}" if isinstance(getattr(args, key), float)
                        else f"--{key.replace('_', '-')} {getattr(args, key)}")
+    if args.sequence_parallel is not None:
+        out.append("--sequence-parallel" if args.sequence_parallel else "--no-sequence-parallel")
     if args.fused_head_loss is not None:
         out.append("--fused-head-loss" if args.fused_head_loss else "--no-fused-head-loss")
     if args.preset_out:
@@ -155,7 +161,8 @@ def main(argv=None):
     if args.nodes < 1 or args.gpus_per_node < 1:
         raise ValueError(f"--nodes {args.nodes} and --gpus-per-node {args.gpus_per_node} must be >= 1")
     result = plan(job, args.nodes, hw, tp=args.tp, pp=args.pp, dp=args.dp, zero=args.zero,
-                  micro_batch=args.micro_batch, checkpointing=args.checkpointing, ds_config=args.ds_config)
+                  micro_batch=args.micro_batch, checkpointing=args.checkpointing,
+                  sequence_parallel=args.sequence_parallel, ds_config=args.ds_config)
     pick = result.pick(hw)
     if args.json:
         print(json.dumps({"pick": pick.to_json() if pick else None,
@@ -190,8 +197,7 @@ def main(argv=None):
         if result.too_big:
             print("\nexceed the memory (smallest first):")
             for pred in result.too_big[:max(3, args.top // 3)] if args.top > 0 else result.too_big:
-                print(f"  tp {pred.layout.tp} pp {pred.layout.pp} dp {pred.layout.dp} ZeRO-{pred.layout.zero} "
-                      f"mb {pred.layout.micro_batch}: {memory_reason(pred, hw)}")
+                print(f"  {pred.layout.flags()}: {memory_reason(pred, hw)}")
         if result.rejected:
             print("\nrejected, by reason:")
             by_reason = {}

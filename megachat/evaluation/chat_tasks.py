@@ -4,9 +4,10 @@
   the logits of the option letters at its last position pick the answer (model_eval.GridForward.letter_logits,
   tp-sharded). Conversations are split round-robin over dp ranks.
 - Generative (GSM8K, HumanEval, SpellingBee): the inference engine (megachat.engine, KV cache, calculator tool)
-  completes `batch_size` prompts per call; a problem passes when any of its num_samples completions scores
-  (task.score). Batches are cut from the task's example order and dealt round-robin to dp ranks, and batch b
-  samples with seed + b, so every batch is the same under any dp (and greedy results equal one process).
+  completes `batch_size` prompts per call, sampled as a megachat.engine.Sampling says (DEFAULT_SAMPLING: nanochat's
+  chat_eval settings); a problem passes when any of its num_samples completions scores (task.score). Batches are
+  cut from the task's example order and dealt round-robin to dp ranks, and batch b samples with sampling.seed + b,
+  so every batch is the same under any dp (and greedy results equal one process).
 - ChatCORE = the mean over the six tasks of (accuracy - b) / (1 - b), b = 0.25 for the four-option tasks and 0
   for the generative ones; only computed when all six ran.
 Counts are all-reduced over the world with one contribution per dp slice (`scores` is True on one rank of each).
@@ -15,10 +16,11 @@ from __future__ import annotations
 
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from megachat.engine import Sampling
 from megachat.evaluation.loss_eval import all_reduce_sum
 from megachat.tasks import Task
 from megachat.tasks.gsm8k import load_gsm8k
@@ -31,6 +33,9 @@ CHATCORE_TASKS = ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "Sp
 CHAT_BASELINES = {"ARC-Easy": 0.25, "ARC-Challenge": 0.25, "MMLU": 0.25, "GSM8K": 0.0, "HumanEval": 0.0,
                   "SpellingBee": 0.0}
 SPELLING_BEE_SIZE = 256  # test examples, as nanochat
+# how the generative tasks sample: nanochat's chat_eval defaults (-n 1 -m 512 -t 0 -k 50 -b 8)
+DEFAULT_SAMPLING = Sampling(num_samples=1, max_tokens=512, temperature=0.0, top_k=50, seed=42)
+BATCH_SIZE = 8  # prompts per engine call (left-padded by the engine)
 
 
 def load_chat_task(name: str, data_dir=None) -> Task:
@@ -96,41 +101,29 @@ def evaluate_categorical(conversations, tokenizer, letter_logits, *, dp_rank=0, 
     return _reduce_accuracy(counts, len(conversations))
 
 
-@dataclass
-class Generation:
-    """How the generative tasks sample: nanochat's chat_eval defaults (-n 1 -m 512 -t 0 -k 50 -b 8)."""
-    num_samples: int = 1
-    max_tokens: int = 512
-    temperature: float = 0.0
-    top_k: int | None = 50
-    batch_size: int = 8  # prompts per engine call (left-padded by the engine)
-    seed: int = 42       # batch b samples with seed + b
-
-
 @torch.no_grad()
-def evaluate_generative(conversations, score, engine, generation: Generation | None = None, *, dp_rank=0,
-                        dp_size=1, scores=True) -> float:
-    """Fraction of conversations for which any of generation.num_samples completions passes score(conversation,
-    completion text), split over dp by batches. Every tp rank of a dp slice calls this with the same arguments
-    (the engine's forwards are collective over tp); only ranks with scores=True decode and score. A prompt longer
-    than the engine's maximum length minus max_tokens counts as failed."""
-    tok, gen = engine.tokenizer, generation or Generation()
+def evaluate_generative(conversations, score, engine, sampling: Sampling = DEFAULT_SAMPLING, *,
+                        batch_size: int = BATCH_SIZE, dp_rank=0, dp_size=1, scores=True) -> float:
+    """Fraction of conversations for which any of sampling.num_samples completions passes score(conversation,
+    completion text), batch_size prompts per engine call, batch b sampled with seed sampling.seed + b, split over
+    dp by batches. Every tp rank of a dp slice calls this with the same arguments (the engine's forwards are
+    collective over tp); only ranks with scores=True decode and score. A prompt longer than the engine's maximum
+    length minus max_tokens counts as failed."""
+    tok, n = engine.tokenizer, sampling.num_samples
     counts = torch.zeros(2, dtype=torch.float64)  # [passed, counted]
-    n_batches = -(-len(conversations) // gen.batch_size)
+    n_batches = -(-len(conversations) // batch_size)
     for b in range(dp_rank, n_batches, dp_size):
-        batch = conversations[b * gen.batch_size:(b + 1) * gen.batch_size]
+        batch = conversations[b * batch_size:(b + 1) * batch_size]
         prompts = [tok.render_for_completion(conv) for conv in batch]
         # a prompt the engine cannot hold with max_tokens after it counts as failed (the model cannot answer it)
-        fits = [len(p) + gen.max_tokens <= engine.max_len for p in prompts]
+        fits = [len(p) + sampling.max_tokens <= engine.max_len for p in prompts]
         kept = [p for p, f in zip(prompts, fits) if f]
-        rows, _ = engine.generate_batch(kept, num_samples=gen.num_samples, max_tokens=gen.max_tokens,
-                                        temperature=gen.temperature, top_k=gen.top_k,
-                                        seed=gen.seed + b) if kept else ([], [])
+        rows, _ = engine.generate_batch(kept, replace(sampling, seed=sampling.seed + b)) if kept else ([], [])
         if not scores:
             continue
         k = 0
         for conv, fit in zip(batch, fits):
-            samples = rows[k * gen.num_samples:(k + 1) * gen.num_samples] if fit else []
+            samples = rows[k * n:(k + 1) * n] if fit else []
             k += fit
             passed = any(score(conv, tok.decode(tokens)) for tokens in samples)
             counts += torch.tensor([float(passed), 1.0], dtype=torch.float64)
@@ -174,9 +167,11 @@ class ChatCoreResult:
                 f"{', '.join(self.missing)})")
 
 
-def evaluate_chatcore(tasks: list[Task], tokenizer, letter_logits, engine, generation: Generation | None = None, *,
-                      max_per_task=-1, dp_rank=0, dp_size=1, scores=True, device="cpu", log=None) -> ChatCoreResult:
-    """Each task categorically (letter_logits) or generatively (engine), on eval_indices(len, max_per_task)."""
+def evaluate_chatcore(tasks: list[Task], tokenizer, letter_logits, engine, sampling: Sampling = DEFAULT_SAMPLING, *,
+                      batch_size: int = BATCH_SIZE, max_per_task=-1, dp_rank=0, dp_size=1, scores=True, device="cpu",
+                      log=None) -> ChatCoreResult:
+    """Each task categorically (letter_logits) or generatively (engine, sampling, batch_size), on
+    eval_indices(len, max_per_task)."""
     result = ChatCoreResult()
     for task in tasks:
         t0 = time.time()
@@ -185,8 +180,8 @@ def evaluate_chatcore(tasks: list[Task], tokenizer, letter_logits, engine, gener
             acc = evaluate_categorical(conversations, tokenizer, letter_logits, dp_rank=dp_rank, dp_size=dp_size,
                                        scores=scores, device=device)
         else:
-            acc = evaluate_generative(conversations, task.score, engine, generation, dp_rank=dp_rank,
-                                      dp_size=dp_size, scores=scores)
+            acc = evaluate_generative(conversations, task.score, engine, sampling, batch_size=batch_size,
+                                      dp_rank=dp_rank, dp_size=dp_size, scores=scores)
         result.accuracy[task.name], result.examples[task.name] = acc, len(conversations)
         result.kind[task.name] = task.kind
         if log:

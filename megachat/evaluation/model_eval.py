@@ -6,7 +6,8 @@
   and a vocab-parallel argmax of the softcapped logits (each tp rank's best (value, global id), all-gathered:
   [B, T] numbers, not [B, T, V]);
 - letter_logits(ids, token_ids) -> the last position's logits of a few ids (chat_tasks.evaluate_categorical);
-- greedy_samples(model, grid, tokenizer, prompts): greedy continuations (base_train, base_eval).
+- greedy_samples(model, grid, tokenizer, prompts): greedy continuations (base_train, base_eval): the inference
+  engine's (megachat.engine, KV cache) where it runs (pp = 1), else a full recompute per token.
 
 The forward across pipeline stages is megachat.pipeline.StageForward; only tp rank 0 of the last stage returns
 results, every other rank returns None (it took part in the collectives), so each dp slice is counted exactly
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megachat import kernels
+from megachat.engine import Engine, Row, Sampling, Tools
 from megachat.model import SOFTCAP
 from megachat.parallel import Grid
 from megachat.pipeline import StageForward
@@ -79,21 +81,41 @@ class GridForward(StageForward):
 
 @torch.no_grad()
 def greedy_samples(model, grid, tokenizer, prompts, n_tokens=16):
-    """[(prompt, greedy continuation of n_tokens)] on any grid (collective: every rank calls it); each token comes
-    from dp slice 0's reporting rank and is broadcast to all. Recomputes the full context for every token (the
-    inference engine's KV cache is for chat)."""
+    """[(prompt, greedy continuation of at most n_tokens)] on any grid (collective: every rank calls it). Each
+    prompt (after <|bos|>) alone, through the inference engine at temperature 0 where it runs (pp = 1): the
+    continuation ends before <|bos|> (the document's end) or <|assistant_end|>, a calculator call gets its result.
+    Under pp > 1 the same tokens from a full recompute of the context per token (_recomputed_greedy)."""
+    encoded = [tokenizer.encode(prompt, prepend=tokenizer.bos_id) for prompt in prompts]
+    if grid.pp == 1:
+        engine, greedy = Engine(model, tokenizer), Sampling(max_tokens=n_tokens, temperature=0)
+        rows = [engine.generate_batch([ids], greedy)[0][0] for ids in encoded]
+    else:
+        rows = [_recomputed_greedy(model, grid, tokenizer, ids, n_tokens) for ids in encoded]
+    return [(prompt, tokenizer.decode(row)) for prompt, row in zip(prompts, rows)]
+
+
+def _recomputed_greedy(model, grid, tokenizer, ids, n_tokens) -> list[int]:
+    """The engine's greedy continuation of ids where the engine cannot run (pp > 1): the argmax of the softcapped
+    logits of the whole context per token (GridForward.core_forward), from dp slice 0's reporting rank, broadcast
+    to every rank; the engine's Tools end the row and force the calculator's results in."""
+    limit = model.transformer.h[0].attn.cos.size(0)  # the RoPE tables bound positions, as in the engine
+    if len(ids) + n_tokens > limit:
+        raise ValueError(f"prompt of {len(ids)} tokens + {n_tokens} sample tokens exceeds the model's maximum length "
+                         f"{limit}; sample fewer tokens")
     fwd = GridForward(model, grid)
     src = (grid.pp - 1) * grid.tp * grid.dp  # tp rank 0, dp rank 0, last stage
     dev = next(p.device for p in model.parameters() if not p.is_meta)
-    out = []
-    for prompt in prompts:
-        ids = tokenizer.encode(prompt, prepend=tokenizer.bos_id)
-        start = len(ids)
-        for _ in range(n_tokens):
-            res = fwd.core_forward(torch.tensor([ids[-model.config.sequence_len:]], device=dev))
+    tools, row, out = Tools(tokenizer), Row(), []
+    for _ in range(n_tokens):
+        if row.forced:  # the same on every rank: no forward needed (the engine discards its token)
+            token = row.forced.popleft()
+        else:
+            res = fwd.core_forward(torch.tensor([ids + out], device=dev))
             nxt = torch.tensor([res[1][0, -1].item() if res is not None else 0], device=dev)
-            if dist.is_initialized() and grid.world > 1:
-                dist.broadcast(nxt, src=src)
-            ids.append(int(nxt.item()))
-        out.append((prompt, tokenizer.decode(ids[start:])))
+            dist.broadcast(nxt, src=src)
+            token = int(nxt.item())
+        tools.advance(row, token)
+        if row.done:
+            break
+        out.append(token)
     return out
