@@ -5,7 +5,8 @@ Measured, on real gloo ranks (tests/_dist.run_gloo), for a depth-4 model (vocabu
 - activations: the bytes autograd saves in one micro-batch's forward (torch.autograd.graph.saved_tensors_hooks,
   each storage once, parameters and buffers left out), through the kernels' GPU path (the Triton kernels in
   Triton's interpreter, MEGACHAT_TRITON=1): per layer kind at tp 1 and 2, fp32 and bf16 (the LM head with and
-  without the loss fused in, a block under full and selective recomputation), and per pipeline stage at pp 2;
+  without the loss fused in, a block under full and selective recomputation; at tp 2 in bf16 also under sequence
+  parallelism), and per pipeline stage at pp 2;
 - model states: after a first optimizer step under build_trainer (DeepSpeed's real optimizers), the most each
   rank holds of weights, gradients, optimizer state (fp32 master + Muon momentum + AdamW moments) and DeepSpeed's
   gradient buckets (megachat.planner.model_state_census), taken at the end of every backward, inside backward
