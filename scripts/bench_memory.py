@@ -6,9 +6,12 @@ For every (dtype, ZeRO stage): builds the trainer (megachat.trainer.build_traine
 takes one step on synthetic tokens, then counts during a second step the most each rank holds
 (megachat.planner.measure_model_states: weights, gradients, optimizer state, DeepSpeed's gradient buckets, ZeRO-3's
 gathered parameters, and every other tensor the garbage collector reaches) and prints the largest over ranks as a
-markdown table, with megachat.planner.model_state_bytes' prediction for the same rank (MB = 1e6 bytes).
+markdown table, with megachat.planner.model_state_bytes' prediction for the same rank (MB = 1e6 bytes). Last, each
+rank's peak RSS over the whole launch (the process: Python, torch, DeepSpeed and every trainer built), min-max over
+ranks: run one --zero stage per launch to compare stages by it.
 """
 import argparse
+import resource
 
 import torch
 import torch.distributed as dist
@@ -72,6 +75,12 @@ def main(argv=None):
                 print(f"| {zero} | {dtype} | " + " | ".join(cells) + f" | {states / 1e6:.1f} ({planned_states / 1e6:.1f}) |",
                       flush=True)
             del trainer
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], dtype=torch.float64)  # KiB
+    low, high = rss.clone(), rss.clone()
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    if talk:
+        print(f"\npeak RSS per rank over the launch: {low.item() / 1e9:.2f}-{high.item() / 1e9:.2f} GB")
     dist.barrier()
     dist.destroy_process_group()
 
