@@ -296,15 +296,16 @@ class GPT(nn.Module):
         return gather_vocab_logits(logits, self.config.vocab_size, self.lm_head.group)
 
     @torch.no_grad()
-    def init_weights(self, seed):
+    def init_weights(self, seed, params=None):
         """nanochat's init, drawn for each full matrix from a generator seeded by (seed, parameter name) and sliced
-        to this rank's shard, so every layout starts from the same weights. Parameters still on the meta device
-        (layers of other pipeline stages) are skipped; RoPE tables are recomputed."""
-        params = self._materialized_parameters()
+        to this rank's shard, so every layout starts from the same weights. params: {name: parameter} to fill
+        (default: every one not on the meta device, i.e. not of another pipeline stage's layers, and the RoPE
+        tables recomputed)."""
         shapes = nanochat_shapes(self.config)
-        for name, p in params.items():
+        for name, p in (self._materialized_parameters() if params is None else params).items():
             p.copy_(shard_tensor(init_full_weight(name, shapes[name], seed), p, self.grid.tp_rank, self.grid.tp))
-        self._reset_rotary()
+        if params is None:
+            self._reset_rotary()
 
     def _materialized_parameters(self):
         params = {n: p for n, p in self.named_parameters() if not p.is_meta}
@@ -353,9 +354,10 @@ def init_full_weight(name, shape, seed):
 
 
 @torch.no_grad()
-def load_nanochat_state_dict(model, state_dict):
+def load_nanochat_state_dict(model, state_dict, params=None):
     """Load a nanochat state dict (full weights under nanochat's names; a `_orig_mod.` prefix from torch.compile
-    is accepted) into this rank's shards. Parameters on the meta device (other pipeline stages) are skipped."""
+    is accepted) into this rank's shards. Parameters on the meta device (other pipeline stages) are skipped.
+    params: {name: parameter} to fill (default: all of this rank's, and the RoPE tables recomputed)."""
     sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     shapes = nanochat_shapes(model.config)
     missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
@@ -366,9 +368,10 @@ def load_nanochat_state_dict(model, state_dict):
         if tuple(sd[name].shape) != shape:
             raise ValueError(f"state dict entry {name} has shape {tuple(sd[name].shape)}, the model expects "
                              f"{shape}; load a checkpoint made for this model configuration")
-    for name, p in model._materialized_parameters().items():
+    for name, p in (model._materialized_parameters() if params is None else params).items():
         p.copy_(shard_tensor(sd[name].to(p.device), p, model.grid.tp_rank, model.grid.tp))
-    model._reset_rotary()
+    if params is None:
+        model._reset_rotary()
 
 
 @torch.no_grad()
@@ -385,15 +388,25 @@ def build_model(config, grid=None, device="cpu", *, weights=None, seed=0, dtype=
     """The GPT on this rank: built on the meta device (no memory), then only what this rank runs is allocated on
     `device` (with pp > 1 its pipeline stage's layers; the rest stays on meta) and filled from `weights` (full
     weights under nanochat's names) or, without them, nanochat's init drawn from `seed` (each tp shard the slice
-    of the same full init, so every layout starts equal). dtype: cast after filling (None keeps fp32)."""
+    of the same full init, so every layout starts equal). dtype: each layer is cast as soon as it is filled (None
+    keeps fp32), so a rank holds one layer in fp32 beside the rest in dtype, not its whole shard in fp32 (d64 at
+    tp 1, pp 1: 27 GB of bf16 instead of 54 GB of fp32 for a moment). The values are those of casting the whole
+    fp32 model: each weight is filled in fp32, then cast."""
     from megachat.pipeline import stage_layers
     grid = Grid() if grid is None else grid
     with torch.device("meta"):
         model = GPT(config, grid=grid)
+    if weights is not None:
+        load_nanochat_state_dict(model, weights, params={})  # the names and shapes checked before any allocation
     for layer in stage_layers(model, grid):
         layer.to_empty(device=device)
-    if weights is None:
-        model.init_weights(seed)
-    else:
-        load_nanochat_state_dict(model, weights)
-    return model if dtype is None else model.to(dtype)
+        mine = {id(p) for p in layer.parameters()}
+        params = {n: p for n, p in model.named_parameters() if id(p) in mine}
+        if weights is None:
+            model.init_weights(seed, params)
+        else:
+            load_nanochat_state_dict(model, weights, params)
+        if dtype is not None:
+            layer.to(dtype)
+    model._reset_rotary()
+    return model

@@ -545,7 +545,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
             layout_free = checkpoint.layout_free_state(ckpt_dir, tag)
     grid = init_grid(cfg.tp, cfg.pp)
     dev = device()
-    model = build_model(cfg.model_config(), grid, dev, weights=weights, seed=cfg.seed)
+    model = build_model(cfg.model_config(), grid, dev, weights=weights, seed=cfg.seed,
+                        dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)  # DeepSpeed would cast it anyway
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.set_sequence_parallel(cfg.sequence_parallel)
     if cfg.compile and cfg.zero == 3:  # ZeRO-3 gathers each weight in hooks around every module's forward
