@@ -10,7 +10,7 @@
 - init: linear N(0, 1/sqrt(fan_in) * min(1, sqrt(fan_out / fan_in))), embedding N(0, 1), lm_head and both c_proj 0
 
 Tensor parallelism (megachat/tensor_parallel.py) splits heads, the MLP width and the vocab over `grid.tp`
-ranks; with tp = 1 the model is exactly the plain one (same shapes and math as nanochat). Parameter names are
+ranks, and with `set_sequence_parallel` the sequence outside them while training; with tp = 1 the model is exactly the plain one (same shapes and math as nanochat). Parameter names are
 nanochat's, so nanochat checkpoints load with `load_nanochat_state_dict` and `full_state_dict` writes them.
 Built on the meta device, then only this rank's part is allocated: `build_model(config, grid, device,
 weights=... | seed=...)` is the one way every entry point (training, evaluation, sampling) gets a model.
@@ -135,8 +135,9 @@ class CausalSelfAttention(nn.Module):
         self.cos, self.sin = rotary_tables(self.cos.size(0), self.head_dim, self.cos.device)
 
     def forward(self, x, cache=None):
-        """x [B, T, C] -> [B, T, C]. cache: a megachat.engine.KVCache holding the earlier tokens' keys and values
-        (inference): x's tokens come after them, at each row's own positions."""
+        """x [B, T, C] -> [B, T, C] (under sequence parallelism while training, this rank's [B, T/tp, C] in and out).
+        cache: a megachat.engine.KVCache holding the earlier tokens' keys and values (inference): x's tokens come
+        after them, at each row's own positions."""
         sp = sequence_parallel_now(self.sequence_parallel)
         full = enter_tp_region(x, self.group, sp)  # one all-reduce (or gather) in backward for q, k and v together
         B, T, _ = full.shape
