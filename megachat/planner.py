@@ -746,15 +746,19 @@ def _tensors(obj, depth=0):
             yield from _tensors(v, depth + 1)
 
 
-def live_storages() -> set[int]:
-    """data_ptrs of every tensor storage the garbage collector reaches now (for model_state_census's `exclude`)."""
+def _live_tensors() -> list[torch.Tensor]:
+    """Every tensor (not on the meta device) the garbage collector reaches now, after a collection."""
     import gc
     import warnings
     gc.collect()
     with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
         warnings.simplefilter("ignore")
-        return {o.untyped_storage().data_ptr() for o in gc.get_objects()
-                if isinstance(o, torch.Tensor) and not o.is_meta}
+        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
+
+
+def live_storages() -> set[int]:
+    """data_ptrs of every tensor storage the garbage collector reaches now (for model_state_census's `exclude`)."""
+    return {t.untyped_storage().data_ptr() for t in _live_tensors()}
 
 
 def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[str, int]:
@@ -765,9 +769,6 @@ def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[s
     parameters, alive between their all-gather and their release) and other: every further tensor the garbage
     collector can reach (batches, activations kept from Python, anything held by mistake). The model's own buffers
     (the RoPE tables) and the storages in `exclude` (live_storages() before the trainer was built) are left out."""
-    import gc
-    import warnings
-
     from megachat.optim import _unwrap
     wrapper = engine.optimizer
     opt, _ = _unwrap(wrapper)
@@ -796,11 +797,8 @@ def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[s
     for name in _MASTER_ATTRS:
         add("optimizer", _tensors(getattr(wrapper, name, None)))
     add("optimizer", _tensors({id(k): v for k, v in opt.state.items()}))
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
-        warnings.simplefilter("ignore")
-        found = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)]
-    add("other", [t for t in found if not t.is_meta and t.device.type != "meta"])
+    found = _live_tensors()
+    add("other", found)
     add("other", [t.grad for t in found if t.is_leaf and t.grad is not None])
     return out
 

@@ -9,8 +9,8 @@ Measured, on real gloo ranks (tests/_dist.run_gloo), for a depth-4 model (vocabu
   parallelism), and per pipeline stage at pp 2;
 - model states: after a first optimizer step under build_trainer (DeepSpeed's real optimizers), the most each
   rank holds of weights, gradients, optimizer state (fp32 master + Muon momentum + AdamW moments) and DeepSpeed's
-  gradient buckets (megachat.planner.model_state_census), taken at the end of every backward, inside backward
-  once the last gradient has arrived, and just before the optimizer step of the second step: fp32 ZeRO-1 in one
+  gradient buckets during the second step (megachat.planner.measure_model_states, the same measure as
+  tests/test_zero_memory.py and scripts/bench_memory.py): fp32 ZeRO-1 in one
   process, at tp 2 and at dp 2, fp32 ZeRO-3 at dp 2 (depth 4's block matrices are below DeepSpeed's
   stage3_param_persistence_threshold, so they stay whole beside their partitions: both paths of the model run);
   bf16 ZeRO-1 (BF16_Optimizer), ZeRO-2 and pp 2.
@@ -107,7 +107,7 @@ def _model_states(torch, tp, pp, zero, dtype):
     """[(label, quantity, measured, planned)] of one layout's model states on this rank."""
     import torch.distributed as dist
 
-    from megachat.planner import Job, job_zero_settings, model_state_bytes, model_state_census, stage_layers
+    from megachat.planner import Job, job_zero_settings, measure_model_states, model_state_bytes, stage_layers
     from megachat.trainer import TrainConfig, build_trainer
     dp = dist.get_world_size() // (tp * pp)
     cfg = TrainConfig(depth=DEPTH, vocab_size=VOCAB, seq_len=SEQ, device_batch_size=MICRO,
@@ -115,20 +115,7 @@ def _model_states(torch, tp, pp, zero, dtype):
     trainer = build_trainer(cfg)
     batches = [_batch(torch, seed) for seed in range(2)]
     trainer.train_step(batches)  # the optimizer's state exists after its first step
-    engine, seen = trainer.ds_engine, []
-
-    def census():
-        seen.append(model_state_census(engine, trainer.model))
-
-    wrapper, step = engine.optimizer, engine.optimizer.step
-    wrapper.step = lambda *a, **k: (census(), step(*a, **k))[1]  # just before the optimizer step
-    first = next(p for p in trainer.model.parameters() if not p.is_meta)  # its gradient arrives last in backward
-    first.register_post_accumulate_grad_hook(lambda p: census())
-    if pp == 1:
-        backward = engine.backward
-        engine.backward = lambda *a, **k: (backward(*a, **k), census())[0]  # the end of every backward
-    trainer.train_step(batches)
-    got = {k: max(c[k] for c in seen) for k in seen[0]}
+    got = measure_model_states(trainer, batches)
     layers = stage_layers(cfg.model_config(), tp, pp, trainer.grid.pp_rank)
     settings = job_zero_settings(Job(cfg.model_config(), cfg.total_batch_size, dtype), zero)
     planned = model_state_bytes(layers, dp, zero, dtype, settings, dp_rank=trainer.grid.dp_rank,
