@@ -193,10 +193,11 @@ def ds_config(cfg: TrainConfig, dp: int) -> dict:
     zero["stage"] = cfg.zero
     if cfg.sequence_parallel:  # each tp rank sends its own sequence shard: not the same tensor split tp ways
         conf["pipeline"] = {**conf.get("pipeline", {}), "pipe_partitioned": False, "grad_partitioned": False}
+    n = num_params(cfg)
     if cfg.zero == 3:  # Muon steps every parameter of a stage at once: one ZeRO-3 sub group must hold them all
-        zero["sub_group_size"] = max(int(zero.get("sub_group_size", 1e9)), num_params(cfg) + 1)
+        zero["sub_group_size"] = max(int(zero.get("sub_group_size", 1e9)), n + 1)
     if cfg.zero >= 1:
-        for key, value in zero_buckets(cfg.zero, num_params(cfg), largest_layer(cfg)).items():
+        for key, value in zero_buckets(cfg.zero, n, largest_layer(cfg)).items():
             zero.setdefault(key, value)  # what the JSON sets wins
     return conf
 
