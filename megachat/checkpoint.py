@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megachat import sharded
+from megachat import hf, sharded
 from megachat.fileio import atomic_write
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
@@ -203,7 +203,10 @@ def load(engine, ckpt_dir: str, tag: str) -> dict:
 
 
 def read_run_config(run_dir: str) -> dict:
-    """RUN_DIR/config.json as the training script wrote it ("model", "train", "tokenizer", data paths)."""
+    """RUN_DIR/config.json as the training script wrote it ("model", "train", "tokenizer", data paths); for a Hugging
+    Face directory (megachat.hf) its "model" and "tokenizer" (the directory itself)."""
+    if hf.is_hf_dir(run_dir):  # issue 19: Hugging Face directories
+        return {"model": hf.read_config(run_dir), "tokenizer": run_dir}
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: --run must be the --out directory of a training run")
@@ -216,7 +219,10 @@ def read_run_config(run_dir: str) -> dict:
 
 
 def final_weights(run_dir: str) -> str:
-    """Where a run's final weights are: RUN_DIR/model/ (sharded), or RUN_DIR/model.pt for runs written before it."""
+    """Where a run's final weights are: RUN_DIR/model/ (sharded), or RUN_DIR/model.pt for runs written before it; a
+    Hugging Face directory's are in it."""
+    if hf.is_hf_dir(run_dir):  # issue 19: Hugging Face directories
+        return run_dir
     old = os.path.join(run_dir, "model.pt")
     return old if os.path.isfile(old) and not os.path.isdir(os.path.join(run_dir, WEIGHTS_DIR)) else \
         os.path.join(run_dir, WEIGHTS_DIR)
@@ -237,7 +243,10 @@ def load_weights(path: str) -> dict:
     (`sharded_state`: RUN_DIR/model, a checkpoint RUN_DIR/checkpoints/step_NNNNNN), an exported .safetensors file,
     or a torch.save file (a state dict, {"state_dict": ...} or a checkpoint's full_state.pt {"model": ...}: older
     runs' model.pt, nanochat's model_NNNNNN.pt). Checked first: sharded files against the CRC-32s of their index, a
-    .pt against the CRC-32s of its records (torch.load would read flipped bits as weights without a word)."""
+    .pt against the CRC-32s of its records (torch.load would read flipped bits as weights without a word). A Hugging
+    Face directory (megachat.hf) gives a mapping that reads one tensor per access instead."""
+    if os.path.isdir(path) and hf.is_hf_dir(path):  # issue 19: Hugging Face directories
+        return hf.Weights(path)
     if os.path.isdir(path):
         state = sharded_state(path)
         damage = state.damage()
@@ -280,7 +289,7 @@ def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str 
 
 def load_init(path: str) -> tuple[dict, dict]:
     """(full weights, run config) to start a training phase from: a megachat run directory (config.json + its final
-    weights, model/ or model.pt), a .safetensors file exported by tools/export_checkpoint.py (its metadata's
+    weights, model/ or model.pt), a Hugging Face directory (megachat.hf: its tokenizer too), a .safetensors file exported by tools/export_checkpoint.py (its metadata's
     "model_config"), or a nanochat checkpoint directory (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its
     "model_config" becomes the run config's "model")."""
     if os.path.isfile(path) and path.endswith(".safetensors"):

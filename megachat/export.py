@@ -83,7 +83,7 @@ def save_torch_streaming(path: str, specs: dict, tensors) -> None:
             raise ValueError(f"{path}: fewer tensors arrived than specs name")
 
 
-def _tensors(state: ShardedState, what: str):
+def tensors(state: ShardedState, what: str):
     """(name, full fp32 weight) of every tensor, read one at a time, with a progress bar."""
     for name in tqdm(state.tensors, desc=what, unit="tensor", disable=None):
         yield name, state.full(name)
@@ -98,7 +98,7 @@ def to_safetensors(state: ShardedState, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     writer = SafetensorsWriter(tmp, _specs(state), metadata={
         "format": "pt", "model_config": json.dumps(state.config), "step": str(state.step)})
-    for name, tensor in _tensors(state, os.path.basename(path)):
+    for name, tensor in tensors(state, os.path.basename(path)):
         writer.write(name, tensor)
     writer.close()
     replace_durably(tmp, path)
@@ -110,7 +110,7 @@ def to_nanochat(state: ShardedState, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"model_{state.step:06d}.pt")
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_torch_streaming(tmp, _specs(state), _tensors(state, os.path.basename(path)))
+    save_torch_streaming(tmp, _specs(state), tensors(state, os.path.basename(path)))
     replace_durably(tmp, path)
     atomic_write_json(os.path.join(out_dir, f"meta_{state.step:06d}.json"),
                       {"step": state.step, "model_config": state.config,

@@ -359,7 +359,9 @@ def load_nanochat_state_dict(model, state_dict, params=None):
     """Load a nanochat state dict (full weights under nanochat's names; a `_orig_mod.` prefix from torch.compile
     is accepted) into this rank's shards. Parameters on the meta device (other pipeline stages) are skipped.
     params: {name: parameter} to fill (default: all of this rank's, and the RoPE tables recomputed)."""
-    sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    sd = state_dict  # a mapping that reads on access (megachat.hf.Weights) is read one tensor at a time below
+    if any(k.startswith("_orig_mod.") for k in state_dict):
+        sd = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
     shapes = nanochat_shapes(model.config)
     missing, unexpected = sorted(set(shapes) - set(sd)), sorted(set(sd) - set(shapes))
     if missing or unexpected:

@@ -71,10 +71,7 @@ class Tokenizer:
     def save(self, directory):
         """Write the tokenizer directory (each file atomically)."""
         os.makedirs(directory, exist_ok=True)
-        ranks = sorted(self.enc._mergeable_ranks.items(), key=lambda kv: kv[1])
-        data = b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in ranks)
-        atomic_write(os.path.join(directory, RANKS_FILE), data)
-        self.fingerprint = hashlib.sha256(data).hexdigest()
+        self.fingerprint = self.save_ranks(os.path.join(directory, RANKS_FILE))
         meta = {"pattern": self.enc._pat_str, "special_tokens": self.enc._special_tokens,
                 "vocab_size": self.vocab_size}
         atomic_write(os.path.join(directory, META_FILE), json.dumps(meta, indent=1).encode())
@@ -82,10 +79,23 @@ class Tokenizer:
         np.save(tmp, self.token_bytes)
         os.replace(tmp, os.path.join(directory, TOKEN_BYTES_FILE))
 
+    def save_ranks(self, path) -> str:
+        """Write the mergeable ranks in tiktoken's format to path (atomically); returns their fingerprint."""
+        data = _ranks_file(self.enc._mergeable_ranks)
+        atomic_write(path, data)
+        return hashlib.sha256(data).hexdigest()
+
     @classmethod
     def load(cls, directory):
+        """A tokenizer directory (see the module docstring), or a Hugging Face export's tokenizer.json (megachat.hf)."""
         from tiktoken.load import load_tiktoken_bpe
 
+        if not os.path.isfile(os.path.join(directory, RANKS_FILE)) and os.path.isfile(os.path.join(directory,
+                                                                                                   META_FILE)):
+            with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:
+                meta = json.load(f)
+            if "model" in meta:  # tokenizers' format, not megachat's
+                return cls.from_hf(meta, directory)
         for name in (RANKS_FILE, META_FILE):
             if not os.path.isfile(os.path.join(directory, name)):
                 raise FileNotFoundError(f"{os.path.join(directory, name)} not found: {directory} is not a tokenizer "
@@ -97,6 +107,24 @@ class Tokenizer:
             fingerprint = hashlib.sha256(f.read()).hexdigest()
         return cls(tiktoken.Encoding("megachat", pat_str=meta["pattern"], mergeable_ranks=ranks,
                                      special_tokens=meta["special_tokens"]), fingerprint)
+
+    @classmethod
+    def from_hf(cls, tokenizer_json: dict, where: str = "tokenizer.json"):
+        """The tokenizer of a `tokenizers` byte-level BPE (tokenizer.json as megachat.hf writes it, and as nanochat's
+        Hugging Face checkpoints hold it): ranks = the vocabulary's ids over the bytes its tokens stand for, the
+        split regex of its pre-tokenizer, the added tokens as special tokens. The fingerprint is that of the ranks
+        file `save` would write, so shards made with the exported tokenizer stay accepted."""
+        model, pre = tokenizer_json.get("model") or {}, tokenizer_json.get("pre_tokenizer") or {}
+        splits = [p for p in pre.get("pretokenizers", [pre]) if p.get("type") == "Split"]
+        if model.get("type") != "BPE" or len(splits) != 1 or "Regex" not in splits[0].get("pattern", {}):
+            raise ValueError(f"{where}: not a byte-level BPE with one split regex (tokenizers' form of a tiktoken "
+                             f"tokenizer); megachat reads the tokenizer.json that tools/export_checkpoint.py writes")
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+        ranks = {bytes(byte_of[c] for c in tok): rank for tok, rank in model["vocab"].items()}
+        specials = {t["content"]: t["id"] for t in tokenizer_json.get("added_tokens", [])}
+        enc = tiktoken.Encoding("megachat", pat_str=splits[0]["pattern"]["Regex"], mergeable_ranks=ranks,
+                                special_tokens=specials)
+        return cls(enc, hashlib.sha256(_ranks_file(ranks)).hexdigest())
 
     @functools.cached_property
     def token_bytes(self):
@@ -211,3 +239,15 @@ class Tokenizer:
             raise ValueError("render_for_completion needs a conversation that ends with an assistant message")
         ids, _ = self.render_conversation({"messages": messages[:-1]}, max_tokens=1 << 62)
         return ids + [self.encode_special("<|assistant_start|>")]
+
+
+def _ranks_file(ranks: dict) -> bytes:
+    """Mergeable ranks {token bytes: rank} in tiktoken's file format (base64 token, rank; by rank)."""
+    return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character map, which byte-level BPE vocabularies spell their tokens in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = [b for b in range(256) if b not in printable]
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + i) for i, b in enumerate(extra)}}
