@@ -32,7 +32,10 @@ setup(
     extras_require={
         # GPU-only extras: none of them installs on a CPU box; everything falls back without them.
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]", "apex"],
+        # tools/export_checkpoint.py --format hf writes the tokenizer with transformers' tiktoken converter
+        "hf": ["transformers>=5.23,<5.24"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
-                "httpx>=0.27", "openai>=1.0", "selenium>=4.10"],  # tests/test_chat_web.py: HTTP, SDK, browser
+                "httpx>=0.27", "openai>=1.0", "selenium>=4.10",  # tests/test_chat_web.py: HTTP, SDK, browser
+                "transformers==5.23.0", "lm-eval==0.4.13"],  # tests/test_hf.py: NanoChatForCausalLM, lm_eval
     },
 )

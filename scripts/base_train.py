@@ -6,6 +6,9 @@
 
 The same command runs on CPU (N gloo processes) and on GPU nodes (add --hostfile). RUN_DIR gets config.json,
 metrics.jsonl, tensorboard/ and checkpoints/; --resume continues from checkpoints/latest exactly.
+--init-from PARENT continues pretraining from another model's weights (a megachat run, an exported .safetensors, a
+nanochat or Hugging Face checkpoint directory such as a NanoChat model from the Hub): the model and the tokenizer are
+the parent's (--depth and --n-kv-head are not used; the data must be tokenized with the parent's tokenizer).
 """
 import argparse
 import os
@@ -15,8 +18,8 @@ import torch.distributed as dist
 
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
-from megachat.trainer import (TrainConfig, add_trainer_args, build_trainer, config_options, loop_options,
-                              model_flops_per_token, num_params)
+from megachat.trainer import (TrainConfig, add_trainer_args, build_trainer, config_from_run, config_options,
+                              loop_options, model_flops_per_token, num_params)
 
 
 def parse_args(argv=None):
@@ -24,7 +27,9 @@ def parse_args(argv=None):
     p.add_argument("--data", required=True, nargs="+", help="training data prefix(es) (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--data-weights", type=float, nargs="+", default=None, help="blend weights, one per --data")
     p.add_argument("--val-data", default=None, help="held-out prefix for val bpb (omit: no evaluation)")
-    p.add_argument("--tokenizer", required=True, help="tokenizer directory (gives the vocab size)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (gives the vocab size; with --init-from "
+                                                     "the parent's by default)")
+    p.add_argument("--init-from", default=None, help="continue from this model's weights (see the docstring)")
     p.add_argument("--depth", type=int, default=20)
     p.add_argument("--n-kv-head", type=int, default=None, help="GQA: key/value heads (default: n_head)")
     p.add_argument("--max-seq-len", type=int, default=2048)
@@ -41,7 +46,10 @@ def parse_args(argv=None):
     known, _ = p.parse_known_args(argv)
     if known.preset:
         p.set_defaults(**preset_defaults(known.preset))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.tokenizer and not args.init_from:
+        p.error("--tokenizer DIR is required (or --init-from PARENT, whose tokenizer is used)")
+    return args
 
 
 def preset_defaults(path) -> dict:
@@ -75,25 +83,31 @@ def horizon(args, params: int, flops_per_token: float) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
+    from megachat.checkpoint import load_parent
     from megachat.data import GPTDataset, check_tokenizer
     from megachat.evaluation.loss_eval import val_batches, val_dataset
     from megachat.evaluation.model_eval import greedy_samples
     from megachat.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer.load(args.tokenizer)
+    weights = parent = None
+    if args.init_from:
+        weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
+    else:
+        tokenizer, tokenizer_dir = Tokenizer.load(args.tokenizer), os.path.abspath(args.tokenizer)
     for prefix in [*args.data, *([args.val_data] if args.val_data else [])]:
         check_tokenizer(prefix, tokenizer)
     init_distributed()
     rank = dist.get_rank()
-    cfg = TrainConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, seq_len=args.max_seq_len,
-                      device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
-                      num_iterations=1, n_kv_head=args.n_kv_head, **config_options(args))
+    settings = dict(seq_len=args.max_seq_len, device_batch_size=args.device_batch_size,
+                    total_batch_size=args.total_batch_size, num_iterations=1, **config_options(args))
+    cfg = (config_from_run(parent, **settings) if parent else
+           TrainConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, n_kv_head=args.n_kv_head, **settings))
     cfg.num_iterations = horizon(args, num_params(cfg), model_flops_per_token(cfg))
-    trainer = build_trainer(cfg, args.out, resume=args.resume)
+    trainer = build_trainer(cfg, args.out, resume=args.resume, weights=None if args.resume else weights)
     grid = trainer.grid
     train = GPTDataset(args.data, args.data_weights, seq_len=cfg.seq_len, seed=cfg.seed)
-    trainer.write_run_config(args.out, phase="base", tokenizer=os.path.abspath(args.tokenizer), data=args.data,
-                             val_data=args.val_data)
+    trainer.write_run_config(args.out, phase="base", tokenizer=tokenizer_dir, data=args.data, val_data=args.val_data,
+                             **({"parent": os.path.abspath(args.init_from)} if args.init_from else {}))
     if rank == 0:
         print(f"megachat base_train: depth {cfg.depth}, {num_params(cfg):,} params, tp {cfg.tp} x pp {cfg.pp} x dp "
               f"{grid.dp}, ZeRO-{cfg.zero}, {cfg.dtype}, {cfg.num_iterations} steps of {cfg.total_batch_size:,} "
