@@ -36,6 +36,6 @@ setup(
         "hf": ["transformers>=5.23,<5.24"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
                 "httpx>=0.27", "openai>=1.0", "selenium>=4.10",  # tests/test_chat_web.py: HTTP, SDK, browser
-                "transformers==5.23.0", "lm-eval==0.4.13"],  # tests/test_hf.py: NanoChatForCausalLM, lm_eval
+                "transformers==5.23.0", "lm-eval[hf]==0.4.13"],  # tests/test_hf.py: NanoChatForCausalLM, lm_eval
     },
 )

@@ -129,8 +129,12 @@ def _shards(shapes: dict, max_shard_size) -> tuple[dict[str, list[str]], dict | 
 def write_tokenizer(tokenizer, out_dir: str, model_max_length: int) -> None:
     """tokenizer.json (transformers' tiktoken converter: the split regex, then byte-level BPE whose merges come from
     the mergeable ranks; the special tokens added with their ids), tokenizer_config.json and chat_template.jinja."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    try:  # an optional package (megachat[hf]), and seconds to import
+        from transformers import PreTrainedTokenizerFast
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+    except ImportError as e:
+        raise ImportError(f"the Hugging Face export writes its tokenizer with transformers ({e}): pip install "
+                          f"'megachat[hf]'") from None
     specials = sorted(tokenizer.enc._special_tokens.items(), key=lambda kv: kv[1])
     ranks_path = os.path.join(out_dir, "mergeable_ranks.tiktoken")  # what the converter reads; removed below
     tokenizer.save_ranks(ranks_path)
@@ -160,6 +164,20 @@ def save(config: dict, step: int, tensors, tokenizer, out_dir: str, max_shard_si
     tmp = f"{out_dir}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        _write(tmp, config, step, shapes, tensors, tokenizer, max_shard_size)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = f"{out_dir}.old-{os.getpid()}"
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _write(tmp: str, config: dict, step: int, shapes: dict, tensors, tokenizer, max_shard_size) -> None:
+    """save's files, durable, in the directory tmp."""
     files, index = _shards(shapes, max_shard_size)
     owner = {name: file for file, names in files.items() for name in names}
     tensors = iter(tensors)
@@ -183,11 +201,6 @@ def save(config: dict, step: int, tensors, tokenizer, out_dir: str, max_shard_si
     write_tokenizer(tokenizer, tmp, config["sequence_len"])
     for name in os.listdir(tmp):  # save_pretrained's files were written in place: make them durable too
         replace_durably(os.path.join(tmp, name), os.path.join(tmp, name))
-    old = f"{out_dir}.old-{os.getpid()}"
-    if os.path.exists(out_dir):
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # ---- reading ----

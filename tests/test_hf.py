@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from megachat import hf
 from megachat.checkpoint import load_init, load_run
 from megachat.engine import Engine, Sampling
-from megachat.model import ROPE_BASE, build_model, full_state_dict, nanochat_shapes
+from megachat.model import ROPE_BASE, GPTConfig, build_model, full_state_dict, nanochat_shapes
 from megachat.parallel import Grid
 from megachat.tokenizer import SPECIAL_TOKENS, Tokenizer
 
@@ -155,7 +155,6 @@ def test_transformers_gives_megachat_logits_and_greedy_tokens(runs, exports, nam
 def test_export_import_export_gives_identical_tensors(runs, exports, tmp_path):
     weights, run_cfg = load_init(str(exports["tp1"]))  # what --init-from reads
     assert isinstance(weights, hf.Weights) and run_cfg["tokenizer"] == str(exports["tp1"])
-    from megachat.model import GPTConfig
     model = build_model(GPTConfig(**run_cfg["model"]), weights=weights)
     sd = full_state_dict(model)
     again = tmp_path / "again"
@@ -171,6 +170,27 @@ def test_export_import_export_gives_identical_tensors(runs, exports, tmp_path):
     export_tool.main([str(runs["tp1"]), "--format", "hf", "--output", str(again)])
     assert (again / hf.WEIGHTS_NAME).is_file() and not (again / hf.INDEX_NAME).exists()
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p or ".old-" in p]
+
+
+def test_a_failed_export_leaves_the_previous_one_whole(tok, tmp_path):
+    config = GPTConfig(sequence_len=16, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32)
+    sd = full_state_dict(build_model(config, seed=1))
+    out = tmp_path / "hf"
+    hf.save(vars(config), 1, sd.items(), tok, str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def disk_full_at_the_fourth_tensor():
+        for i, item in enumerate(sd.items()):
+            if i == 3:
+                raise OSError(28, "No space left on device")
+            yield item
+    with pytest.raises(OSError, match="No space left"):
+        hf.save(vars(config), 2, disk_full_at_the_fourth_tensor(), tok, str(out))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and os.listdir(tmp_path) == ["hf"]
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a Hugging Face export"):
+        hf.save(vars(config), 1, sd.items(), tok, str(tmp_path / "notes"))
 
 
 def nanochat_hub_layout(export: Path, out: Path, tok_dir: str):
@@ -213,9 +233,9 @@ def test_a_hub_nanochat_checkpoint_continues_with_init_from(corpus, runs, export
 
 def test_lm_eval_harness_runs_on_an_export(runs, exports, tmp_path):
     data = tmp_path / "data.jsonl"
-    docs = [{"question": "The capital of France is", "choices": [" Paris", " Rome", " a cat"], "answer": 0},
-            {"question": "Two plus two equals", "choices": [" four", " five"], "answer": 0},
-            {"question": "def f(x):\n    return", "choices": [" x", " 12 * 34", " 🎉"], "answer": 0}]
+    docs = [{"question": "The capital of France is", "choices": ["Paris", "Rome", "a cat"], "answer": 0},
+            {"question": "Two plus two equals", "choices": ["four", "five"], "answer": 0},
+            {"question": "def f(x):\n    return", "choices": ["x", "12 * 34", "🎉"], "answer": 0}]
     data.write_text("".join(json.dumps(d) + "\n" for d in docs))
     tasks = tmp_path / "tasks"
     tasks.mkdir()
@@ -235,14 +255,15 @@ def test_lm_eval_harness_runs_on_an_export(runs, exports, tmp_path):
     samples = [json.loads(line) for p in (tmp_path / "out").rglob("samples_megachat_local_mc_*.jsonl")
                for line in p.read_text().splitlines()]
     assert len(samples) == len(docs)
-    # each choice's log-likelihood is megachat's: the sum of log p(continuation tokens | context tokens)
+    # each choice's log-likelihood is megachat's: the sum of log p(continuation tokens | context tokens), the
+    # continuation being " " + choice (lm-eval's default target delimiter)
     model, tokenizer, _ = load_run(str(runs["tp1"]), Grid(), "cpu")
     exact_rope(model)
     for s in sorted(samples, key=lambda s: s["doc_id"]):
         doc = docs[s["doc_id"]]
         for choice, resp in zip(doc["choices"], s["filtered_resps"]):
             context = tokenizer.encode(doc["question"])
-            whole = tokenizer.encode(doc["question"] + choice)
+            whole = tokenizer.encode(doc["question"] + " " + choice)
             cont = whole[len(context):]
             with torch.no_grad():
                 logp = torch.log_softmax(model(torch.tensor([whole]))[0, len(context) - 1:-1], -1)
