@@ -35,7 +35,7 @@ import torch
 from safetensors import safe_open
 
 from megachat.fileio import atomic_write_json, replace_durably
-from megachat.model import ROPE_BASE, SOFTCAP, nanochat_shapes
+from megachat.model import ROPE_BASE, SOFTCAP, GPTConfig, nanochat_shapes
 from megachat.sharded import SafetensorsWriter
 
 WEIGHTS_NAME, INDEX_NAME = "model.safetensors", "model.safetensors.index.json"
@@ -156,7 +156,6 @@ def save(config: dict, step: int, tensors, tokenizer, out_dir: str, max_shard_si
     """Write the Hugging Face directory out_dir for a model of GPTConfig fields `config` whose full fp32 weights
     arrive from the iterable `tensors` of (nanochat name, tensor) in nanochat_shapes' order, one at a time. Built in
     a sibling directory, then swapped in: out_dir is either its old self or the whole new export."""
-    from megachat.model import GPTConfig
     shapes = {hf_name(n): s for n, s in nanochat_shapes(GPTConfig(**config)).items()}
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not is_hf_dir(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
@@ -177,7 +176,9 @@ def save(config: dict, step: int, tensors, tokenizer, out_dir: str, max_shard_si
 
 
 def _write(tmp: str, config: dict, step: int, shapes: dict, tensors, tokenizer, max_shard_size) -> None:
-    """save's files, durable, in the directory tmp."""
+    """save's files, durable, in the directory tmp (the tokenizer first: it needs transformers, and the weights take
+    the time)."""
+    write_tokenizer(tokenizer, tmp, config["sequence_len"])
     files, index = _shards(shapes, max_shard_size)
     owner = {name: file for file, names in files.items() for name in names}
     tensors = iter(tensors)
@@ -198,7 +199,6 @@ def _write(tmp: str, config: dict, step: int, shapes: dict, tensors, tokenizer, 
     atomic_write_json(os.path.join(tmp, "generation_config.json"), {
         "bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"],
         "pad_token_id": cfg["pad_token_id"]}, indent=2)
-    write_tokenizer(tokenizer, tmp, config["sequence_len"])
     for name in os.listdir(tmp):  # save_pretrained's files were written in place: make them durable too
         replace_durably(os.path.join(tmp, name), os.path.join(tmp, name))
 
@@ -248,7 +248,6 @@ class Weights(Mapping):
     tensor per access (nothing is held: build_model fills each parameter as it reads it)."""
 
     def __init__(self, path: str):
-        from megachat.model import GPTConfig
         self.path, self.config = path, read_config(path)
         index = os.path.join(path, INDEX_NAME)
         if os.path.isfile(index):
