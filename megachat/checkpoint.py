@@ -289,9 +289,9 @@ def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str 
 
 def load_init(path: str) -> tuple[dict, dict]:
     """(full weights, run config) to start a training phase from: a megachat run directory (config.json + its final
-    weights, model/ or model.pt), a Hugging Face directory (megachat.hf: its tokenizer too), a .safetensors file exported by tools/export_checkpoint.py (its metadata's
-    "model_config"), or a nanochat checkpoint directory (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its
-    "model_config" becomes the run config's "model")."""
+    weights, model/ or model.pt), a Hugging Face directory (megachat.hf: its tokenizer too), a .safetensors file
+    exported by tools/export_checkpoint.py (its metadata's "model_config"), or a nanochat checkpoint directory
+    (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its "model_config" becomes the run config's "model")."""
     if os.path.isfile(path) and path.endswith(".safetensors"):
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:

@@ -243,7 +243,8 @@ class Tokenizer:
 
 def _ranks_file(ranks: dict) -> bytes:
     """Mergeable ranks {token bytes: rank} in tiktoken's file format (base64 token, rank; by rank)."""
-    return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]))
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    return b"".join(base64.b64encode(tok) + b" %d\n" % rank for tok, rank in by_rank)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -2,7 +2,8 @@
 own NanoChatForCausalLM and tokenizers: tiny runs trained by base_train.py at tp 1 and at tp 2 x pp 2 exported and
 loaded with AutoModelForCausalLM / AutoTokenizer (logits, greedy generation, the chat template, tokenizer ids on hard
 text), export -> import -> export, a directory laid out like nanochat's Hub checkpoints continued by chat_sft.py
---init-from under tp 2, and lm-evaluation-harness on an export with a task read from a local file."""
+--init-from under tp 2 x pp 2 (and base_train.py --init-from), and lm-evaluation-harness on an export with a task
+read from a local file."""
 import importlib.util
 import json
 import os
@@ -140,6 +141,11 @@ def test_transformers_gives_megachat_logits_and_greedy_tokens(runs, exports, nam
     with torch.no_grad():
         want, got = model(idx), theirs(idx).logits
     assert (got - want).abs().max().item() <= 1e-4
+    # megachat reads the export too: --checkpoint DIR (weights_path) and --run DIR
+    for read_back in (load_run(str(runs[name]), Grid(), "cpu", weights_path=str(export))[0],
+                      load_run(str(export), Grid(), "cpu")[0]):
+        with torch.no_grad():
+            assert torch.equal(exact_rope(read_back)(idx), want)
     # greedy decoding of a chat prompt: transformers' generate, megachat's KV-cache engine
     prompt = tokenizer.render_for_completion(CONVERSATIONS[0][:3])
     assert ids_of(fast.apply_chat_template(CONVERSATIONS[0][:2], add_generation_prompt=True)) == prompt
@@ -217,8 +223,8 @@ def test_a_hub_nanochat_checkpoint_continues_with_init_from(corpus, runs, export
     exported = hf.Weights(str(exports["tp1"]))
     assert all(torch.equal(weights[n], exported[n].bfloat16().float()) for n in exported)
     out = tmp_path / "sft"
-    proc = run_script("chat_sft.py", out, 2, "--init-from", str(hub), *SFT, "--tp", "2", "--num-iterations", "2",
-                      "--save-every", "0")
+    proc = run_script("chat_sft.py", out, 4, "--init-from", str(hub), *SFT, "--tp", "2", "--pp", "2",
+                      "--num-iterations", "2", "--save-every", "0")
     assert "Traceback" not in proc.stdout
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["tokenizer"] == str(hub) and cfg["model"] == {**run_cfg["model"], "sequence_len": 64}  # SFT's
