@@ -33,6 +33,7 @@ setup(
         # GPU-only extras: none of them installs on a CPU box; everything falls back without them.
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]", "apex"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
-                "httpx>=0.27", "openai>=1.0", "selenium>=4.10"],  # tests/test_chat_web.py: HTTP, SDK, browser
+                "httpx>=0.27", "openai>=1.0", "selenium>=4.10",  # tests/test_chat_web.py: HTTP, SDK, browser
+                "schemathesis==4.32.5"],  # tests/test_chat_web.py: the server against its /openapi.json
     },
 )

@@ -22,7 +22,7 @@ import torch
 from _dist import free_port
 
 from megachat.chat import prompt_ids, stream_reply
-from megachat.chat_server import DEFAULT_SAMPLING, MAX_MESSAGE_CHARS, create_app, generate_reply, reply_pieces
+from megachat.chat_server import DEFAULT_SAMPLING, MAX_MESSAGE_CHARS, Worker, create_app, reply_pieces
 from megachat.engine import Engine, Sampling
 from megachat.model import GPTConfig, nanochat_shapes
 
@@ -253,25 +253,27 @@ def test_a_taken_port_or_a_bad_default_fails_before_loading_the_model(server, ru
 # --- in-process servers: an engine whose "model" follows a script, behind a gate the test opens ---
 
 class ScriptedEngine(Engine):
-    """A real engine whose model wants the script's next token (after a token the engine forced, the same
-    one again), then <|assistant_end|>; generate waits for `gate`."""
+    """A real engine whose model wants, in each row, the script's next token (after a token the engine forced, the
+    same one again), then <|assistant_end|>; a decode step waits for `gate` (admission and prefill do not)."""
 
-    def __init__(self, model, tok, script):
-        super().__init__(model, tok)
-        self.script, self.gate, self.pos = script, threading.Event(), 0
+    def __init__(self, model, tok, script, max_batch=1):
+        super().__init__(model, tok, max_batch=max_batch)
+        self.script, self.gate, self.pos = script, threading.Event(), {}  # pos: each slot's place in the script
         self.gate.set()
 
-    def generate(self, *args, **kwargs):
-        self.pos = 0
-        if not self.gate.wait(TIMEOUT):
+    def _decode(self):
+        if self.decoding and not self.gate.wait(TIMEOUT):
             raise RuntimeError("the test never opened the gate")
-        yield from super().generate(*args, **kwargs)
+        super()._decode()
 
     def _logits(self, idx, cache):
-        if idx.size(1) == 1 and self.pos < len(self.script) and idx[0, 0].item() == self.script[self.pos]:
-            self.pos += 1
         logits = torch.full((idx.size(0), self.tokenizer.vocab_size), -1e9)
-        logits[:, self.script[min(self.pos, len(self.script) - 1)]] = 0.0
+        for r, slot in enumerate(cache.slots):
+            if idx.size(1) > 1:  # a prompt: the row starts the script
+                self.pos[slot] = 0
+            elif self.pos[slot] < len(self.script) and idx[r, 0].item() == self.script[self.pos[slot]]:
+                self.pos[slot] += 1
+            logits[r, self.script[min(self.pos[slot], len(self.script) - 1)]] = 0.0
         return logits
 
 
@@ -318,12 +320,18 @@ def test_calculator_calls_arrive_as_tool_pieces_inline_in_the_text(scripted):
     complete(url, HELLO + [{"role": "assistant", "content": parts}, {"role": "user", "content": "thanks"}])
 
 
-def test_the_same_events_on_every_rank_path(engine):
-    """generate_reply is what every tp rank runs: its events for the scripted engine, the done event last."""
+def test_the_worker_hands_out_the_pieces_then_done_with_the_token_count(engine):
+    """The engine's thread (what rank 0 runs; the other ranks apply the same Lockstep messages): a reply's events,
+    the done event last with the completion tokens, the forced ones included."""
     scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
-    events = []
-    generate_reply(scripted, {"ids": prompt_ids(engine.tokenizer, HELLO),
-                              "sampling": Sampling(max_tokens=60, temperature=0)}, events.append)
+    worker, events, done = Worker(scripted), [], threading.Event()
+    worker.start()
+    try:
+        worker.submit({"ids": prompt_ids(engine.tokenizer, HELLO), "sampling": Sampling(max_tokens=60, temperature=0)},
+                      lambda e: (events.append(e), e[0] == "done" and done.set()))
+        assert done.wait(TIMEOUT), events
+    finally:
+        worker.stop()
     assert "".join(e[1] for e in events if e[0] == "piece") == CALC_REPLY
     forced = len(engine.tokenizer.encode("14")) + 2  # <|output_start|> 14 <|output_end|>
     assert events[-1] == ("done", "stop", len(calculator_script(engine.tokenizer)) + forced)
