@@ -98,8 +98,9 @@ def parse_sampling(body: dict, defaults: Sampling) -> tuple[Sampling, bool]:
            "top_p": _number(body, "top_p", TOP_P, open_low=True),
            "max_tokens": _number(body, "max_tokens", MAX_TOKENS, integer=True),
            "seed": _number(body, "seed", (0, 2 ** 63 - 1), integer=True)}
-    if got["max_tokens"] is None:  # the newer name of the same limit
-        got["max_tokens"] = _number(body, "max_completion_tokens", MAX_TOKENS, integer=True)
+    newer = _number(body, "max_completion_tokens", MAX_TOKENS, integer=True)  # the newer name of the same limit
+    if got["max_tokens"] is None:
+        got["max_tokens"] = newer
     return replace(defaults, **{k: v for k, v in got.items() if v is not None}), got["max_tokens"] is not None
 
 
@@ -155,11 +156,16 @@ def parse_request(body: bytes, tokenizer, max_len: int, defaults: Sampling) -> C
         turns.append({"role": role, "content": content})
     if total > MAX_TOTAL_CHARS:
         raise RequestError(f"the messages hold {total} characters, over the limit of {MAX_TOTAL_CHARS} in all")
-    if body.get("n") not in (None, 1):
+    if isinstance(body.get("n"), bool) or body.get("n") not in (None, 1):
         raise RequestError(f"n = {json.dumps(body['n'])}: this server returns one choice (n = 1)")
-    stream, options = body.get("stream", False), body.get("stream_options") or {}
-    if not isinstance(stream, bool) or not isinstance(options, dict):
-        raise RequestError("stream must be true or false and stream_options an object")
+    stream, options = body.get("stream", False), body.get("stream_options")
+    options = {} if options is None else options
+    if not isinstance(stream, bool) or not isinstance(options, dict) or \
+            not isinstance(options.get("include_usage", False), (bool, type(None))):
+        raise RequestError("stream must be true or false and stream_options an object whose include_usage is true "
+                           "or false")
+    if not isinstance(body.get("model", ""), (str, type(None))):
+        raise RequestError(f"model must be a string, got {json.dumps(body['model'])[:80]}")
     sampling, explicit = parse_sampling(body, defaults)
     try:
         ids = prompt_ids(tokenizer, turns)
@@ -360,19 +366,24 @@ def _chat_ui() -> str:
 
 def _schemas(max_len: int) -> dict:
     """OpenAPI components: the request body as parse_request accepts it and the error body of every refusal."""
-    part = {"type": "object", "required": ["type", "text"],
-            "properties": {"type": {"type": "string", "enum": ["text", "python", "python_output"],
-                                    "description": "python / python_output: an assistant's calculator call and its "
-                                                   "result"},
-                           "text": {"type": "string"}}}
-    message = {"type": "object", "required": ["role", "content"],
-               "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
-                              "content": {"anyOf": [{"type": "string", "minLength": 1, "maxLength": MAX_MESSAGE_CHARS},
-                                                    {"type": "array", "minItems": 1, "items": part}]}}}
+    def parts(kinds):
+        part = {"type": "object", "required": ["type", "text"],
+                "properties": {"type": {"type": "string", "enum": kinds}, "text": {"type": "string"}}}
+        return {"type": "array", "minItems": 1, "items": part}
 
-    def integer(low, high, description=None):
-        return {"type": "integer", "minimum": low, "maximum": high, **({"description": description} if description
-                                                                       else {})}
+    text = {"type": "string", "minLength": 1, "maxLength": MAX_MESSAGE_CHARS}
+    message = {"anyOf": [
+        {"type": "object", "required": ["role", "content"],
+         "properties": {"role": {"type": "string", "enum": ["system", "user"]},
+                        "content": {"anyOf": [text, parts(["text"])]}}},
+        {"type": "object", "required": ["role", "content"],
+         "description": "python / python_output parts: an earlier reply's calculator call and its result",
+         "properties": {"role": {"type": "string", "enum": ["assistant"]},
+                        "content": {"anyOf": [text, parts(["text", "python", "python_output"])]}}}]}
+
+    def integer(low, high, description=None):  # null: the server's default, as a missing field
+        return {"type": ["integer", "null"], "minimum": low, "maximum": high,
+                **({"description": description} if description else {})}
 
     request = {
         "type": "object", "required": ["messages"],
@@ -380,16 +391,17 @@ def _schemas(max_len: int) -> dict:
                        f"ending with user; at most {MAX_TOTAL_CHARS} characters in all; the prompt plus max_tokens "
                        f"within the model's {max_len} tokens. Other OpenAI fields are accepted and ignored.",
         "properties": {
-            "model": {"type": "string", "description": "accepted and ignored"},
+            "model": {"type": ["string", "null"], "description": "accepted and ignored"},
             "messages": {"type": "array", "minItems": 1, "maxItems": MAX_MESSAGES, "items": message},
-            "temperature": {"type": "number", "minimum": TEMPERATURE[0], "maximum": TEMPERATURE[1]},
-            "top_p": {"type": "number", "exclusiveMinimum": TOP_P[0], "maximum": TOP_P[1]},
+            "temperature": {"type": ["number", "null"], "minimum": TEMPERATURE[0], "maximum": TEMPERATURE[1]},
+            "top_p": {"type": ["number", "null"], "exclusiveMinimum": TOP_P[0], "maximum": TOP_P[1]},
             "top_k": integer(*TOP_K, "an extension to OpenAI's API"),
             "max_tokens": integer(*MAX_TOKENS), "max_completion_tokens": integer(*MAX_TOKENS),
             "seed": integer(0, 2 ** 63 - 1),
-            "n": {"type": "integer", "enum": [1]},
+            "n": {"type": ["integer", "null"], "enum": [1, None]},
             "stream": {"type": "boolean"},
-            "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}}}}
+            "stream_options": {"type": ["object", "null"],
+                               "properties": {"include_usage": {"type": ["boolean", "null"]}}}}}
     error = {"type": "object", "required": ["error"],
              "properties": {"error": {"type": "object", "required": ["message", "type"],
                                       "properties": {"message": {"type": "string"}, "type": {"type": "string"},
@@ -488,7 +500,9 @@ def create_app(engine, model_name: str = "megachat", defaults: Sampling = DEFAUL
         200: {"description": "a chat.completion object, or with stream: true server-sent chat.completion.chunk "
                              "events ending in data: [DONE]",
               "content": {"application/json": {"schema": {"type": "object"}},
-                          "text/event-stream": {"schema": {"type": "string"}}}},
+                          "text/event-stream": {"schema": {  # each event's data
+                              "anyOf": [{"type": "object", "description": "a chat.completion.chunk, or an error"},
+                                        {"type": "string", "enum": ["[DONE]"]}]}}}},
         **_errors(400, *v1_errors, 413, 503)}
 
     @app.post("/v1/chat/completions", openapi_extra=completion_doc, responses=completion_responses)
