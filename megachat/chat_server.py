@@ -4,19 +4,20 @@
   {model?, messages: [{role, content}], temperature?, top_p?, top_k? (an extension), max_tokens?, seed?, stream?};
   a `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` events ending in
   `data: [DONE]`. Other OpenAI fields (stop, penalties, tools, ...) are ignored; `n` must be 1.
-- `GET /` the chat page (megachat/chat_ui.html), `GET /health`, `GET /stats`, `GET /v1/models`.
+- `GET /` the chat page (megachat/chat_ui.html), `GET /health`, `GET /stats`, `GET /v1/models`, `GET /openapi.json`
+  (the request body and the 400/401/413/503 answers as the server checks them).
 - Limits (nanochat's chat_web): 1..500 messages, each 1..8,000 characters, 32,000 in all; temperature in [0, 2],
   top_k in [1, 200], top_p in (0, 1], max_tokens in [1, 4096], and prompt + max_tokens within the engine's maximum
   length (without max_tokens the server's default is lowered to fit). Bad input is a 400 naming the problem
-  ({"error": {"message", "type"}}), never a 500.
-- One generation at a time: the engine is not thread-safe, and under tp every rank must see the requests in one
-  order. `Worker` owns the engine on its own thread (the event loop stays free for /health and for streaming),
-  runs the admitted requests in arrival order and hands each event to the request's asyncio queue. At most
-  max_queue requests wait behind the one generating; more get a 503. A request whose client leaves before it
-  starts is dropped; one that started runs to its end (under tp the ranks cannot stop it alone).
-- Tensor parallel: rank 0 serves HTTP; its worker shares each request (megachat.chat.share) before generating
-  it, and the other ranks run `follow(engine)`: receive, generate the same reply in lockstep, repeat, until the
-  worker stops (shares None). While idle the worker shares a heartbeat every minute, so the others' waiting
+  ({"error": {"message", "type", "param", "code"}}), never a 500.
+- API key (create_app's api_key, --api-key): /v1/* wants `Authorization: Bearer KEY`, else a 401 in OpenAI's shape.
+- Continuous batching: `Worker` owns the engine on its own thread (the engine is not thread-safe; the event loop
+  stays free for /health and for streaming). Each step it hands the engine the requests that arrived and the
+  cancellations of those whose clients left, steps it, and hands each request's new pieces to its asyncio queue.
+  At most engine.max_batch requests generate, max_queue more wait for a row, more get a 503.
+- Tensor parallel: rank 0 serves HTTP; its worker shares each step's changes (megachat.chat.share) and every rank
+  applies them with `Lockstep` and steps, so all run the same batch; the other ranks run `follow(engine)` until
+  the worker stops (shares None). While idle the worker shares a heartbeat every minute, so the others' waiting
   broadcast never reaches the process group's timeout.
 - Calculator calls: the content text reads `[python: 2+3*4][output: 14]` as in the chat CLI, two pieces whose
   delta also carries a non-standard `"tool": {"type": "python" | "output", "text": ...}` that OpenAI clients
