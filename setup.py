@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.5",  # scripts/report.py: the loss and val-bpb curves
         "fastapi>=0.110",  # scripts/chat_web.py
         "uvicorn>=0.29",
+        "httptools>=0.6,<0.10",  # uvicorn's C HTTP parser (else pure-Python h11): per-token SSE chunks under load
     ],
     extras_require={
         # GPU-only extras: none of them installs on a CPU box; everything falls back without them.

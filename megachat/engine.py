@@ -329,8 +329,8 @@ class Engine(Tools):
             self.prefilling.append(request)
 
     def _prefill(self) -> None:
+        """Prefill admitted prompts in order, chunk by chunk; a request whose prompts are all done joins decoding."""
         budget = self.prefill_chunk if self.decoding else float("inf")  # nobody waits on an idle batch
-        n = None
         for request in list(self.prefilling):
             n = request.sampling.num_samples
             for i in range(len(request.prefilled), len(request.prompts)):
@@ -344,10 +344,9 @@ class Engine(Tools):
                 if done < len(prompt):
                     return
                 request.prefilled.append(logits)
-            for row in request.rows:  # the samples of a prompt start from its prefill
-                first = request.rows[request.rows.index(row) // n * n]
-                if row is not first:
-                    self.cache.copy_slot(first.slot, row.slot)
+            for r, row in enumerate(request.rows):  # the samples of a prompt start from its prefill
+                if r % n:
+                    self.cache.copy_slot(request.rows[r - r % n].slot, row.slot)
             request.logits = torch.cat(request.prefilled).repeat_interleave(n, dim=0)
             request.prefilled = []
             self.prefilling.remove(request)
