@@ -608,8 +608,8 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_status(keyed, tm
     assert body["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
     assert {"200", "400", "401", "413", "503"} <= set(body["responses"])
     st = str(Path(sys.executable).parent / "st")
-    run = subprocess.run([st, "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run", f"{url}/openapi.json", "--checks", "all", "-H", f"Authorization: Bearer {KEY}",
-                          "--max-examples", "30", "--seed", "1", "--workers", "1", "--no-color",
+    run = subprocess.run([st, "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run", f"{url}/openapi.json",
+                          "--checks", "all", "-H", f"Authorization: Bearer {KEY}", "--max-examples", "30", "--seed", "1", "--workers", "1", "--no-color",
                           "--phases", "examples,coverage,fuzzing"],
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     (tmp_path / "st.log").write_text(run.stdout + run.stderr)
