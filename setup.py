@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.5",  # scripts/report.py: the loss and val-bpb curves
         "fastapi>=0.110",  # scripts/chat_web.py
         "uvicorn>=0.29",
+        "httptools>=0.6,<0.10",  # uvicorn's C HTTP parser (else pure-Python h11): per-token SSE chunks under load
     ],
     extras_require={
         # GPU-only extras: none of them installs on a CPU box; everything falls back without them.
@@ -36,6 +37,7 @@ setup(
         "hf": ["transformers>=5.23,<5.24"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
                 "httpx>=0.27", "openai>=1.0", "selenium>=4.10",  # tests/test_chat_web.py: HTTP, SDK, browser
-                "transformers==5.23.0", "lm-eval[hf]==0.4.13"],  # tests/test_hf.py: NanoChatForCausalLM, lm_eval
+                "transformers==5.23.0", "lm-eval[hf]==0.4.13",  # tests/test_hf.py: NanoChatForCausalLM, lm_eval
+                "schemathesis==4.32.5"],  # tests/test_chat_web.py: the server against its /openapi.json
     },
 )

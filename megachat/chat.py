@@ -7,7 +7,8 @@
 - `stream_reply(engine, ids, sampling)`: the assistant's reply, sampled as a megachat.engine.Sampling says, as
   events while it is generated: ("text", piece), ("python", expression) when the model calls the calculator and
   ("output", result) when the engine forces the result in. Text is decoded incrementally and held back while it
-  ends in an incomplete UTF-8 character.
+  ends in an incomplete UTF-8 character. `Reply` turns tokens into those events one at a time (the server feeds
+  it each request's tokens from the running batch).
 - `share(obj)`: under tp, rank 0 reads the user and broadcasts each request, so every rank decodes together.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch.distributed as dist
 
 
 def load_chat(run_dir: str, tp: int = 1, checkpoint: str | None = None, dtype=torch.float32,
-              max_len: int | None = None):
+              max_len: int | None = None, max_batch: int = 32):
     """(engine, grid) for RUN_DIR on this rank. Collective under a launcher: every rank calls it."""
     from megachat.checkpoint import load_run, read_run_config
     from megachat.engine import Engine
@@ -31,7 +32,7 @@ def load_chat(run_dir: str, tp: int = 1, checkpoint: str | None = None, dtype=to
                          f"(pp = dp = 1); launch --num_gpus {tp} or pass --tp {world}")
     grid = init_grid(tp, 1)
     model, tokenizer, _ = load_run(run_dir, grid, device(), dtype, weights_path=checkpoint)
-    return Engine(model, tokenizer, max_len=max_len), grid
+    return Engine(model, tokenizer, max_len=max_len, max_batch=max_batch), grid
 
 
 def prompt_ids(tokenizer, messages) -> list[int]:
@@ -63,33 +64,46 @@ class _Decoder:
         self.ids, self.sent = [], 0
 
 
+class Reply:
+    """The assistant's reply as events, token by token: push(token) -> the (kind, text) events it completes; kind
+    is "text", "python" (the calculator expression, once its block closes) or "output" (the calculator's result,
+    forced by the engine). `ended` once the model ends its turn (<|assistant_end|> or <|bos|>)."""
+
+    def __init__(self, engine):
+        self.engine, self.tokenizer = engine, engine.tokenizer
+        self.kind, self.decoder, self.ended = "text", _Decoder(engine.tokenizer), False
+
+    def push(self, token: int) -> list[tuple[str, str]]:
+        engine = self.engine
+        if self.ended or token in (engine.assistant_end, engine.bos):
+            self.ended = True
+            return []
+        if token in (engine.python_start, engine.output_start):
+            self.kind = "python" if token == engine.python_start else "output"
+            self.decoder.reset()
+        elif token in (engine.python_end, engine.output_end):
+            events = [(self.kind, self.tokenizer.decode(self.decoder.ids))] if self.kind != "text" else []
+            self.kind = "text"
+            self.decoder.reset()
+            return events
+        elif self.kind == "text":
+            piece = self.decoder.push(token)
+            return [("text", piece)] if piece else []
+        else:
+            self.decoder.ids.append(token)
+        return []
+
+
 def stream_reply(engine, ids: list[int], sampling):
     """Yield (kind, text) events of the assistant's reply to prompt `ids` (one sample, as megachat.engine.Sampling
-    `sampling` says): kind is "text", "python" (the calculator expression, once its block closes) or "output" (the
-    calculator's result, forced by the engine)."""
-    tok = engine.tokenizer
-    sp = tok.encode_special
-    python_start, python_end = sp("<|python_start|>"), sp("<|python_end|>")
-    output_start, output_end = sp("<|output_start|>"), sp("<|output_end|>")
-    kind, decoder = "text", _Decoder(tok)
+    `sampling` says): Reply's events as the engine generates."""
+    reply = Reply(engine)
     for tokens, _ in engine.generate([ids], sampling):
-        token = tokens[0]
-        if token is None or token in (engine.assistant_end, engine.bos):
+        if tokens[0] is None:
             break
-        if token in (python_start, output_start):
-            kind = "python" if token == python_start else "output"
-            decoder.reset()
-        elif token in (python_end, output_end):
-            if kind != "text":
-                yield kind, tok.decode(decoder.ids)
-            kind = "text"
-            decoder.reset()
-        elif kind == "text":
-            piece = decoder.push(token)
-            if piece:
-                yield "text", piece
-        else:
-            decoder.ids.append(token)
+        yield from reply.push(tokens[0])
+        if reply.ended:
+            break
 
 
 def share(obj=None, src: int = 0):

@@ -4,9 +4,10 @@ without launching.
 
 - `load_rl_tasks(name, chat_data)`: the train questions in a seeded order (global example number i -> one
   conversation, the same for any dp size and any restart) and the held-out questions evaluation samples.
-- `rollout(engine, conversation, score, sampling)`: one question's `num_samples` completions from the live model
-  (megachat.engine, calculator tool included, sampled as the megachat.engine.Sampling says) and their rewards (the
-  task's score: 1 right, 0 wrong).
+- `rollouts(engine, [(conversation, sampling)], score)`: each question's `num_samples` completions from the live
+  model (megachat.engine, calculator tool included, sampled as its megachat.engine.Sampling says; every question a
+  request in the engine's continuous batch at once) and their rewards (the task's score: 1 right, 0 wrong);
+  `rollout` for one question.
 - `Rollout.advantages()`: reward - the mean reward of that question's samples (no std normalisation); a question
   whose samples all score alike teaches nothing and gets weight 0.
 - `policy_rows(rollouts, seq_len, pad_id)`: (x, y, w) [rows, seq_len], one row per sample = prompt + completion
@@ -95,14 +96,20 @@ def prompt_length(tokenizer, task: Task, count: int) -> int:
     return max(len(tokenizer.render_for_completion(task[i])) for i in range(min(count, len(task))))
 
 
-def rollout(engine, conversation: dict, score, sampling: Sampling) -> Rollout:
-    """sampling.num_samples completions of one question from the engine's model, seeded by sampling.seed, and
-    their rewards (collective over tp: every tp rank of the slice calls it with the same arguments)."""
+def rollouts(engine, questions: list[tuple[dict, Sampling]], score) -> list[Rollout]:
+    """sampling.num_samples completions of each (conversation, sampling) from the engine's model, seeded by its
+    sampling.seed, all in the engine's continuous batch at once, and their rewards (collective over tp: every tp
+    rank of the slice calls it with the same arguments)."""
     tok = engine.tokenizer
-    prompt = tok.render_for_completion(conversation)
-    completions, masks = engine.generate_batch([prompt], sampling)
-    rewards = [float(score(conversation, tok.decode(c))) for c in completions]
-    return Rollout(prompt, completions, masks, rewards)
+    prompts = [tok.render_for_completion(conversation) for conversation, _ in questions]
+    results = engine.generate_many([([p], sampling) for p, (_, sampling) in zip(prompts, questions)])
+    return [Rollout(p, completions, masks, [float(score(conversation, tok.decode(c))) for c in completions])
+            for p, (conversation, _), (completions, masks) in zip(prompts, questions, results)]
+
+
+def rollout(engine, conversation: dict, score, sampling: Sampling) -> Rollout:
+    """One question's rollouts (see rollouts)."""
+    return rollouts(engine, [(conversation, sampling)], score)[0]
 
 
 def policy_rows(rollouts: list[Rollout], seq_len: int, pad_id: int):
@@ -159,13 +166,12 @@ def rollout_batches(engine, task: Task, step: int, questions_per_step: int, samp
     seed sample_seed(sampling.seed, n)), and the batch's {"reward": mean reward, "sequence_length": mean completion
     tokens} over the world, to which one rank per dp slice contributes (scores=True; evaluation.chat_tasks'
     convention)."""
-    rollouts = []
-    for n in batch_indices(step, questions_per_step, dp_rank, dp_size).tolist():
-        rollouts.append(rollout(engine, task[n % len(task)], task.score,
-                                replace(sampling, seed=sample_seed(sampling.seed, n))))
-    x, y, w = policy_rows(rollouts, seq_len, engine.tokenizer.bos_id)
-    sums = torch.tensor([sum(sum(r.rewards) for r in rollouts),
-                         sum(len(c) for r in rollouts for c in r.completions), float(x.size(0))],
+    questions = [(task[n % len(task)], replace(sampling, seed=sample_seed(sampling.seed, n)))
+                 for n in batch_indices(step, questions_per_step, dp_rank, dp_size).tolist()]
+    batch = rollouts(engine, questions, task.score)
+    x, y, w = policy_rows(batch, seq_len, engine.tokenizer.bos_id)
+    sums = torch.tensor([sum(sum(r.rewards) for r in batch),
+                         sum(len(c) for r in batch for c in r.completions), float(x.size(0))],
                         dtype=torch.float64)
     rewards, lengths, samples = all_reduce_sum(sums if scores else torch.zeros_like(sums)).tolist()
     return micro_batches(x, y, w, device_batch_size), {"reward": rewards / samples,
@@ -179,9 +185,10 @@ def pass_at_k(engine, task: Task, sampling: Sampling, *, dp_rank: int = 0, dp_si
     "eval", i), and counted by the rank of its slice that has scores=True."""
     k = sampling.num_samples
     counts = torch.zeros(k + 1, dtype=torch.float64)  # questions passed within k = 1..K samples, questions
-    for i in range(dp_rank, len(task), dp_size):
-        seeded = replace(sampling, seed=sample_seed(sampling.seed, "eval", i))
-        right = [reward > 0 for reward in rollout(engine, task[i], task.score, seeded).rewards]
+    mine = range(dp_rank, len(task), dp_size)
+    questions = [(task[i], replace(sampling, seed=sample_seed(sampling.seed, "eval", i))) for i in mine]
+    for r in rollouts(engine, questions, task.score):
+        right = [reward > 0 for reward in r.rewards]
         if scores:
             counts += torch.tensor([float(any(right[:j + 1])) for j in range(k)] + [1.0], dtype=torch.float64)
     all_reduce_sum(counts)

@@ -95,7 +95,8 @@ def main(argv=None):
               f"{cfg.num_iterations} steps of {Q} questions x {args.num_samples} samples (rows of {seq_len} tokens, "
               f"grad accum {trainer.grad_accum}), start at step {trainer.step}", flush=True)
     monitor = Monitor(args.out, enabled=rank == 0, resume_step=trainer.step if args.resume else None)
-    engine = Engine(trainer.model, tokenizer)  # the live training weights (ZeRO-3: gathered by its hooks)
+    # the live training weights (ZeRO-3: gathered by its hooks); the running batch holds a question's samples at least
+    engine = Engine(trainer.model, tokenizer, max_batch=max(32, args.num_samples, args.eval_samples))
     on_grid = dict(dp_rank=grid.dp_rank, dp_size=grid.dp, scores=grid.tp_rank == 0)  # tp ranks share samples
 
     def batches(i):

@@ -1,7 +1,7 @@
 """Talk to a trained model over HTTP: an OpenAI-compatible chat API and a chat page, one process or tensor-parallel.
 
     python scripts/chat_web.py --run RUN_DIR [--host 127.0.0.1 --port 8000] \
-        [--temperature 0.8 --top-k 50 --max-tokens 512] [--max-queue 16]
+        [--temperature 0.8 --top-k 50 --max-tokens 512] [--max-batch 16 --max-queue 16] [--api-key KEY]
     deepspeed --num_gpus N scripts/chat_web.py --run RUN_DIR --tp N
 
 Then open http://127.0.0.1:8000/ or POST http://127.0.0.1:8000/v1/chat/completions (docs/chat.md, "Web server").
@@ -31,13 +31,18 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=defaults.top_k, help="default when a request gives none")
     p.add_argument("--max-tokens", type=int, default=defaults.max_tokens,
                    help="default reply length when a request gives none")
-    p.add_argument("--max-queue", type=int, default=16, help="requests waiting behind the one generating; more: 503")
+    p.add_argument("--max-batch", type=int, default=16, help="requests generating together (the engine's batch rows)")
+    p.add_argument("--max-queue", type=int, default=16, help="requests waiting for a row; more: 503")
+    p.add_argument("--api-key", default=os.environ.get("MEGACHAT_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MEGACHAT_API_KEY; none: open)")
     p.add_argument("--name", default=None, help="model name in responses (default: RUN_DIR's name)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
-    if args.max_queue < 0:
-        p.error(f"--max-queue {args.max_queue}: must be >= 0")
+    if args.max_queue < 0 or args.max_batch < 1:
+        p.error(f"--max-batch {args.max_batch} must be >= 1 and --max-queue {args.max_queue} >= 0")
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api-key (or MEGACHAT_API_KEY) is empty: give a key, or unset it to serve without one")
     args.defaults = replace(defaults, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
     try:
         parse_sampling(vars(args.defaults), Sampling())  # the limits a request's own values must meet
@@ -65,12 +70,14 @@ def main(argv=None):
     if os.environ.get("RANK", "0") == "0":
         check_port(args.host, args.port)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype)
+    engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype, max_batch=args.max_batch)
     if is_talker():
         import uvicorn
         name = args.name or os.path.basename(os.path.normpath(args.run))
-        app = create_app(engine, name, args.defaults, args.max_queue)
-        print(f"serving {name} (tp {args.tp}) at http://{args.host}:{args.port}/", flush=True)
+        app = create_app(engine, name, args.defaults, args.max_queue, api_key=args.api_key)
+        key = "with an API key" if args.api_key else "without an API key"
+        print(f"serving {name} (tp {args.tp}, --max-batch {args.max_batch}, {key}) at http://{args.host}:{args.port}/",
+              flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     else:
         follow(engine)

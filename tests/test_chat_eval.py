@@ -102,6 +102,9 @@ class ScriptedEngine:
                 for j in range(sampling.num_samples)]
         return rows, [[1] * len(r) for r in rows]
 
+    def generate_many(self, calls):
+        return [self.generate_batch(prompts, sampling) for prompts, sampling in calls]
+
 
 def test_generative_scoring_passes_a_problem_when_any_sample_is_right_and_batches_in_order():
     from megachat.tasks.gsm8k import score

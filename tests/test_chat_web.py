@@ -5,6 +5,7 @@ stays responsive, every malformed request is a 400 naming the problem, calculato
 `tool` reading [python: EXPR][output: RESULT], the chat page works in headless Chromium, the other tp ranks follow
 rank 0's requests and heartbeats, and under `deepspeed --num_gpus 2 --tp 2` the greedy reply is the single
 process's. Tiny random-weights model (512-id vocab, max length 320)."""
+import contextlib
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ import torch
 from _dist import free_port
 
 from megachat.chat import prompt_ids, stream_reply
-from megachat.chat_server import DEFAULT_SAMPLING, MAX_MESSAGE_CHARS, create_app, generate_reply, reply_pieces
+from megachat.chat_server import DEFAULT_SAMPLING, MAX_MESSAGE_CHARS, Worker, create_app, reply_pieces
 from megachat.engine import Engine, Sampling
 from megachat.model import GPTConfig, nanochat_shapes
 
@@ -253,25 +254,27 @@ def test_a_taken_port_or_a_bad_default_fails_before_loading_the_model(server, ru
 # --- in-process servers: an engine whose "model" follows a script, behind a gate the test opens ---
 
 class ScriptedEngine(Engine):
-    """A real engine whose model wants the script's next token (after a token the engine forced, the same
-    one again), then <|assistant_end|>; generate waits for `gate`."""
+    """A real engine whose model wants, in each row, the script's next token (after a token the engine forced, the
+    same one again), then <|assistant_end|>; a decode step waits for `gate` (admission and prefill do not)."""
 
-    def __init__(self, model, tok, script):
-        super().__init__(model, tok)
-        self.script, self.gate, self.pos = script, threading.Event(), 0
+    def __init__(self, model, tok, script, max_batch=1):
+        super().__init__(model, tok, max_batch=max_batch)
+        self.script, self.gate, self.pos = script, threading.Event(), {}  # pos: each slot's place in the script
         self.gate.set()
 
-    def generate(self, *args, **kwargs):
-        self.pos = 0
-        if not self.gate.wait(TIMEOUT):
+    def _decode(self):
+        if self.decoding and not self.gate.wait(TIMEOUT):
             raise RuntimeError("the test never opened the gate")
-        yield from super().generate(*args, **kwargs)
+        super()._decode()
 
     def _logits(self, idx, cache):
-        if idx.size(1) == 1 and self.pos < len(self.script) and idx[0, 0].item() == self.script[self.pos]:
-            self.pos += 1
         logits = torch.full((idx.size(0), self.tokenizer.vocab_size), -1e9)
-        logits[:, self.script[min(self.pos, len(self.script) - 1)]] = 0.0
+        for r, slot in enumerate(cache.slots):
+            if idx.size(1) > 1:  # a prompt: the row starts the script
+                self.pos[slot] = 0
+            elif self.pos[slot] < len(self.script) and idx[r, 0].item() == self.script[self.pos[slot]]:
+                self.pos[slot] += 1
+            logits[r, self.script[min(self.pos[slot], len(self.script) - 1)]] = 0.0
         return logits
 
 
@@ -284,24 +287,32 @@ def calculator_script(tok):
 CALC_REPLY = "The answer is [python: 2+3*4][output: 14] so there."
 
 
-@pytest.fixture(scope="module")
-def scripted(engine):
-    """create_app over a ScriptedEngine (--max-queue 1) served by uvicorn on a thread: (base URL, engine)."""
+@contextlib.contextmanager
+def in_process(app):
+    """`app` served by uvicorn on a thread on a free port: its base URL."""
     import uvicorn
-    scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(scripted, "scripted", DEFAULT_SAMPLING, max_queue=1),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and thread.is_alive() and time.time() < deadline:
         time.sleep(0.05)
     assert server.started, "the in-process server did not start"
-    yield f"http://127.0.0.1:{port}", scripted
-    scripted.gate.set()
-    server.should_exit = True
-    thread.join(15)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture(scope="module")
+def scripted(engine):
+    """create_app over a ScriptedEngine (--max-batch 1, --max-queue 1) served in-process: (base URL, engine)."""
+    scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
+    with in_process(create_app(scripted, "scripted", DEFAULT_SAMPLING, max_queue=1)) as url:
+        yield url, scripted
+        scripted.gate.set()
 
 
 def test_calculator_calls_arrive_as_tool_pieces_inline_in_the_text(scripted):
@@ -318,12 +329,18 @@ def test_calculator_calls_arrive_as_tool_pieces_inline_in_the_text(scripted):
     complete(url, HELLO + [{"role": "assistant", "content": parts}, {"role": "user", "content": "thanks"}])
 
 
-def test_the_same_events_on_every_rank_path(engine):
-    """generate_reply is what every tp rank runs: its events for the scripted engine, the done event last."""
+def test_the_worker_hands_out_the_pieces_then_done_with_the_token_count(engine):
+    """The engine's thread (what rank 0 runs; the other ranks apply the same Lockstep messages): a reply's events,
+    the done event last with the completion tokens, the forced ones included."""
     scripted = ScriptedEngine(engine.model, engine.tokenizer, calculator_script(engine.tokenizer))
-    events = []
-    generate_reply(scripted, {"ids": prompt_ids(engine.tokenizer, HELLO),
-                              "sampling": Sampling(max_tokens=60, temperature=0)}, events.append)
+    worker, events, done = Worker(scripted), [], threading.Event()
+    worker.start()
+    try:
+        worker.submit({"ids": prompt_ids(engine.tokenizer, HELLO), "sampling": Sampling(max_tokens=60, temperature=0)},
+                      lambda e: (events.append(e), e[0] == "done" and done.set()))
+        assert done.wait(TIMEOUT), events
+    finally:
+        worker.stop()
     assert "".join(e[1] for e in events if e[0] == "piece") == CALC_REPLY
     forced = len(engine.tokenizer.encode("14")) + 2  # <|output_start|> 14 <|output_end|>
     assert events[-1] == ("done", "stop", len(calculator_script(engine.tokenizer)) + forced)
@@ -357,12 +374,9 @@ def test_a_full_queue_answers_503_while_health_stays_responsive(scripted):
         engine.gate.set()
 
 
-def test_the_chat_page_streams_a_reply_shows_the_calculator_and_starts_over(scripted, tmp_path):
+def chromium():
+    """Headless Chromium driven by Selenium (Debian's chromium and chromium-driver)."""
     from selenium import webdriver
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import WebDriverWait
-    url, _ = scripted
     browser, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     assert browser and driver_path, "chromium and chromedriver are missing: run `make setup` " \
                                     "(apt-get install chromium chromium-driver)"
@@ -370,7 +384,15 @@ def test_the_chat_page_streams_a_reply_shows_the_calculator_and_starts_over(scri
     options.binary_location = browser
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=900,640"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+    return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=driver_path))
+
+
+def test_the_chat_page_streams_a_reply_shows_the_calculator_and_starts_over(scripted, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+    url, _ = scripted
+    driver = chromium()
     try:
         driver.set_page_load_timeout(TIMEOUT)
         driver.get(url + "/")
@@ -443,3 +465,181 @@ def test_tp2_under_the_deepspeed_launcher_answers_as_one_process(server, run_dir
     finally:
         stop(proc)
     assert "Traceback" not in (tmp_path / "tp.log").read_text()
+
+
+# --- continuous batching, API keys and the schema, over real HTTP ---
+
+KEY = "sk-megachat-test-key"
+
+
+class SlowEngine(Engine):
+    """The real engine, each step taking at least `delay` seconds, so that a test sees requests overlap."""
+    delay, steps = 0.0, 0
+
+    def step(self):
+        time.sleep(self.delay)
+        super().step()
+        self.steps += 1
+
+
+@pytest.fixture(scope="module")
+def keyed(engine):
+    """create_app(--api-key KEY, --max-batch 4, --max-queue 2) over the run's model, in-process: (URL, engine)."""
+    slow = SlowEngine(engine.model, engine.tokenizer, max_batch=4)
+    with in_process(create_app(slow, "keyed", DEFAULT_SAMPLING, max_queue=2, api_key=KEY)) as url:
+        yield url, slow
+
+
+def bearer(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def test_v1_wants_the_api_key_in_openai_s_error_shape_and_health_stays_open(keyed, monkeypatch):
+    url, _ = keyed
+    body = {"messages": HELLO, "max_tokens": 4}
+    for headers, words in (({}, "You didn't provide an API key"), (bearer("sk-wrong"), "Incorrect API key"),
+                           ({"Authorization": KEY}, "You didn't provide an API key")):  # not Bearer
+        for r in (httpx.post(f"{url}/v1/chat/completions", json=body, headers=headers, timeout=TIMEOUT),
+                  httpx.get(f"{url}/v1/models", headers=headers, timeout=TIMEOUT)):
+            assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", (r.status_code, r.text)
+            error = r.json()["error"]
+            assert words in error["message"] and error["type"] == "invalid_request_error"
+            assert error["code"] == "invalid_api_key" and error["param"] is None
+    assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["api_key"] is True
+    assert httpx.post(f"{url}/v1/chat/completions", json=body, headers=bearer(), timeout=TIMEOUT).status_code == 200
+    from openai import AuthenticationError, OpenAI
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0).models.list()
+    assert [m.id for m in OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).models.list()] == ["keyed"]
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import chat_web
+    monkeypatch.setenv("MEGACHAT_API_KEY", "from-the-environment")
+    assert chat_web.parse_args(["--run", "x"]).api_key == "from-the-environment"
+    assert chat_web.parse_args(["--run", "x", "--api-key", "flag"]).api_key == "flag"
+
+
+def timed_stream(url, messages, out, **body):
+    """Stream one request, recording (the time its first and last chunk arrived, its chunks) in out."""
+    with httpx.stream("POST", f"{url}/v1/chat/completions", headers=bearer(), timeout=TIMEOUT,
+                      json={"messages": messages, "stream": True, **body}) as r:
+        assert r.status_code == 200, r.read()
+        chunks = []
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                chunks.append(json.loads(line[6:]))
+                out.setdefault("first", time.time())
+        out.update(last=time.time(), chunks=chunks)
+
+
+def test_a_short_request_sent_after_a_long_one_finishes_first_and_each_is_what_it_is_alone(keyed, engine):
+    url, slow = keyed
+    slow.delay = 0.01  # >= 2 s for the long reply
+    long_body = dict(max_tokens=200, temperature=1.0, seed=3)  # this seed runs to max_tokens
+    short_body = dict(max_tokens=4, temperature=0.5, seed=5)
+    long, short = {}, {}
+    try:
+        thread = threading.Thread(target=timed_stream, args=(url, HELLO, long), kwargs=long_body)
+        thread.start()
+        deadline = time.time() + TIMEOUT
+        while "first" not in long and time.time() < deadline:
+            time.sleep(0.01)
+        timed_stream(url, [{"role": "user", "content": "The cat sat"}], short, **short_body)
+        thread.join(TIMEOUT)
+    finally:
+        slow.delay = 0.0
+    assert short["last"] < long["last"] and long["first"] < short["first"]
+    assert long["chunks"][-1]["choices"][0]["finish_reason"] == "length"  # still generating when short finished
+    for messages, body, got in ((HELLO, long_body, long), ([{"role": "user", "content": "The cat sat"}], short_body,
+                                                           short)):
+        ids = prompt_ids(engine.tokenizer, messages)
+        sampling = Sampling(max_tokens=body["max_tokens"], temperature=body["temperature"], top_k=50,
+                            seed=body["seed"])
+        assert streamed_text(got["chunks"]) == "".join(c for c, _ in reply_pieces(stream_reply(engine, ids, sampling)))
+
+
+def test_sampled_concurrent_replies_equal_each_alone(server, engine):
+    """Eight requests at once with their own temperature, top-k / top-p, length and seed: each reply is the
+    engine's for that request alone."""
+    convs = [HELLO, [{"role": "user", "content": "The cat sat"}], [{"role": "user", "content": "hello world " * 20}]]
+    bodies = [dict(temperature=0.0, max_tokens=30), dict(temperature=0.7, max_tokens=12, seed=1),
+              dict(temperature=1.0, top_k=20, max_tokens=25, seed=2), dict(temperature=1.3, top_p=0.9, max_tokens=7,
+                                                                           seed=3),
+              dict(temperature=0.9, max_tokens=40, seed=4), dict(temperature=0.5, top_k=5, max_tokens=3, seed=5),
+              dict(temperature=1.0, max_tokens=18, seed=6), dict(temperature=0.2, top_p=0.5, max_tokens=33, seed=7)]
+
+    def ask(i):
+        return complete(server, convs[i % 3], **bodies[i])["choices"][0]["message"]["content"]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(ask, range(8)))
+    for i, body in enumerate(bodies):
+        sampling = Sampling(max_tokens=body["max_tokens"], temperature=body["temperature"],
+                            top_k=body.get("top_k", DEFAULT_SAMPLING.top_k), top_p=body.get("top_p"),
+                            seed=body.get("seed", 0))
+        ids = prompt_ids(engine.tokenizer, convs[i % 3])
+        assert got[i] == "".join(c for c, _ in reply_pieces(stream_reply(engine, ids, sampling))), i
+
+
+def test_a_client_that_disconnects_frees_its_row_within_a_step(keyed):
+    url, slow = keyed
+    slow.delay = 0.05  # 200 tokens: 10 s
+    try:
+        with httpx.Client(timeout=TIMEOUT, headers=bearer()) as client:
+            with client.stream("POST", f"{url}/v1/chat/completions",
+                               json={"messages": HELLO, "stream": True, "max_tokens": 200, "seed": 3}) as r:
+                for line in r.iter_lines():  # the first piece of text: the row is decoding
+                    if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                        break
+                assert client.get(f"{url}/stats").json()["generating"] == 1
+            left, steps = time.time(), slow.steps  # the connection is closed
+            while (stats := client.get(f"{url}/stats").json())["generating"]:
+                assert time.time() - left < 5.0, stats  # the request had 9 s to go
+                time.sleep(0.01)
+            assert slow.steps - steps <= 2, slow.steps - steps  # the step under way, at most one more
+            assert stats["waiting"] == 0
+    finally:
+        slow.delay = 0.0
+
+
+def test_schemathesis_finds_no_server_error_and_no_undocumented_status(keyed, tmp_path):
+    url, _ = keyed
+    schema = httpx.get(f"{url}/openapi.json", timeout=TIMEOUT).json()
+    body = schema["paths"]["/v1/chat/completions"]["post"]
+    assert body["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("ChatCompletionRequest")
+    assert {"200", "400", "401", "413", "503"} <= set(body["responses"])
+    st = str(Path(sys.executable).parent / "st")
+    run = subprocess.run([st, "--config-file", str(ROOT / "tests" / "schemathesis.toml"), "run", f"{url}/openapi.json",
+                          "--checks", "all", "-H", f"Authorization: Bearer {KEY}", "--max-examples", "30", "--seed", "1", "--workers", "1", "--no-color",
+                          "--phases", "examples,coverage,fuzzing"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    (tmp_path / "st.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-2000:]
+
+
+def test_the_chat_page_asks_for_the_api_key_once_and_sends_it(keyed):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+    url, _ = keyed
+    driver = chromium()
+    try:
+        driver.set_page_load_timeout(TIMEOUT)
+        driver.get(url + "/")
+        wait = WebDriverWait(driver, TIMEOUT)
+        wait.until(lambda d: "keyed" in d.find_element(By.ID, "model").text)  # /health: it wants a key
+        replies = lambda d: d.find_elements(By.CSS_SELECTOR, ".message.assistant")  # noqa: E731
+        idle = lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") == "idle"  # noqa: E731
+        box = driver.find_element(By.ID, "input")
+        box.send_keys("Once upon a time", Keys.ENTER)
+        alert = wait.until(expected_conditions.alert_is_present())
+        assert "API key" in alert.text
+        alert.send_keys(KEY)
+        alert.accept()
+        wait.until(lambda d: replies(d) and idle(d))
+        box.send_keys("And then?", Keys.ENTER)  # no second prompt: an open alert would fail the next lookups
+        wait.until(lambda d: len(replies(d)) == 2 and idle(d))
+        assert not driver.find_elements(By.CSS_SELECTOR, ".message.error")
+        assert driver.execute_script("return sessionStorage.getItem('megachat-api-key')") == KEY
+    finally:
+        driver.quit()

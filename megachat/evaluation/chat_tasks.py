@@ -4,10 +4,11 @@
   the logits of the option letters at its last position pick the answer (model_eval.GridForward.letter_logits,
   tp-sharded). Conversations are split round-robin over dp ranks.
 - Generative (GSM8K, HumanEval, SpellingBee): the inference engine (megachat.engine, KV cache, calculator tool)
-  completes `batch_size` prompts per call, sampled as a megachat.engine.Sampling says (DEFAULT_SAMPLING: nanochat's
-  chat_eval settings); a problem passes when any of its num_samples completions scores (task.score). Batches are
-  cut from the task's example order and dealt round-robin to dp ranks, and batch b samples with sampling.seed + b,
-  so every batch is the same under any dp (and greedy results equal one process).
+  completes `batch_size` prompts per request (a rank's requests all at once, in its continuous batch), sampled as a
+  megachat.engine.Sampling says (DEFAULT_SAMPLING: nanochat's chat_eval settings); a problem passes when any of its
+  num_samples completions scores (task.score). Batches are cut from the task's example order and dealt round-robin
+  to dp ranks, and batch b samples with sampling.seed + b, so every batch is the same under any dp (and greedy
+  results equal one process).
 - ChatCORE = the mean over the six tasks of (accuracy - b) / (1 - b), b = 0.25 for the four-option tasks and 0
   for the generative ones; only computed when all six ran.
 Counts are all-reduced over the world with one contribution per dp slice (`scores` is True on one rank of each).
@@ -105,20 +106,26 @@ def evaluate_categorical(conversations, tokenizer, letter_logits, *, dp_rank=0, 
 def evaluate_generative(conversations, score, engine, sampling: Sampling = DEFAULT_SAMPLING, *,
                         batch_size: int = BATCH_SIZE, dp_rank=0, dp_size=1, scores=True) -> float:
     """Fraction of conversations for which any of sampling.num_samples completions passes score(conversation,
-    completion text), batch_size prompts per engine call, batch b sampled with seed sampling.seed + b, split over
-    dp by batches. Every tp rank of a dp slice calls this with the same arguments (the engine's forwards are
-    collective over tp); only ranks with scores=True decode and score. A prompt longer than the engine's maximum
-    length minus max_tokens counts as failed."""
+    completion text), batch_size prompts per engine request (all at once: engine.generate_many), batch b sampled
+    with seed sampling.seed + b, split over dp by batches. Every tp rank of a dp slice calls this with the same
+    arguments (the engine's forwards are collective over tp); only ranks with scores=True decode and score. A prompt
+    longer than the engine's maximum length minus max_tokens counts as failed."""
     tok, n = engine.tokenizer, sampling.num_samples
     counts = torch.zeros(2, dtype=torch.float64)  # [passed, counted]
     n_batches = -(-len(conversations) // batch_size)
+    batches, calls = [], []  # this rank's batches, and the engine request of each that has prompts that fit
     for b in range(dp_rank, n_batches, dp_size):
         batch = conversations[b * batch_size:(b + 1) * batch_size]
         prompts = [tok.render_for_completion(conv) for conv in batch]
         # a prompt the engine cannot hold with max_tokens after it counts as failed (the model cannot answer it)
         fits = [len(p) + sampling.max_tokens <= engine.max_len for p in prompts]
         kept = [p for p, f in zip(prompts, fits) if f]
-        rows, _ = engine.generate_batch(kept, replace(sampling, seed=sampling.seed + b)) if kept else ([], [])
+        if kept:
+            calls.append((kept, replace(sampling, seed=sampling.seed + b)))
+        batches.append((batch, fits))
+    results = iter(engine.generate_many(calls))  # every batch in the engine's running batch at once
+    for batch, fits in batches:
+        rows = next(results)[0] if any(fits) else []
         if not scores:
             continue
         k = 0
