@@ -83,7 +83,7 @@ def main(argv=None):
     tokenizer = Tokenizer.load(args.tokenizer)
     for prefix in [*args.data, *([args.val_data] if args.val_data else [])]:
         check_tokenizer(prefix, tokenizer)
-    init_distributed()
+    init_distributed(timeout_s=args.collective_timeout)
     rank = dist.get_rank()
     cfg = TrainConfig(depth=args.depth, vocab_size=tokenizer.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=args.total_batch_size,
