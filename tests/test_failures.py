@@ -4,9 +4,11 @@ host, the step and the checkpoint to resume from, a stall leaves the live ranks'
 `--resume auto` then continues the uninterrupted loss curve bit for bit. One chain of launches: an uninterrupted
 reference; a run whose rank 1 is killed; its resume, whose rank 1 is stopped; the resume that finishes.
 """
+import json
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -15,11 +17,13 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 from _dist import free_port
 from test_train import TINY, corpus, curve, train  # noqa: F401 (corpus: the module's fixture)
 
+from megachat.data import check_shards
 from megachat.watchdog import JUDGE_S, MIN_LIMIT_S, SLOW_LIMIT_S, step_limit
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,6 +125,9 @@ def test_a_dead_rank_ends_the_job_in_seconds_naming_it(corpus, chain):
     assert re.search(rf"lost rank 1 on host {re.escape(socket.gethostname())} \(pid {victim}, dead\), during step "
                      rf"\d+: a collective failed", messages[0]), messages[0]
     assert f"resume from the newest intact checkpoint {latest(run)} with --resume auto" in messages[0]
+    # the metrics of every step the ranks finished survive the crash (flushed each step)
+    printed = [int(m.group(1)) for m in re.finditer(r"^step\s+(\d+)/", out, re.M)]
+    assert sorted(curve(run)) == list(range(1, max(printed) + 1))
     chain["dead_after"] = elapsed
 
 
@@ -165,6 +172,37 @@ def test_resume_auto_after_the_failures_continues_the_uninterrupted_curve_bitwis
         pytest.skip("continues the run of the two tests above")
     train(corpus, run, 2, *ARGS, "--resume", "auto")
     assert curve(run) == reference  # every step's loss, bit for bit, across two failures and three launches
+
+
+def test_damaged_or_changed_shards_are_refused_before_the_first_step(corpus, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for ext in ("bin", "idx"):
+        shutil.copy(f"{corpus['train']}.{ext}", data / f"train.{ext}")
+    prefix, run = str(data / "train"), tmp_path / "run"
+    one = [a for a in ARGS if a not in ("--collective-timeout", str(TIMEOUT))]
+
+    def base_train(*args):
+        return train({**corpus, "train": prefix}, run, 1, *one, *args, check=False)
+
+    proc = base_train("--num-iterations", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert json.loads((run / "data.json").read_text())[prefix]["bin"]["bytes"] == os.path.getsize(prefix + ".bin")
+    tokens = np.fromfile(prefix + ".bin", np.uint16)
+    refusals = [
+        # the same size, other tokens (a shard made again from other text): a resume would read other samples
+        (lambda: tokens[::-1].tofile(prefix + ".bin"), rf"{prefix}\.bin changed since the run started"),
+        (lambda: tokens[:-7].tofile(prefix + ".bin"), rf"{prefix}\.bin has \d+ bytes but {prefix}\.idx needs"),
+        (lambda: np.where(np.arange(tokens.size) == 3, 60000, tokens).astype(np.uint16).tofile(prefix + ".bin"),
+         rf"{prefix}\.bin: token id 60000 near byte 0 is outside the tokenizer's 512 ids"),
+    ]
+    for damage, message in refusals:
+        damage()
+        proc = base_train("--resume", "auto", "--num-iterations", "4")
+        assert proc.returncode == 2 and re.search(message, proc.stdout), proc.stdout[-3000:]
+        assert not re.search(r"^step\s+\d+/", proc.stdout, re.M)  # refused before any step
+    tokens.tofile(prefix + ".bin")  # the original bytes (with a new mtime, as a copy has) pass again
+    check_shards(str(run), [prefix], resumed=True, vocab_size=512)
 
 
 def test_the_limit_is_sized_from_the_measured_steps():
