@@ -155,26 +155,54 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, mo
     must hold step, consumed_samples, layout and config; with model_config (the GPTConfig) every rank also writes
     its slices of the layout-free state into step_NNNNNN/state/ (see the module docstring). The checkpoint becomes
     visible through `latest` only once every rank's files are on disk; then all but the newest `keep` are
-    removed."""
+    removed. A write that fails on any rank (a full disk, an I/O error, a read-only directory) raises OSError on
+    every rank naming the path, the bytes it needed and the bytes free; the unfinished checkpoint is removed and
+    `latest` still names the previous one, intact."""
     tag = tag_for(step)
+    tag_dir = os.path.join(ckpt_dir, tag)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()},
                            save_latest=False)
-    if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
-        sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, client_state["layout"],
-                     optimizer=True)
+    problem = None
+    try:
+        if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
+            sharded.save(os.path.join(tag_dir, STATE_DIR), engine, model_config, step, client_state["layout"],
+                         optimizer=True)  # raises on every rank alike
+        if dist.get_rank() == 0:
+            atomic_write(os.path.join(tag_dir, "megachat.json"), json.dumps(
+                {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
+    except OSError as e:
+        problem = str(e)
+    problem = _any_problem(problem)  # every rank has written and closed its files
+    if problem is None and dist.get_rank() == 0:
+        try:
+            _fsync_tree(tag_dir)
+            atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+        except OSError as e:
+            problem = str(e)
+    problem = _any_problem(problem)
+    if problem is not None:
+        previous = latest_tag(ckpt_dir)
+        if dist.get_rank() == 0 and previous != tag:
+            shutil.rmtree(tag_dir, ignore_errors=True)  # its space back; `latest` never named it
+        dist.barrier()
+        raise OSError(f"checkpoint {tag_dir} was not written: {problem}; "
+                      + (f"{os.path.join(ckpt_dir, 'latest')} still names {previous}, intact: free space (or fix "
+                         f"the storage) and continue with --resume auto" if previous else
+                         "there is no earlier checkpoint: free space (or fix the storage) and start again"))
     if dist.get_rank() == 0:
-        atomic_write(os.path.join(ckpt_dir, tag, "megachat.json"), json.dumps(
-            {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
-    dist.barrier()  # every rank has written and closed its files
-    if dist.get_rank() == 0:
-        _fsync_tree(os.path.join(ckpt_dir, tag))
-        atomic_write(os.path.join(ckpt_dir, "latest"), tag)
         tags = sorted(t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t)))
         for old in tags[:-keep] if keep > 0 else []:
             if old != tag:
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _any_problem(problem: str | None) -> str | None:
+    """The first rank's problem, on every rank (collective)."""
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p), None)
 
 
 def layout_free_state(ckpt_dir: str, tag: str) -> sharded.ShardedState:
