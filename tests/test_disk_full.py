@@ -84,8 +84,10 @@ def _faults(rank, run_dir):
         if rank == 0:
             ballast = fill(ckpts, leave)
         dist.barrier()
-        with pytest.raises(OSError) as error:
-            trainer.save(2)
+        with pytest.raises(OSError) as error:  # past the check of the space (judged by the previous checkpoint)
+            checkpoint.save(trainer.ds_engine, str(ckpts), 2, keep=3, model_config=cfg.model_config(),
+                            check_space=False, client_state={"step": 2, "consumed_samples": 2 * cfg.global_batch,
+                                                             "layout": trainer.layout, "config": cfg.to_json()})
         seen[point] = str(error.value)
         if rank == 0:
             ballast.unlink()

@@ -23,6 +23,8 @@ import pytest
 from _dist import free_port
 from test_train import TINY, corpus, curve, train  # noqa: F401 (corpus: the module's fixture)
 
+from test_disk_full import mounts, pages  # noqa: F401 (mounts: the fixture)
+
 from megachat.data import check_shards
 from megachat.watchdog import JUDGE_S, MIN_LIMIT_S, SLOW_LIMIT_S, step_limit
 
@@ -101,7 +103,7 @@ def latest(run: Path) -> str:
 def reference(corpus, tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     train(corpus, out, 2, *ARGS)
-    return curve(out)
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,32 @@ def test_resume_auto_after_the_failures_continues_the_uninterrupted_curve_bitwis
     if "dead_after" not in chain:
         pytest.skip("continues the run of the two tests above")
     train(corpus, run, 2, *ARGS, "--resume", "auto")
-    assert curve(run) == reference  # every step's loss, bit for bit, across two failures and three launches
+    assert curve(run) == curve(reference)  # every step's loss, bit for bit, across two failures and three launches
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs (a disk that fills up) needs root")
+def test_a_run_whose_disk_fills_up_stops_naming_it_and_resumes_bitwise(corpus, reference, tmp_path, mounts):
+    # room for one checkpoint and a half: the one at step 2 is written, the one at step 4 meets a full disk
+    ckpts = reference / "checkpoints"
+    one = sum(pages(p) for p in (ckpts / "step_000008").rglob("*") if p.is_file())
+    rest = sum(pages(p) for p in ckpts.iterdir() if p.is_file())
+    run = tmp_path / "run"
+    mount = mounts(run / "checkpoints", f"{(rest + one * 3 // 2) // 1024}k")
+    proc = train(corpus, run, 2, *ARGS, check=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() if "base_train.py: error:" in line]
+    assert len(errors) == 1, proc.stdout[-6000:]  # every rank stops with the same message, printed once
+    # refused before writing (the previous checkpoint's size does not fit), or by the write that met the full disk
+    assert re.search(rf"checkpoint {re.escape(str(mount / 'step_000004'))} was not written: .*cannot write "
+                     rf"{re.escape(str(mount / 'step_000004'))}\S* \([^)]+\): it needs [\d,]+ bytes, "
+                     rf"[\d,]+ bytes are free on its filesystem.*; {re.escape(str(mount / 'latest'))} still names "
+                     rf"step_000002, intact: free space \(or fix the storage\) and continue with --resume auto",
+                     errors[0]), errors[0]
+    assert (mount / "latest").read_text() == "step_000002" and not (mount / "step_000004").exists()
+    assert sorted(curve(run)) == [1, 2, 3, 4]  # the records of the steps done
+    subprocess.run(["mount", "-o", "remount,size=1g", str(mount)], check=True)  # space again
+    train(corpus, run, 2, *ARGS, "--resume", "auto")
+    assert curve(run) == curve(reference)
 
 
 def test_damaged_or_changed_shards_are_refused_before_the_first_step(corpus, tmp_path):
