@@ -24,6 +24,7 @@ later to what is left, such as a stopped rank).
 """
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import json
 import os
@@ -108,6 +109,8 @@ class Watchdog:
         self.hang_file.close()
         if os.path.getsize(self.hang_path) == 0:
             os.remove(self.hang_path)
+            with contextlib.suppress(OSError):  # another rank's stacks, or another rank removing it first
+                os.rmdir(os.path.dirname(self.hang_path))
 
     def beat(self, step: int, slow: bool = False) -> None:
         """Progress: `step` is about to run (slow=True: an evaluation or a save follows, which is not measured)."""
