@@ -73,6 +73,7 @@ class Watchdog:
         self.last_beat, self.last_was_step = time.monotonic(), False
         self.limit = step_limit([], timeout)
         self.reported = threading.Lock()  # held by whichever of the thread and the main thread reports first
+        self.writing = threading.Lock()  # the thread and a failing main thread both beat
         self.stop = threading.Event()
 
     def start(self) -> None:
@@ -128,12 +129,13 @@ class Watchdog:
         faulthandler.dump_traceback_later(self.limit + JUDGE_S + 10 * PERIOD_S, exit=True, file=self.hang_file)
 
     def _write_heartbeat(self) -> None:
-        self.count += 1
         path = os.path.join(self.beat_dir, f"rank-{self.rank:05d}.json")
-        with open(f"{path}.tmp", "w") as f:
-            json.dump({"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
-                       "count": self.count}, f)
-        os.replace(f"{path}.tmp", path)  # no fsync: a heartbeat only has to be readable, not durable
+        with self.writing, contextlib.suppress(OSError):  # a full disk must not end the watching
+            self.count += 1
+            with open(f"{path}.tmp", "w") as f:
+                json.dump({"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
+                           "count": self.count}, f)
+            os.replace(f"{path}.tmp", path)  # no fsync: a heartbeat only has to be readable, not durable
 
     def _read_heartbeats(self) -> dict[int, dict]:
         beats = {}
