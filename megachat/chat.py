@@ -25,7 +25,7 @@ def load_chat(run_dir: str, tp: int = 1, checkpoint: str | None = None, dtype=to
     from megachat.parallel import device, init_distributed, init_grid
     read_run_config(run_dir)  # a wrong --run fails before any process group
     # ranks other than 0 wait in share() while the user types: a day, not the default half hour, before a timeout
-    init_distributed(world_of_one=False, timeout_minutes=24 * 60)
+    init_distributed(world_of_one=False, timeout_s=24 * 3600)
     world = dist.get_world_size() if dist.is_initialized() else 1
     if world != tp:
         raise ValueError(f"--tp {tp} but {world} processes were launched: chat runs tensor-parallel only "

@@ -150,31 +150,82 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, model_config=None) -> str:
+def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, model_config=None,
+         check_space: bool = True) -> str:
     """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. client_state
     must hold step, consumed_samples, layout and config; with model_config (the GPTConfig) every rank also writes
     its slices of the layout-free state into step_NNNNNN/state/ (see the module docstring). The checkpoint becomes
     visible through `latest` only once every rank's files are on disk; then all but the newest `keep` are
-    removed."""
+    removed. A write that fails on any rank (a full disk, an I/O error, a read-only directory) raises OSError on
+    every rank naming the path, the bytes it needed and the bytes free; the unfinished checkpoint is removed and
+    `latest` still names the previous one, intact. check_space: first refuse, the same way, a save that cannot fit,
+    judged by the size of the previous checkpoint (a disk that fills during the save is still caught by the
+    writes themselves; the tests turn this off to fault each write)."""
     tag = tag_for(step)
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if check_space:
+        _refuse(_any_problem(_no_room(ckpt_dir, tag_dir) if dist.get_rank() == 0 else None), ckpt_dir, tag_dir)
     engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()},
                            save_latest=False)
-    if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
-        sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, client_state["layout"],
-                     optimizer=True)
+    problem = None
+    try:
+        if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
+            sharded.save(os.path.join(tag_dir, STATE_DIR), engine, model_config, step, client_state["layout"],
+                         optimizer=True)  # raises on every rank alike
+        if dist.get_rank() == 0:
+            atomic_write(os.path.join(tag_dir, "megachat.json"), json.dumps(
+                {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
+    except OSError as e:
+        problem = str(e)
+    problem = _any_problem(problem)  # every rank has written and closed its files
+    if problem is None and dist.get_rank() == 0:
+        try:
+            _fsync_tree(tag_dir)
+            atomic_write(os.path.join(ckpt_dir, "latest"), tag)
+        except OSError as e:
+            problem = str(e)
+    _refuse(_any_problem(problem), ckpt_dir, tag_dir)
     if dist.get_rank() == 0:
-        atomic_write(os.path.join(ckpt_dir, tag, "megachat.json"), json.dumps(
-            {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
-    dist.barrier()  # every rank has written and closed its files
-    if dist.get_rank() == 0:
-        _fsync_tree(os.path.join(ckpt_dir, tag))
-        atomic_write(os.path.join(ckpt_dir, "latest"), tag)
         tags = sorted(t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t)))
         for old in tags[:-keep] if keep > 0 else []:
             if old != tag:
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     dist.barrier()
     return tag
+
+
+def _no_room(ckpt_dir: str, tag_dir: str) -> str | None:
+    """Why a new checkpoint will not fit beside the others (judged by the size of the newest), or None."""
+    previous = latest_tag(ckpt_dir)
+    if previous is None or os.path.join(ckpt_dir, previous) == tag_dir:
+        return None
+    need = sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(os.path.join(ckpt_dir, previous))
+               for f in files)
+    free = shutil.disk_usage(ckpt_dir).free
+    return None if need < free else (f"cannot write {tag_dir} (not enough space: {previous} took {need:,} bytes): "
+                                     f"it needs {need:,} bytes, {free:,} bytes are free on its filesystem")
+
+
+def _refuse(problem: str | None, ckpt_dir: str, tag_dir: str) -> None:
+    """On every rank alike (problem comes from _any_problem): nothing when problem is None; else remove the
+    unfinished checkpoint and raise OSError naming the problem and the checkpoint still in charge."""
+    if problem is None:
+        return
+    previous = latest_tag(ckpt_dir)
+    if dist.get_rank() == 0 and os.path.join(ckpt_dir, previous or "") != tag_dir:
+        shutil.rmtree(tag_dir, ignore_errors=True)  # its space back; `latest` never named it
+    dist.barrier()
+    raise OSError(f"checkpoint {tag_dir} was not written: {problem}; "
+                  + (f"{os.path.join(ckpt_dir, 'latest')} still names {previous}, intact: free space (or fix the "
+                     f"storage) and continue with --resume auto" if previous else
+                     "there is no earlier checkpoint: free space (or fix the storage) and start again"))
+
+
+def _any_problem(problem: str | None) -> str | None:
+    """The first rank's problem, on every rank (collective)."""
+    found = [None] * dist.get_world_size()
+    dist.all_gather_object(found, problem)
+    return next((p for p in found if p), None)
 
 
 def layout_free_state(ckpt_dir: str, tag: str) -> sharded.ShardedState:

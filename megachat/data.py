@@ -12,6 +12,8 @@
   wait); datasets are blended by weight in a fixed interleaving block. Sample number i -> tokens is a pure
   function of (files, weights, seq_len, seed, i), so a batch is addressed by its global sample numbers and
   resume is exact for any data-parallel size.
+- check_shards(run_dir, prefixes, ...): RUN_DIR/data.json, the shards' fingerprints at the start of a run; a resume
+  whose shards changed since (it would read other tokens) is refused before the first step.
 torch is imported only inside the functions that need it: the preprocessing tools import this module.
 """
 import fcntl
@@ -34,6 +36,7 @@ MAX_DOC_TOKENS = 2**31 - 1  # the .idx stores each length as int32
 CHUNK = 1 << 22  # elements per step when streaming index arrays
 BLEND_BLOCK = 1 << 16  # blending interleaves datasets in blocks of this many samples: weights exact to 1/65536
 CACHE_VERSION = 1
+FINGERPRINT_BLOCKS, FINGERPRINT_BLOCK_BYTES = 64, 1 << 16  # the .bin blocks a fingerprint reads: at most 4 MiB
 
 
 def dtype_for_vocab(vocab_size):
@@ -125,6 +128,66 @@ class IndexedDataset:
                 raise ValueError(f"{self.prefix}.idx: documents are not stored back to back in the .bin; rewrite it "
                                  "with tools/merge_shards.py")
         return self._bin[:self.num_tokens]
+
+
+def shard_fingerprint(prefix, vocab_size=None):
+    """{"idx": {...}, "bin": {...}} of PREFIX: per file its bytes, mtime_ns and a sha256: of the whole .idx (12 bytes
+    per document), of FINGERPRINT_BLOCKS evenly spaced blocks of the .bin (a few MiB read, whatever the shard's size).
+    Opening the shard checks the .idx's structure and the .bin's length; with vocab_size, the ids in the blocks read
+    must be below it (a corrupted .bin). ValueError naming the file otherwise."""
+    ds = IndexedDataset(prefix)
+    out = {}
+    for ext in ("idx", "bin"):
+        path = f"{ds.prefix}.{ext}"
+        st, h = os.stat(path), hashlib.sha256()
+        with open(path, "rb") as f:
+            if ext == "idx":
+                while chunk := f.read(1 << 24):
+                    h.update(chunk)
+            else:
+                step = ds.dtype.itemsize
+                span = max(0, st.st_size - FINGERPRINT_BLOCK_BYTES) // step
+                for offset in sorted({span * i // max(1, FINGERPRINT_BLOCKS - 1) * step
+                                      for i in range(FINGERPRINT_BLOCKS)}):
+                    f.seek(offset)
+                    block = f.read(FINGERPRINT_BLOCK_BYTES)
+                    h.update(block)
+                    ids = np.frombuffer(block[:len(block) // step * step], ds.dtype)
+                    if vocab_size is not None and ids.size and (int(ids.max()) >= vocab_size or int(ids.min()) < 0):
+                        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+                        raise ValueError(f"{path}: token id {bad} near byte {offset} is outside the tokenizer's "
+                                         f"{vocab_size} ids: the shard is corrupted (or made with another tokenizer); "
+                                         f"copy it again or rerun tools/preprocess_data.py")
+        out[ext] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": h.hexdigest()}
+    return out
+
+
+def check_shards(run_dir, prefixes, resumed, vocab_size=None, record=True):
+    """Fingerprint the shards of `prefixes` (shard_fingerprint: refuses a damaged one). A fresh run (resumed False)
+    records them in RUN_DIR/data.json (when `record`: one rank); a resumed run compares them with it and refuses,
+    naming the file, a shard whose size or sampled content changed since the run started (the same sample numbers
+    would be other tokens). A changed mtime alone (a copy) is accepted."""
+    from megachat.fileio import atomic_write_json
+    now = {str(p): shard_fingerprint(str(p), vocab_size) for p in prefixes}
+    path = os.path.join(run_dir, "data.json")
+    if not resumed or not os.path.isfile(path):  # a run from before data.json: its shards are taken as they are
+        if record:
+            os.makedirs(run_dir, exist_ok=True)
+            atomic_write_json(path, now)
+        return
+    with open(path) as f:
+        then = json.load(f)
+    if list(then) != list(now):
+        raise ValueError(f"the run started with data {list(then)}, this resume gives {list(now)}: resume with the "
+                         f"same --data/--val-data (or start a new run with --out)")
+    for prefix, files in then.items():
+        for ext, was in files.items():
+            got = now[prefix][ext]
+            if (got["bytes"], got["sha256"]) != (was["bytes"], was["sha256"]):
+                raise ValueError(f"{prefix}.{ext} changed since the run started ({was['bytes']} -> {got['bytes']} "
+                                 f"bytes{'' if got['bytes'] != was['bytes'] else ', other content'}): the resume "
+                                 f"would read other tokens; restore the original file, or start a new run with "
+                                 f"--out (RUN_DIR/data.json holds the fingerprints)")
 
 
 class IndexedDatasetWriter:

@@ -15,8 +15,10 @@ tensors refer to storages data/0, data/1, ... by key, then each storage as its t
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
+import math
 import os
 import pickle
 import sys
@@ -24,7 +26,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from megachat.fileio import atomic_write_json, replace_durably
+from megachat.fileio import atomic_write_json, replace_durably, write_error
 from megachat.sharded import SafetensorsWriter, ShardedState
 
 _STORAGE_TYPES = {torch.float32: torch.FloatStorage, torch.bfloat16: torch.BFloat16Storage,
@@ -93,15 +95,33 @@ def _specs(state: ShardedState) -> dict:
     return {name: (torch.float32, tuple(t["shape"])) for name, t in state.tensors.items()}
 
 
+@contextlib.contextmanager
+def _written(tmp: str, path: str, state: ShardedState):
+    """A failed write of `tmp` (a full disk, an I/O error) removes it and raises OSError naming `path`, the bytes
+    needed (the fp32 weights) and free; whatever was at `path` stays."""
+    try:
+        yield
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        needed = sum(math.prod(t["shape"]) * 4 for t in state.tensors.values())
+        raise write_error(path, e, needed) from e
+
+
 def to_safetensors(state: ShardedState, path: str) -> None:
     """The full fp32 weights of `state` as one safetensors file at path (written beside it, then renamed)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    writer = SafetensorsWriter(tmp, _specs(state), metadata={
-        "format": "pt", "model_config": json.dumps(state.config), "step": str(state.step)})
-    for name, tensor in tensors(state, os.path.basename(path)):
-        writer.write(name, tensor)
-    writer.close()
-    replace_durably(tmp, path)
+    with _written(tmp, path, state):
+        writer = SafetensorsWriter(tmp, _specs(state), metadata={
+            "format": "pt", "model_config": json.dumps(state.config), "step": str(state.step)})
+        try:
+            for name, tensor in tensors(state, os.path.basename(path)):
+                writer.write(name, tensor)
+            writer.close()
+        except OSError:
+            writer.abort()
+            raise
+        replace_durably(tmp, path)
 
 
 def to_nanochat(state: ShardedState, out_dir: str) -> str:
@@ -110,8 +130,9 @@ def to_nanochat(state: ShardedState, out_dir: str) -> str:
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"model_{state.step:06d}.pt")
     tmp = f"{path}.tmp-{os.getpid()}"
-    save_torch_streaming(tmp, _specs(state), tensors(state, os.path.basename(path)))
-    replace_durably(tmp, path)
+    with _written(tmp, path, state):
+        save_torch_streaming(tmp, _specs(state), tensors(state, os.path.basename(path)))
+        replace_durably(tmp, path)
     atomic_write_json(os.path.join(out_dir, f"meta_{state.step:06d}.json"),
                       {"step": state.step, "model_config": state.config,
                        "megachat": {"source": os.path.abspath(state.directory), "layout": state.layout}})

@@ -1,11 +1,13 @@
 """megachat.monitor: one record per step to RUN_DIR/metrics.jsonl and to TensorBoard (RUN_DIR/tensorboard/).
 
 Only rank 0 writes (the metrics are already reduced over the grid). Each jsonl line is written whole and
-flushed, so a killed run leaves complete lines; on resume the file is cut back to the resumed step so the
-log stays one curve.
+flushed (the TensorBoard events too) every step, so a killed run keeps the records of its finished steps; a line
+that cannot be written whole (a full disk) is cut off again and the run stops naming the file, the bytes needed
+and free. On resume the file is cut back to the resumed step so the log stays one curve.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -13,7 +15,7 @@ import time
 
 import torch
 
-from megachat.fileio import atomic_write
+from megachat.fileio import atomic_write, write_error
 
 # Dense bf16 peak of one GPU, by device-name substring (MFU is reported only where the peak is known).
 PEAK_FLOPS_BF16 = {"H100": 989e12, "H200": 989e12}
@@ -52,7 +54,7 @@ class Monitor:
     def _truncate_after(self, step: int) -> None:
         """Keep the records of steps <= step (a resumed run rewrites what came after its checkpoint)."""
         with open(self.path) as f:
-            keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+            keep = [line for line in f if _complete(line) and json.loads(line).get("step", 0) <= step]
         atomic_write(self.path, "".join(keep))
 
     def log(self, step: int, **metrics) -> None:
@@ -60,8 +62,17 @@ class Monitor:
         metric."""
         if not self.enabled:
             return
-        self.file.write(json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n")
-        self.file.flush()
+        line = json.dumps({"step": step, **metrics, "time": round(time.time(), 3)}) + "\n"
+        end = self.file.tell()
+        try:
+            self.file.write(line)
+            self.file.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.file.close()  # fails to flush the rest again, but closes: no torn line follows later
+            os.truncate(self.path, end)
+            self.file = open(self.path, "a")
+            raise write_error(self.path, e, len(line.encode())) from e
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(key, value, step)
@@ -71,6 +82,14 @@ class Monitor:
         if self.enabled:
             self.file.close()
             self.writer.close()
+
+
+def _complete(line: str) -> bool:
+    """Whether a metrics.jsonl line is a whole record (not the torn end of a crash)."""
+    try:
+        return line.endswith("\n") and isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def write_scalars(run_dir: str, tag: str, rows) -> None:

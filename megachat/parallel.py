@@ -8,7 +8,8 @@ tp varies fastest (so a tp group stays inside a node), then dp, then pp:
 `Grid` also speaks Megatron's `mpu` interface, so `deepspeed.initialize(..., mpu=grid)` reduces gradients
 over the dp group only, partitions ZeRO state over dp, and counts tensor-parallel shards once in the
 gradient norm. The model only ever sees `grid.tp_group` / `grid.tp_rank`; DeepSpeed lives in the trainer.
-`init_distributed` joins the launcher's world, and `device` names this process's device.
+`init_distributed` joins the launcher's world with a timeout on every collective (a lost rank never leaves the
+others waiting forever), and `device` names this process's device.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from datetime import timedelta
 from typing import Any
 
 import torch.distributed as dist
+
+from megachat.watchdog import collective_timeout_s
 
 
 def check_layout(world: int, tp: int, pp: int, *, zero_stage: int = 0, n_layer: int | None = None,
@@ -171,25 +174,34 @@ def init_grid(tp: int = 1, pp: int = 1) -> Grid:
     # new_group is collective over the whole world: every rank creates every group, in the same order.
     for axis in ("tp", "dp", "pp"):
         for ranks in grid.group_ranks(axis):
-            group = dist.new_group(ranks)
+            group = dist.new_group(ranks, timeout=_timeout)
             if rank in ranks:
                 setattr(grid, f"{axis}_group", group)
                 if axis == "dp":
                     grid.dp_ranks = tuple(ranks)
     for stage in range(pp):
         ranks = list(range(stage * dp * tp, (stage + 1) * dp * tp))
-        group = dist.new_group(ranks)
+        group = dist.new_group(ranks, timeout=_timeout)
         if rank in ranks:
             grid.stage_group = group
     return grid
 
 
-def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> None:
+_timeout = None  # the process-group timeout init_distributed chose; init_grid gives its groups the same
+
+
+def init_distributed(world_of_one: bool = True, timeout_s: float | None = None) -> None:
     """Join the world the launcher (deepspeed / torchrun) describes in the environment; nccl on CUDA, gloo on
     CPU. A plain `python` run (no RANK in the environment) becomes a world of one (the DeepSpeed engine needs
     a process group), or with world_of_one=False stays without one and leaves os.environ alone (evaluation,
     whose code runs with or without a group and is also called in-process by the tests). DeepSpeed adopts
-    this process group when the trainer initializes it."""
+    this process group when the trainer initializes it.
+
+    Every collective of the world and of init_grid's groups fails after `watchdog.collective_timeout_s(timeout_s)`
+    (--collective-timeout plus a grace, so that in training megachat.watchdog names the lost rank first; 630 s by
+    default) instead of waiting forever on a lost rank: gloo honours it per collective; on GPUs the NCCL settings
+    below make PyTorch's NCCL watchdog end the process when a collective passes it (docs/multinode.md)."""
+    global _timeout
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
         # every rank started by srun itself (no torchrun / deepspeed launcher): SLURM's names for the same facts
         os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"],
@@ -203,11 +215,16 @@ def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> 
     if "RANK" not in os.environ:  # plain `python script.py`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    _timeout = timedelta(seconds=collective_timeout_s(timeout_s))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        # a timed-out or failed collective tears the process down (3: without aborting the communicator first, which
+        # can hang itself); the monitor thread ends a process whose NCCL watchdog stops beating for longer than that
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "3")
+        os.environ.setdefault("TORCH_NCCL_ENABLE_MONITORING", "1")
+        os.environ.setdefault("TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC", str(int(_timeout.total_seconds()) + 60))
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
-                                timeout=timedelta(minutes=timeout_minutes))
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", timeout=_timeout)
 
 
 def device():

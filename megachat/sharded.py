@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import zlib
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megachat.fileio import atomic_write_json
+from megachat.fileio import atomic_write_json, write_error
 
 FORMAT = "megachat-sharded/1"
 INDEX = "index.json"
@@ -113,6 +114,12 @@ class SafetensorsWriter:
         for i in range(0, flat.numel(), step):
             self._put(memoryview(flat[i:i + step].cpu().contiguous().view(torch.uint8).numpy()))
 
+    def abort(self) -> None:
+        """Close and remove the unfinished file (a write failed)."""
+        self._file.close()
+        if os.path.exists(self.path):
+            os.remove(self.path)
+
     def close(self) -> tuple[int, int]:
         missing = next(self._todo, None)
         if missing is not None:
@@ -142,15 +149,27 @@ def file_damage(path: str, nbytes: int, crc32: int) -> str | None:
 def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool) -> None:
     """Write this rank's slices of the training state under DeepSpeed `engine` into `directory` (collective over the
     world; see the module docstring). optimizer=False writes the weights only (a run's final weights). On return
-    every rank's file is fsynced and index.json names them."""
+    every rank's file is fsynced and index.json names them. A directory that already holds a complete state (a
+    run's model/ written again) is replaced only once the new one is complete: the new state is written beside it
+    (DIRECTORY.new) and swapped in. A write that fails on any rank (a full disk, an I/O error) raises OSError on
+    every rank, naming the path, the bytes needed and free; the unfinished files are removed and a complete state
+    that was there stays."""
     from megachat.model import nanochat_shapes
     from megachat.optim import held_state
     rank, world = dist.get_rank(), dist.get_world_size()
+    target = [directory]
     if rank == 0:
-        os.makedirs(directory, exist_ok=True)
         if os.path.exists(os.path.join(directory, INDEX)):
-            os.remove(os.path.join(directory, INDEX))  # a state half rewritten must not pass for a whole one
-    dist.barrier()
+            target[0] = directory + ".new"
+            shutil.rmtree(target[0], ignore_errors=True)  # the remains of an earlier failed save
+        try:
+            os.makedirs(target[0], exist_ok=True)
+        except OSError as e:
+            target[0] = OSError(e.errno, f"cannot create {target[0]}: {e.strerror}")
+    dist.broadcast_object_list(target, src=0)
+    if isinstance(target[0], OSError):
+        raise target[0]
+    target = target[0]
     shapes = nanochat_shapes(model_config)
     runs, _ = held_state(engine, once=True)
     pieces = {}  # key in the file -> (name, state, region, [rows, cols] view)
@@ -161,24 +180,53 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
                 if optimizer or state == "weight":
                     pieces[f"{run.name}:{state}@{region.row},{region.col}"] = (run.name, state, region, region.of(flat))
     file = f"rank-{rank:05d}.safetensors"
-    writer = SafetensorsWriter(os.path.join(directory, file),
-                               {key: (view.dtype, tuple(view.shape)) for key, (*_, view) in pieces.items()},
-                               metadata={"format": FORMAT, "rank": str(rank)})
-    for key, (*_, view) in pieces.items():
-        writer.write(key, view)
-    crc, nbytes = writer.close()
-    mine = {"file": file, "crc32": crc, "bytes": nbytes,
+    path, writer, error, crc, nbytes = os.path.join(target, file), None, None, 0, 0
+    specs = {key: (view.dtype, tuple(view.shape)) for key, (*_, view) in pieces.items()}
+    try:
+        writer = SafetensorsWriter(path, specs, metadata={"format": FORMAT, "rank": str(rank)})
+        for key, (*_, view) in pieces.items():
+            writer.write(key, view)
+        crc, nbytes = writer.close()
+    except OSError as e:
+        if writer is not None:
+            writer.abort()
+        elif os.path.exists(path):
+            os.remove(path)
+        needed = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+        error = str(write_error(path, e, needed))
+    mine = {"file": file, "crc32": crc, "bytes": nbytes, "error": error,
             "regions": [(name, state, key, r.row, r.col, r.rows, r.cols)
                         for key, (name, state, r, _) in pieces.items()]}
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
     problem = [None]
     if rank == 0:
-        problem[0] = _write_index(directory, gathered, shapes, {
-            "format": FORMAT, "step": step, "optimizer": optimizer, "config": vars(model_config), "layout": layout})
+        problem[0] = next((p["error"] for p in gathered if p["error"]), None)
+        if problem[0] is None:
+            try:
+                problem[0] = _write_index(target, gathered, shapes, {
+                    "format": FORMAT, "step": step, "optimizer": optimizer, "config": vars(model_config),
+                    "layout": layout})
+            except OSError as e:
+                problem[0] = str(e)
+        if problem[0] is None and target != directory:  # the new state is complete: swap it in
+            old = directory + ".old"
+            try:
+                os.rename(directory, old)
+                try:
+                    os.rename(target, directory)
+                except OSError:
+                    os.rename(old, directory)
+                    raise
+            except OSError as e:
+                problem[0] = f"cannot move {target} to {directory} ({e.strerror}); the new state is complete in {target}"
+            else:
+                shutil.rmtree(old, ignore_errors=True)
+        elif problem[0] is not None and target != directory:
+            shutil.rmtree(target, ignore_errors=True)
     dist.broadcast_object_list(problem, src=0)  # every rank returns, or every rank raises
     if problem[0]:
-        raise RuntimeError(f"sharded save into {directory}: {problem[0]}")
+        raise OSError(f"sharded save into {directory}: {problem[0]}")
 
 
 def _write_index(directory: str, per_rank: list[dict], shapes: dict, head: dict) -> str | None:

@@ -34,6 +34,7 @@ from megachat import checkpoint
 from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
 from megachat.monitor import memory_gib, peak_flops
 from megachat.parallel import Grid, check_layout, device, init_grid, without_deepspeed_shm_allreduce
+from megachat.watchdog import Watchdog
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ds"
 
@@ -98,6 +99,10 @@ def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> N
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (eager under ZeRO-3)")
     p.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
+    p.add_argument("--collective-timeout", type=float, default=None,
+                   help="seconds a step (or any collective) may wait for a lost rank before the job ends naming it "
+                        "(default: max(60, 10 x the slowest step), 600 for the first steps, evaluations and saves; "
+                        "megachat/watchdog.py)")
     p.add_argument("--ds-config", default=None, help="DeepSpeed JSON instead of configs/ds/zero{Z}_{dtype}.json")
     p.add_argument("--out", required=True, help="RUN_DIR")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
@@ -114,7 +119,7 @@ def config_options(args) -> dict:
 def loop_options(args) -> dict:
     """Trainer.fit's cadence and limits from add_trainer_args' flags."""
     return dict(eval_every=args.eval_every, save_every=args.save_every, keep=args.keep_checkpoints,
-                max_bad_steps=args.max_bad_steps)
+                max_bad_steps=args.max_bad_steps, collective_timeout=args.collective_timeout)
 
 
 def config_from_run(run_cfg: dict, **settings) -> TrainConfig:
@@ -341,7 +346,8 @@ class Trainer:
         return rec
 
     def fit(self, batches, evaluate=None, *, monitor=None, eval_every: int = 0, save_every: int = 0,
-            keep: int = 3, max_bad_steps: int = 10, spike_factor: float = 5.0) -> None:
+            keep: int = 3, max_bad_steps: int = 10, spike_factor: float = 5.0,
+            collective_timeout: float | None = None) -> None:
         """The loop of every phase, from self.step to cfg.num_iterations. batches(i): this rank's micro-batches of
         global batch i (0-based; a pure function of i, so a resume continues the same stream). evaluate(step):
         a dict of metrics, run at step 0 of a fresh start, every eval_every steps and at the end. A checkpoint
@@ -353,7 +359,9 @@ class Trainer:
           row stop the run naming the last good checkpoint.
         - A loss above spike_factor x the median of the last 50 is logged with the global sample numbers of its
           batch (samples (step - 1) * global_batch ... step * global_batch - 1), to look at with
-          tools/inspect_data.py."""
+          tools/inspect_data.py.
+        - A lost rank (dead or stalled): megachat.watchdog ends every rank within collective_timeout (None: sized
+          from the measured steps), naming the rank, the step and the checkpoint to resume from."""
         import signal
         talk = dist.get_rank() == 0
         stop = []
@@ -369,11 +377,16 @@ class Trainer:
                     print(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
 
         last, bad, recent = self.cfg.num_iterations, 0, []
-        if self.step == 0:
-            run_eval(0)
+        dog = Watchdog(os.path.dirname(self.ckpt_dir) if self.ckpt_dir else None, dist.get_rank(),
+                       dist.get_world_size(), collective_timeout)
+        dog.start()
         start = self.step
         try:
+            if self.step == 0:
+                dog.beat(0, slow=True)
+                run_eval(0)
             for step in range(start + 1, last + 1):  # global batch step-1; after it, `step` steps are done
+                dog.beat(step)
                 rec = self.train_step(batches(step - 1))
                 bad = bad + 1 if rec.get("skipped") else 0
                 median = sorted(recent)[len(recent) // 2] if len(recent) >= 10 else None
@@ -400,8 +413,10 @@ class Trainer:
                         f"checkpoint: {os.path.join(self.ckpt_dir, latest) if latest else 'none'}); lower the "
                         f"learning rate or check the data, then --resume")
                 if step != last and eval_every > 0 and step % eval_every == 0:
+                    dog.beat(step, slow=True)
                     run_eval(step)
                 if step != last and save_every > 0 and step % save_every == 0 and not bad:
+                    dog.beat(step, slow=True)
                     self.save(step, keep=keep)  # not during a run of bad steps: the last good one stays in charge
                 if step != last and self._stop_requested(stop):
                     self.save(step, keep=keep)
@@ -411,9 +426,14 @@ class Trainer:
                     dist.barrier()
                     raise SystemExit(0)
             if start < last:
+                dog.beat(last, slow=True)
                 run_eval(last)
                 self.save(last, keep=keep)
+        except BaseException as error:
+            dog.failed(error)  # a collective failed because a rank was lost: reports it and exits
+            raise
         finally:
+            dog.close()
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
 

@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-bundle", default=None, help="DCLM eval_bundle dir, zip or URL (default: offline packages)")
     p.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--collective-timeout", type=float, default=None,
+                   help="seconds a collective waits for a lost rank before every rank stops (default 600, plus 30)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
@@ -81,7 +83,8 @@ def main(argv=None):
     from megachat.parallel import device, init_distributed, init_grid
 
     read_run_config(args.run)  # a wrong --run fails before any process group
-    init_distributed(world_of_one=False)  # a plain `python` run evaluates without a process group
+    # a plain `python` run evaluates without a process group
+    init_distributed(world_of_one=False, timeout_s=args.collective_timeout)
     grid = init_grid(args.tp, args.pp)
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = device()

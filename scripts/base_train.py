@@ -84,7 +84,7 @@ def horizon(args, params: int, flops_per_token: float) -> int:
 def main(argv=None):
     args = parse_args(argv)
     from megachat.checkpoint import load_parent
-    from megachat.data import GPTDataset, check_tokenizer
+    from megachat.data import GPTDataset, check_shards, check_tokenizer
     from megachat.evaluation.loss_eval import val_batches, val_dataset
     from megachat.evaluation.model_eval import greedy_samples
     from megachat.tokenizer import Tokenizer
@@ -94,9 +94,15 @@ def main(argv=None):
         weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     else:
         tokenizer, tokenizer_dir = Tokenizer.load(args.tokenizer), os.path.abspath(args.tokenizer)
-    for prefix in [*args.data, *([args.val_data] if args.val_data else [])]:
+    shards = [*args.data, *([args.val_data] if args.val_data else [])]
+    for prefix in shards:
         check_tokenizer(prefix, tokenizer)
-    init_distributed()
+    # damaged shards, or shards that changed since the run started, are refused before any process group; a run
+    # that has checkpoints keeps the fingerprints of its start (without --resume, build_trainer refuses it)
+    has_checkpoint = os.path.isfile(os.path.join(args.out, "checkpoints", "latest"))
+    check_shards(args.out, shards, resumed=has_checkpoint and bool(args.resume), vocab_size=tokenizer.vocab_size,
+                 record=os.environ.get("RANK", "0") == "0" and not has_checkpoint)
+    init_distributed(timeout_s=args.collective_timeout)
     rank = dist.get_rank()
     settings = dict(seq_len=args.max_seq_len, device_batch_size=args.device_batch_size,
                     total_batch_size=args.total_batch_size, num_iterations=1, **config_options(args))

@@ -44,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed of the first batch (batch b: seed + b)")
     p.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--collective-timeout", type=float, default=None,
+                   help="seconds a collective waits for a lost rank before every rank stops (default 600, plus 30)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
     args.task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -88,7 +90,8 @@ def main(argv=None):
 
     read_run_config(args.run)  # a wrong --run fails before any process group
     tasks = [load_chat_task(name, args.data_dir) for name in args.task_names]  # missing data fails before the model
-    init_distributed(world_of_one=False)  # a plain `python` run evaluates without a process group
+    # a plain `python` run evaluates without a process group
+    init_distributed(world_of_one=False, timeout_s=args.collective_timeout)
     grid = init_grid(args.tp, 1)
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = device()

@@ -64,7 +64,7 @@ def main(argv=None):
     weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     train, held_out, where = rl.load_rl_tasks(args.task, args.chat_data, args.eval_questions, args.seed,
                                               args.eval_data_dir)
-    init_distributed()
+    init_distributed(timeout_s=args.collective_timeout)
     rank = dist.get_rank()
     dp = check_layout(dist.get_world_size(), args.tp, 1)
     Q = args.questions_per_step

@@ -52,7 +52,7 @@ def main(argv=None):
 
     weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     train, val, left_out = sft_mixture(args.chat_data, args.identity, args.mixture_scale, args.seed)
-    init_distributed()
+    init_distributed(timeout_s=args.collective_timeout)
     rank = dist.get_rank()
     G, T = args.examples_per_step, args.max_seq_len
     cfg = config_from_run(parent, seq_len=T, device_batch_size=args.device_batch_size, total_batch_size=G * T,

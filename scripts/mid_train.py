@@ -43,7 +43,7 @@ def main(argv=None):
     from megachat.tasks.recipes import mid_mixture
 
     weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
-    init_distributed()
+    init_distributed(timeout_s=args.collective_timeout)
     rank = dist.get_rank()
     data_dir = os.path.join(args.out, "data")
     train_prefix, val_prefix = os.path.join(data_dir, "mid"), os.path.join(data_dir, "mid_val")

@@ -1,0 +1,214 @@
+"""megachat.watchdog: a training job that loses a rank (dead or stalled) ends by itself, naming the rank.
+
+When one rank dies (kill -9, the OOM killer) or stalls (SIGSTOP, a hung node), the others wait in a collective. A
+dead rank's connections close and gloo (NCCL with async error handling) raises in the survivors at once; a stalled
+rank's stay open and nothing happens until a timeout. Trainer.fit runs its loop under a `Watchdog`:
+
+- Heartbeat: a daemon thread writes RUN_DIR/heartbeat/rank-RRRRR.json about once a second (rank, host, pid, step, a
+  counter). A dead or stopped rank stops beating; a rank waiting in a collective goes on (torch releases the GIL
+  while it waits). A survivor judges by watching the counters for a few seconds, so the hosts' clocks never matter
+  (RUN_DIR is on the shared filesystem the checkpoints need anyway).
+- Limit: the loop calls `beat(step)` before every step, `beat(step, slow=True)` before an evaluation or a save.
+  When no beat came for the limit (`step_limit`: `--collective-timeout` when given, else sized from the measured
+  steps), the thread dumps the Python stacks of every thread of this rank (faulthandler) into
+  RUN_DIR/hang/rank-RRRRR.txt, names the lost ranks, and ends the process with status 1 (os._exit: the main thread
+  is stuck in a collective). faulthandler.dump_traceback_later(exit=True), re-armed at every beat a little later
+  than the thread's limit, is the backstop for a main thread that never releases the GIL.
+- A collective that raises (a dead peer) reaches `failed(error)`: the same judgement and message, then exit
+  status 1. Errors that megachat raises itself (a bad step, a damaged checkpoint) pass through unchanged.
+
+The first live rank prints one line: the lost ranks with host, pid and what became of them (dead, stopped, or
+silent on another host), the step, and the newest intact checkpoint (`checkpoints/latest`) to continue from with
+`--resume auto`. The launcher then ends the other ranks (the deepspeed launcher sends SIGTERM, and SIGKILL 30 s
+later to what is left, such as a stopped rank).
+"""
+from __future__ import annotations
+
+import contextlib
+import faulthandler
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+from megachat.cli import raised_by_megachat
+
+PERIOD_S = 1.0  # heartbeat interval
+JUDGE_S = 3.0  # how long a survivor watches the counters before naming the ranks that stopped
+WARMUP_STEPS = 2  # the first steps (allocation, compilation, DeepSpeed's first-step set-up) are not measured
+MIN_LIMIT_S = 60.0  # auto limit: at least this, and STEP_FACTOR x the slowest measured step
+STEP_FACTOR = 10.0
+SLOW_LIMIT_S = 600.0  # auto limit of the first steps, evaluations and saves (not measured), and of every collective
+GRACE_S = 30.0  # the process-group timeout is the limit plus this
+
+
+def step_limit(step_times: list[float], explicit: float | None = None) -> float:
+    """Seconds a step may take before the job is declared hung: `explicit` (--collective-timeout) when given; else
+    max(MIN_LIMIT_S, STEP_FACTOR x the slowest step after the first WARMUP_STEPS), SLOW_LIMIT_S until then."""
+    if explicit:
+        return float(explicit)
+    steady = step_times[WARMUP_STEPS:]
+    return max(MIN_LIMIT_S, STEP_FACTOR * max(steady)) if steady else SLOW_LIMIT_S
+
+
+def collective_timeout_s(explicit: float | None) -> float:
+    """The process-group timeout (megachat.parallel.init_distributed: every collective, also outside the training
+    loop): --collective-timeout, else SLOW_LIMIT_S, plus GRACE_S so that in training the watchdog, which names the
+    lost rank and dumps the stacks, acts first."""
+    return (float(explicit) if explicit else SLOW_LIMIT_S) + GRACE_S
+
+
+class Watchdog:
+    """start(), beat(step) before every step, failed(error) when the loop raises, close() (see the module
+    docstring). run_dir None: every call does nothing."""
+
+    def __init__(self, run_dir: str | None, rank: int, world: int, timeout: float | None = None):
+        self.run_dir, self.rank, self.world, self.explicit = run_dir, rank, world, timeout
+        self.beat_dir = os.path.join(run_dir or "", "heartbeat")
+        self.hang_path = os.path.join(run_dir or "", "hang", f"rank-{rank:05d}.txt")
+        self.host, self.step, self.count = socket.gethostname(), 0, 0
+        self.step_times: list[float] = []
+        self.last_beat, self.last_was_step = time.monotonic(), False
+        self.limit = step_limit([], timeout)
+        self.reported = threading.Lock()  # held by whichever of the thread and the main thread reports first
+        self.writing = threading.Lock()  # the thread and a failing main thread both beat
+        self.stop = threading.Event()
+
+    def start(self) -> None:
+        """Begin beating and watching (a no-op without a run directory)."""
+        if self.run_dir is None:
+            return
+        os.makedirs(self.beat_dir, exist_ok=True)
+        os.makedirs(os.path.dirname(self.hang_path), exist_ok=True)
+        self.hang_file = open(self.hang_path, "a")
+        self._write_heartbeat()
+        self.thread = threading.Thread(target=self._watch, name="megachat-watchdog", daemon=True)
+        self.thread.start()
+        self._arm()
+
+    def failed(self, error: BaseException) -> None:
+        """The loop raised `error`: when a collective failed because ranks stopped beating, report them and exit 1;
+        otherwise return (the caller re-raises)."""
+        if self.run_dir is None or not isinstance(error, RuntimeError) or raised_by_megachat(error):
+            return
+        self.stop.set()
+        faulthandler.cancel_dump_traceback_later()
+        lost = self._lost_ranks()
+        if lost and self.reported.acquire(blocking=False):
+            self._report(lost, f"a collective failed ({str(error).splitlines()[0][:200]})")
+            _exit()
+
+    def close(self) -> None:
+        """Stop beating and watching; remove this rank's stack file when nothing was dumped into it."""
+        if self.run_dir is None:
+            return
+        self.stop.set()
+        faulthandler.cancel_dump_traceback_later()
+        self.thread.join()
+        self.hang_file.close()
+        if os.path.getsize(self.hang_path) == 0:
+            os.remove(self.hang_path)
+            with contextlib.suppress(OSError):  # another rank's stacks, or another rank removing it first
+                os.rmdir(os.path.dirname(self.hang_path))
+
+    def beat(self, step: int, slow: bool = False) -> None:
+        """Progress: `step` is about to run (slow=True: an evaluation or a save follows, which is not measured)."""
+        now = time.monotonic()
+        if self.last_was_step:
+            self.step_times.append(now - self.last_beat)
+        self.step, self.last_beat, self.last_was_step = step, now, not slow
+        limit = step_limit(self.step_times, self.explicit)
+        self.limit = limit if self.explicit or not slow else max(limit, SLOW_LIMIT_S)
+        if self.run_dir is not None:
+            self._arm()
+
+    def _arm(self) -> None:
+        # the backstop fires after the thread had its chance to judge and report
+        faulthandler.dump_traceback_later(self.limit + JUDGE_S + 10 * PERIOD_S, exit=True, file=self.hang_file)
+
+    def _write_heartbeat(self) -> None:
+        path = os.path.join(self.beat_dir, f"rank-{self.rank:05d}.json")
+        with self.writing, contextlib.suppress(OSError):  # a full disk must not end the watching
+            self.count += 1
+            with open(f"{path}.tmp", "w") as f:
+                json.dump({"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
+                           "count": self.count}, f)
+            os.replace(f"{path}.tmp", path)  # no fsync: a heartbeat only has to be readable, not durable
+
+    def _read_heartbeats(self) -> dict[int, dict]:
+        beats = {}
+        for rank in range(self.world):
+            try:
+                with open(os.path.join(self.beat_dir, f"rank-{rank:05d}.json")) as f:
+                    beats[rank] = json.load(f)
+            except (OSError, ValueError):
+                pass
+        return beats
+
+    def _lost_ranks(self) -> list[dict]:
+        """The ranks whose heartbeat does not move for JUDGE_S seconds (this rank's own thread keeps beating)."""
+        before = self._read_heartbeats()
+        deadline = time.monotonic() + JUDGE_S
+        while time.monotonic() < deadline:
+            time.sleep(PERIOD_S)
+            self._write_heartbeat()
+        after = self._read_heartbeats()
+        return [before.get(r) or {"rank": r, "host": "?", "pid": None, "step": None} for r in range(self.world)
+                if r != self.rank and (r not in after or after[r]["count"] == before.get(r, {}).get("count"))]
+
+    def _watch(self) -> None:
+        while not self.stop.wait(PERIOD_S):
+            self._write_heartbeat()
+            if time.monotonic() - self.last_beat > self.limit and not self.stop.is_set():
+                step, limit = self.step, self.limit
+                self.hang_file.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: step {step} has not "
+                                     f"finished in {limit:.0f} s; the stacks of every thread:\n")
+                self.hang_file.flush()
+                faulthandler.dump_traceback(self.hang_file, all_threads=True)
+                self.hang_file.flush()
+                lost = self._lost_ranks()
+                if self.reported.acquire(blocking=False):
+                    self._report(lost, f"step {step} has not finished in {limit:.0f} s (--collective-timeout)",
+                                 stacks=True)
+                    _exit()
+                return
+
+    def _report(self, lost: list[dict], what: str, stacks: bool = False) -> None:
+        """The one message, printed by the lowest-numbered live rank."""
+        lost_ranks = {d["rank"] for d in lost}
+        if min(r for r in range(self.world) if r not in lost_ranks) != self.rank:
+            return
+        names = "; ".join(f"rank {d['rank']} on host {d['host']} (pid {d['pid']}, {_fate(d, self.host)})"
+                          for d in lost)
+        ckpt_dir = os.path.join(self.run_dir, "checkpoints")
+        latest = os.path.join(ckpt_dir, "latest")
+        tag = open(latest).read().strip() if os.path.isfile(latest) else None
+        resume = (f"resume from the newest intact checkpoint {os.path.join(ckpt_dir, tag)} with --resume auto"
+                  if tag else "no checkpoint was written yet: --resume auto starts over")
+        who = (f"lost {names}" if lost else "no rank stopped beating: a live rank is stuck (a collective that not "
+               "every rank called, or a dead link)")
+        print(f"megachat watchdog: {who}, during step {self.step}: {what}; every rank stops now; {resume}" +
+              (f"; the live ranks' Python stacks are in {os.path.dirname(self.hang_path)}/" if stacks else ""),
+              flush=True)
+
+
+def _exit() -> None:
+    """End this process now with status 1 (the main thread may be stuck in a collective and never return)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _fate(beat: dict, host: str) -> str:
+    """What became of a rank that stopped beating, as far as this host can see: dead, stopped, or silent."""
+    if beat["host"] != host or not beat["pid"]:
+        return "silent: its heartbeat stopped"
+    try:
+        with open(f"/proc/{beat['pid']}/stat") as f:
+            state = f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return "dead"
+    return "stopped (SIGSTOP or a debugger)" if state in ("T", "t") else (
+        "dead" if state in ("Z", "X") else "alive but silent")
