@@ -342,10 +342,12 @@ class VocabParallelLMHead(_TPLayer):
     def forward(self, x):
         return F.linear(x, self.real_weight())
 
-    def loss(self, x, targets, reduction="mean"):
+    def loss(self, x, targets, reduction="mean", weights=None):
         """vocab_parallel_loss(self(x), targets, ...) without the logits: vocab_parallel_linear_loss over this
-        shard's real rows. x [.., dim] in the tp region, targets [..] global ids (-1 = ignored)."""
-        return vocab_parallel_linear_loss(x, self.real_weight(), targets, self.vocab_start, self.group, reduction)
+        shard's real rows. x [.., dim] in the tp region, targets [..] global ids (-1 = ignored); weights (with
+        reduction 'sum'): fp32 per-token weights like targets."""
+        return vocab_parallel_linear_loss(x, self.real_weight(), targets, self.vocab_start, self.group, reduction,
+                                          weights=weights)
 
 
 def _global_lse(m, sumexp, target_logit, group):
@@ -402,29 +404,36 @@ def _chunks(n, chunk_tokens):
     return [(start, min(start + chunk_tokens, n)) for start in range(0, n, chunk_tokens)]
 
 
-class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
-    """Per-token loss fp32 [N] of _VocabParallelSoftcapCE(hidden @ weight.T), chunk_tokens rows at a time.
+def _chunk_statistics(h, weight, targets, vocab_start, group, ignore_index):
+    """One chunk's raw logits [chunk, V_local], the global log-sum-exp fp32 [chunk] and the per-token loss fp32
+    [chunk] (0 at ignored targets). At tp > 1 the chunk's statistics are all-reduced here (`_global_lse`), so every
+    tp rank runs the same chunks in the same order."""
+    logits = F.linear(h, weight)
+    stats = kernels.softcap_ce_stats(logits, targets, ignore_index=ignore_index, vocab_start=vocab_start)
+    lse, target_logit = _global_lse(*stats, group)
+    return logits, lse, torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
 
-    Forward: each chunk's logits [chunk, V_local] -> the kernels' local statistics, kept for all N rows (3 fp32
-    [N]); one `_global_lse` over the whole batch. Backward: each chunk's logits again (one more matmul, the price
-    of not keeping them), the kernels' d logits, then d hidden = d logits @ weight (into its rows of the [N, C]
-    result) and d weight += d logits.T @ hidden (an fp32 sum over chunks for bf16/fp16 weights). Saved for
-    backward: hidden, weight, targets and the log-sum-exp [N]; never a [N, V_local] tensor.
+
+class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
+    """Per-token loss fp32 [N] of _VocabParallelSoftcapCE(hidden @ weight.T), chunk_tokens rows at a time, for
+    reduction 'none' (a loss whose gradient per token is only known in backward).
+
+    Forward: each chunk's logits -> the global log-sum-exp and the loss. Backward: each chunk's logits again (one
+    more matmul, the price of not keeping them), the kernels' d logits, then d hidden = d logits @ weight (into
+    its rows of the [N, C] result) and d weight += d logits.T @ hidden (an fp32 sum over chunks for bf16/fp16
+    weights). Saved for backward: hidden, weight, targets and the log-sum-exp [N]; never a [N, V_local] tensor.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_start, group, ignore_index, chunk_tokens):
         n = hidden.size(0)
-        stats = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+        lse, loss = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(2))
         for start, stop in _chunks(n, chunk_tokens):
-            local = kernels.softcap_ce_stats(F.linear(hidden[start:stop], weight), targets[start:stop],
-                                             ignore_index=ignore_index, vocab_start=vocab_start)
-            for buf, value in zip(stats, local):
-                buf[start:stop] = value
-        lse, target_logit = _global_lse(*stats, group)
+            _, lse[start:stop], loss[start:stop] = _chunk_statistics(hidden[start:stop], weight, targets[start:stop],
+                                                                     vocab_start, group, ignore_index)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.vocab_start, ctx.ignore_index, ctx.chunk_tokens = vocab_start, ignore_index, chunk_tokens
-        return torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -438,10 +447,66 @@ class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
             dlogits = kernels.softcap_ce_backward(F.linear(h, weight), targets[start:stop], lse[start:stop],
                                                   dloss[start:stop], ignore_index=ctx.ignore_index,
                                                   vocab_start=ctx.vocab_start)
-            torch.mm(dlogits, weight, out=dhidden[start:stop])
-            dweight += dlogits.t() @ h
+            _accumulate_grads(dlogits, h, weight, dhidden[start:stop], dweight)
             del dlogits  # before the next chunk's logits: at most one chunk's logits and gradient at a time
         return dhidden, dweight.to(weight.dtype), None, None, None, None, None
+
+
+def _accumulate_grads(dlogits, h, weight, dhidden, dweight):
+    """dhidden (a [chunk, C] view) = d logits @ weight; dweight (fp32 [V_local, C]) += d logits.T @ h."""
+    torch.mm(dlogits, weight, out=dhidden)
+    if dweight.dtype == dlogits.dtype:
+        dweight.addmm_(dlogits.t(), h)
+    else:
+        dweight += dlogits.t() @ h
+
+
+class _VocabParallelLinearSoftcapCESum(torch.autograd.Function):
+    """sum_i w_i * loss_i (fp32 scalar) of the per-token losses of _VocabParallelLinearSoftcapCE, w = the per-token
+    weights (None: all 1), with the gradients formed in forward, as Liger's fused linear cross-entropy does.
+
+    The loss is a scalar here, so d loss_i = grad_output * w_i is known in forward up to one number: each chunk's
+    d logits (for grad_output = 1) become d hidden's rows and a term of d weight at once, and the chunk's logits
+    are dropped; backward only scales the two by grad_output. No logits matmul in backward. Saved for backward:
+    d hidden [N, C] (hidden's dtype, in place of hidden) and d weight (fp32 [V_local, C]); never a [N, V_local]
+    tensor. need_grads False (evaluation, no_grad): the loss only.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, vocab_start, group, ignore_index, chunk_tokens, need_grads):
+        n = hidden.size(0)
+        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        if need_grads:
+            dhidden = torch.empty_like(hidden)
+            dweight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=weight.device)
+        for start, stop in _chunks(n, chunk_tokens):
+            h, t = hidden[start:stop], targets[start:stop]
+            logits, lse, loss[start:stop] = _chunk_statistics(h, weight, t, vocab_start, group, ignore_index)
+            if need_grads:
+                dloss = torch.ones_like(lse) if weights is None else weights[start:stop]
+                dlogits = kernels.softcap_ce_backward(logits, t, lse, dloss, ignore_index=ignore_index,
+                                                      vocab_start=vocab_start)
+                del logits
+                _accumulate_grads(dlogits, h, weight, dhidden[start:stop], dweight)
+                del dlogits  # at most one chunk's logits and gradient at a time
+        if need_grads:
+            ctx.save_for_backward(dhidden, dweight)
+        ctx.weight_dtype, ctx.scaled = weight.dtype, False
+        return loss.sum() if weights is None else (loss * weights).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dtotal):
+        if ctx.scaled:
+            raise RuntimeError("the fused LM head + loss was differentiated twice (retain_graph): its gradients "
+                               "were formed in forward and scaled in place once; run the forward again")
+        ctx.scaled = True
+        dhidden, dweight = ctx.saved_tensors
+        # in place (no second [N, C] or [V_local, C] buffer); the scale in fp32: a 0-dim fp32 tensor times a bf16
+        # tensor computes in fp32 and rounds once
+        return (dhidden.mul_(dtotal), dweight.mul_(dtotal).to(ctx.weight_dtype),
+                None, None, None, None, None, None, None)
 
 
 def _reduce(loss, targets, reduction, ignore_index):
@@ -450,7 +515,11 @@ def _reduce(loss, targets, reduction, ignore_index):
         return loss.view(targets.shape)
     if reduction != "mean":
         raise ValueError(f"loss reduction {reduction!r} is not supported; use 'mean' or 'none'")
-    return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+    return loss.sum() / _count(targets, ignore_index)
+
+
+def _count(targets, ignore_index):
+    return (targets != ignore_index).sum().clamp(min=1)
 
 
 def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", ignore_index=-1):
@@ -466,20 +535,41 @@ def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", i
 
 
 def vocab_parallel_linear_loss(hidden, weight, targets, vocab_start, group, reduction="mean", ignore_index=-1,
-                               chunk_tokens=None):
+                               chunk_tokens=None, weights=None):
     """vocab_parallel_loss(F.linear(hidden, weight), targets, vocab_start, group, reduction) with the matmul fused
     in: hidden [B, T, C] (in the tp region: its gradient here is this shard's part, which enter_tp_region's
     backward all-reduces), weight [V_local, C] this shard's real rows (global ids vocab_start..), targets [B, T].
-    The logits are computed and dropped chunk_tokens tokens at a time, forward and backward (default
-    `loss_chunk_tokens`: a chunk's logits within LOSS_CHUNK_BYTES), so no [B*T, V_local] tensor is ever made.
+    The logits are computed and dropped chunk_tokens tokens at a time (default `loss_chunk_tokens`: a chunk's
+    logits within LOSS_CHUNK_BYTES), so no [B*T, V_local] tensor is ever made.
+
+    reduction 'mean' (over non-ignored targets), or 'sum' with per-token weights fp32 [B, T] (sum of weights x
+    loss: the trainer's normalisation and RL's advantages): a scalar, the gradients formed in forward, so backward
+    computes no logits (`_VocabParallelLinearSoftcapCESum`). 'none': fp32 [B, T], the logits computed again in
+    backward (`_VocabParallelLinearSoftcapCE`).
     """
     if chunk_tokens is None:
         chunk_tokens = loss_chunk_tokens(weight.size(0), hidden.dtype)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens = {chunk_tokens} must be >= 1 (or None for the default by bytes)")
-    loss = _VocabParallelLinearSoftcapCE.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
-                                               vocab_start, group, ignore_index, chunk_tokens)
-    return _reduce(loss, targets, reduction, ignore_index)
+    if (weights is not None) != (reduction == "sum"):
+        raise ValueError(f"loss reduction {reduction!r} with weights {'given' if weights is not None else 'None'}: "
+                         "per-token weights go with reduction 'sum' only (and 'sum' needs them)")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss reduction {reduction!r} is not supported; use 'mean', 'sum' (with weights) or 'none'")
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    if reduction == "none":
+        loss = _VocabParallelLinearSoftcapCE.apply(flat_hidden, weight, flat_targets, vocab_start, group,
+                                                   ignore_index, chunk_tokens)
+        return loss.view(targets.shape)
+    if weights is not None:
+        if weights.shape != targets.shape:
+            raise ValueError(f"per-token weights {tuple(weights.shape)} must have the targets' shape "
+                             f"{tuple(targets.shape)}")
+        weights = weights.reshape(-1).float()
+    need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = _VocabParallelLinearSoftcapCESum.apply(flat_hidden, weight, flat_targets, weights, vocab_start, group,
+                                                   ignore_index, chunk_tokens, need_grads)
+    return total if reduction == "sum" else total / _count(targets, ignore_index)
 
 
 def gather_vocab_logits(logits, vocab_size, group):
