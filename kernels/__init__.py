@@ -165,8 +165,10 @@ def softcap(logits, cap=15.0):
 def attention(q, k, v, causal=True, mask=None):
     """q [B, T, H, D], k/v [B, Tk, Hkv, D] (GQA when Hkv < H) -> [B, T, H, D]; flash-attn on CUDA when installed
     (bf16/fp16), else torch SDPA with the same math. mask: bool [B, 1, T, Tk], True = attend (the KV-cache engine's
-    left-padded batches; SDPA on every device)."""
-    if mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    left-padded batches; SDPA on every device). MEGACHAT_ATTENTION=sdpa: SDPA even where flash-attn would run (the
+    GPU check's flash-attn vs SDPA comparison)."""
+    if (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("MEGACHAT_ATTENTION") != "sdpa"):
         try:
             from flash_attn import flash_attn_func
         except ImportError:
