@@ -30,8 +30,10 @@ setup(
         "uvicorn>=0.29",
     ],
     extras_require={
-        # GPU-only extras: none of them installs on a CPU box; everything falls back without them.
-        "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]", "apex"],
+        # GPU-only extras: none of them installs on a CPU box; everything runs without them. flash-attn:
+        # kernels.attention; Transformer Engine: --fp8 (tensor_parallel.use_fp8). (PyPI's `apex` is an unrelated
+        # web toolkit, not NVIDIA's; megachat uses no apex.)
+        "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.8"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
                 "httpx>=0.27", "openai>=1.0", "selenium>=4.10"],  # tests/test_chat_web.py: HTTP, SDK, browser
     },

@@ -207,6 +207,7 @@ class _TPLayer(nn.Module):
     ones; re-marking after every _apply (to_empty, to, cuda, bfloat16, ...) keeps them.
     """
     partition_dim = None  # 0 / 1 for sharded weights, None for replicated ones
+    fp8 = None  # an _FP8Linear sharing the weight (use_fp8), or None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -218,6 +219,54 @@ def _divide(n, tp, what):
     if n % tp != 0:
         raise ValueError(f"{what} = {n} is not divisible by tp = {tp}; choose a tp that divides {n}")
     return n // tp
+
+
+FP8_INSTALL = ("--fp8 needs NVIDIA Transformer Engine (CUDA only): pip install 'transformer-engine[pytorch]' "
+               "(or pip install -e '.[gpu]')")
+
+
+class _FP8Linear:
+    """A transformer_engine.pytorch.Linear that shares a tp layer's weight, run in fp8 under its own fp8_autocast
+    with the delayed-scaling recipe; amaxes are reduced over `group` (the tp group, or this rank alone), never
+    over ranks that run other layers (pipeline stages). Not a submodule: the weight keeps its one name."""
+
+    def __init__(self, linear, recipe, group):
+        self.linear, self.recipe, self.group = linear, recipe, group
+
+    def __call__(self, x):
+        import transformer_engine.pytorch as te
+        with te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.group):
+            return self.linear(x)
+
+
+def use_fp8(model, grid):
+    """--fp8: every ColumnParallelLinear and RowParallelLinear of `model` (this stage's) runs its GEMMs through
+    transformer_engine.pytorch.Linear in fp8 (E4M3 forward, E5M2 gradients: Format.HYBRID; delayed scaling over
+    the last 16 amaxes) while autograd records; evaluation and decoding (no_grad) stay on F.linear in the
+    weights' dtype. The LM head and the embedding stay bf16. Collective (a one-rank group per rank at tp = 1)."""
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import DelayedScaling, Format
+    except ImportError as e:
+        raise ValueError(FP8_INSTALL) from e
+    group = tp_group_of(grid)
+    if group is None:
+        group = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    for layer in model.modules():
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and not layer.weight.is_meta:
+            out_features, in_features = layer.weight.shape
+            linear = te.Linear(in_features, out_features, bias=False, params_dtype=layer.weight.dtype,
+                               device=layer.weight.device)
+            linear.weight = layer.weight  # the same Parameter: DeepSpeed's and the optimizer's view stay the one
+            object.__setattr__(layer, "fp8", _FP8Linear(linear, recipe, group))
+
+
+def _linear(layer, x):
+    """F.linear(x, layer.weight), or in fp8 through Transformer Engine after use_fp8 while autograd records."""
+    if layer.fp8 is not None and torch.is_grad_enabled():
+        return layer.fp8(x)
+    return F.linear(x, layer.weight)
 
 
 class ColumnParallelLinear(_TPLayer):
@@ -235,7 +284,7 @@ class ColumnParallelLinear(_TPLayer):
 
     def forward(self, x, shared=None):
         """shared: a SequenceShard of x (sequence parallelism), so that only its shard is kept for backward."""
-        return column_linear(x, self.weight, shared)
+        return _linear(self, x) if shared is None else column_linear(x, self.weight, shared)
 
 
 class RowParallelLinear(_TPLayer):
@@ -250,7 +299,7 @@ class RowParallelLinear(_TPLayer):
         self.group = tp_group_of(grid)
 
     def forward(self, x, sequence_parallel=False):
-        return leave_tp_region(F.linear(x, self.weight), self.group, sequence_parallel)
+        return leave_tp_region(_linear(self, x), self.group, sequence_parallel)
 
 
 class HeadReplicatedLinear(_TPLayer):

@@ -258,6 +258,7 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile megachat's blocks (TrainConfig.compile)")
     p.add_argument("--sdpa", action="store_true", help="torch SDPA attention even where flash-attn is installed")
+    p.add_argument("--fp8", action="store_true", help="the tp linears in fp8 through Transformer Engine (TrainConfig.fp8)")
     p.add_argument("--vs-nanochat", action="store_true",
                    help="one process, fp32: nanochat's step and megachat's side by side (see above)")
     p.add_argument("--threads", type=int, default=1, help="--vs-nanochat: torch.set_num_threads")
@@ -278,7 +279,7 @@ def main(argv=None):
     cfg = TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=total,
                       num_iterations=args.warmup + args.steps, tp=args.tp, pp=args.pp, zero=args.zero,
-                      dtype=args.dtype, compile=args.compile,
+                      dtype=args.dtype, compile=args.compile, fp8=args.fp8,
                       ds_config=timed_ds_config(args.zero, args.dtype) if args.pp == 1 else None)
     trainer = build_trainer(cfg)
     if cfg.ds_config:

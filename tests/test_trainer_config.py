@@ -6,6 +6,7 @@ import pytest
 
 import torch
 
+from megachat.tensor_parallel import FP8_INSTALL, use_fp8
 from megachat.trainer import (TrainConfig, add_trainer_args, check_config, config_options, ds_config,
                               newton_schulz_dtype)
 
@@ -178,6 +179,23 @@ def test_a_preset_gives_the_defaults_and_flags_on_the_command_line_win():
     assert (override.depth, override.zero) == (4, 0) and override.total_batch_size == 524288
     with pytest.raises(ValueError, match="not a preset tools/plan.py writes"):
         parse_args(["--data", "d", "--tokenizer", "t", "--out", "o", "--preset", __file__])
+
+
+def test_fp8_is_refused_in_one_line_naming_the_install_without_transformer_engine():
+    import importlib.util
+    with pytest.raises(ValueError, match="use it with --dtype bf16"):
+        check_config(cfg(fp8=True), 1)  # fp32
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    for check in (lambda: check_config(cfg(fp8=True, dtype="bf16", zero=1), 1),
+                  lambda: use_fp8(None, None)):  # the function the trainer calls, too
+        with pytest.raises(ValueError) as e:
+            check()
+        assert str(e.value) == FP8_INSTALL and "\n" not in FP8_INSTALL
+        assert "pip install 'transformer-engine[pytorch]'" in FP8_INSTALL
+    p = argparse.ArgumentParser()
+    add_trainer_args(p)
+    assert config_options(p.parse_args(["--out", "o", "--fp8"]))["fp8"] is True
 
 
 def test_newton_schulz_runs_in_bf16_as_nanochat_unless_ns_dtype_asks_for_fp32():
