@@ -454,13 +454,11 @@ def _chunks(n, chunk_tokens):
 
 
 def _chunk_statistics(h, weight, targets, vocab_start, group, ignore_index):
-    """One chunk's raw logits [chunk, V_local], the global log-sum-exp fp32 [chunk] and the per-token loss fp32
-    [chunk] (0 at ignored targets). At tp > 1 the chunk's statistics are all-reduced here (`_global_lse`), so every
-    tp rank runs the same chunks in the same order."""
-    logits = F.linear(h, weight)
-    stats = kernels.softcap_ce_stats(logits, targets, ignore_index=ignore_index, vocab_start=vocab_start)
+    """One chunk's global log-sum-exp and per-token loss, fp32 [chunk] each (0 at ignored targets). At tp > 1 the
+    chunk's statistics are all-reduced here (`_global_lse`), so every tp rank runs the same chunks in order."""
+    stats = kernels.softcap_ce_stats(F.linear(h, weight), targets, ignore_index=ignore_index, vocab_start=vocab_start)
     lse, target_logit = _global_lse(*stats, group)
-    return logits, lse, torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
+    return lse, torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
 
 
 class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
@@ -478,8 +476,8 @@ class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
         n = hidden.size(0)
         lse, loss = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(2))
         for start, stop in _chunks(n, chunk_tokens):
-            _, lse[start:stop], loss[start:stop] = _chunk_statistics(hidden[start:stop], weight, targets[start:stop],
-                                                                     vocab_start, group, ignore_index)
+            lse[start:stop], loss[start:stop] = _chunk_statistics(hidden[start:stop], weight, targets[start:stop],
+                                                                  vocab_start, group, ignore_index)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.vocab_start, ctx.ignore_index, ctx.chunk_tokens = vocab_start, ignore_index, chunk_tokens
         return loss
@@ -531,14 +529,17 @@ class _VocabParallelLinearSoftcapCESum(torch.autograd.Function):
                                   device=weight.device)
         for start, stop in _chunks(n, chunk_tokens):
             h, t = hidden[start:stop], targets[start:stop]
-            logits, lse, loss[start:stop] = _chunk_statistics(h, weight, t, vocab_start, group, ignore_index)
+            stats, saved = kernels.softcap_ce_forward(F.linear(h, weight), t, ignore_index=ignore_index,
+                                                      vocab_start=vocab_start)
+            lse, target_logit = _global_lse(*stats, group)
+            loss[start:stop] = torch.where(t == ignore_index, torch.zeros_like(lse), lse - target_logit)
             if need_grads:
                 dloss = torch.ones_like(lse) if weights is None else weights[start:stop]
-                dlogits = kernels.softcap_ce_backward(logits, t, lse, dloss, ignore_index=ignore_index,
-                                                      vocab_start=vocab_start)
-                del logits
+                dlogits = kernels.softcap_ce_grad(saved, t, lse, dloss, ignore_index=ignore_index,
+                                                  vocab_start=vocab_start)
+                del saved
                 _accumulate_grads(dlogits, h, weight, dhidden[start:stop], dweight)
-                del dlogits  # at most one chunk's logits and gradient at a time
+                del dlogits  # at most one chunk's logits (or their tanh and exp) and gradient at a time
         if need_grads:
             ctx.save_for_backward(dhidden, dweight)
         ctx.weight_dtype, ctx.scaled = weight.dtype, False
