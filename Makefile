@@ -1,10 +1,11 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Both set up .venv first.
+# Entry points on a fresh machine: `make demo` and `make test` (both set up .venv first), and on a GPU box
+# `make gpu-check` (docs/kernels.md: what it checks; <= 10 minutes on one H100; gpu_check.md).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test gpu-check clean
 
 setup: $(VENV)/.installed
 	# Headless Chromium + its WebDriver for the chat page's test (tests/test_chat_web.py), from Debian's apt.
@@ -27,6 +28,10 @@ demo: setup
 
 test: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+
+# Without CUDA it prints one line and exits 0.
+gpu-check: setup
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) scripts/gpu_check.py --out gpu_check.md
 
 clean:
 	rm -rf $(VENV) demo_out

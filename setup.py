@@ -31,8 +31,10 @@ setup(
         "httptools>=0.6,<0.10",  # uvicorn's C HTTP parser (else pure-Python h11): per-token SSE chunks under load
     ],
     extras_require={
-        # GPU-only extras: none of them installs on a CPU box; everything falls back without them.
-        "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]", "apex"],
+        # GPU-only extras: none of them installs on a CPU box; everything runs without them. flash-attn:
+        # kernels.attention; Transformer Engine: --fp8 (tensor_parallel.use_fp8). (PyPI's `apex` is an unrelated
+        # web toolkit, not NVIDIA's; megachat uses no apex.)
+        "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.8"],
         # tools/export_checkpoint.py --format hf writes the tokenizer with transformers' tiktoken converter
         "hf": ["transformers>=5.23,<5.24"],
         "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",

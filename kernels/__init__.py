@@ -19,8 +19,8 @@ import torch
 
 from . import reference
 
-__all__ = ["rmsnorm", "rope", "rope_qk", "relu2", "newton_schulz", "softcap_ce_stats", "softcap_ce_backward", "softcap",
-           "attention", "use_triton"]
+__all__ = ["rmsnorm", "rope", "rope_qk", "relu2", "newton_schulz", "softcap_ce_stats", "softcap_ce_backward",
+           "softcap_ce_forward", "softcap_ce_grad", "softcap", "attention", "use_triton"]
 
 
 def use_triton(t):
@@ -157,6 +157,23 @@ def softcap_ce_backward(logits, targets, lse, dloss, cap=15.0, ignore_index=-1, 
     return reference.softcap_ce_backward(logits, targets, lse, dloss, cap, ignore_index, vocab_start)
 
 
+def softcap_ce_forward(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0):
+    """(softcap_ce_stats(...), saved): the statistics and what `softcap_ce_grad` needs to form these logits'
+    gradient once the global log-sum-exp is known. Triton: the logits themselves (the backward kernel reads them
+    again from HBM); the torch path: tanh and exp(c - max), so neither is computed twice."""
+    _check_ce(logits, targets)
+    if use_triton(logits):
+        return softcap_ce_stats(logits, targets, cap, ignore_index, vocab_start), (logits,)
+    return reference.softcap_ce_forward(logits, targets, cap, ignore_index, vocab_start)
+
+
+def softcap_ce_grad(saved, targets, lse, dloss, cap=15.0, ignore_index=-1, vocab_start=0):
+    """softcap_ce_backward(logits, targets, lse, dloss, ...) from softcap_ce_forward's `saved` (used up)."""
+    if len(saved) == 1:
+        return softcap_ce_backward(saved[0], targets, lse, dloss, cap, ignore_index, vocab_start)
+    return reference.softcap_ce_grad(saved, targets, lse, dloss, cap, ignore_index, vocab_start)
+
+
 def softcap(logits, cap=15.0):
     """cap * tanh(logits / cap) (the logits the model returns); one elementwise op, left to torch everywhere."""
     return reference.softcap(logits, cap)
@@ -165,8 +182,10 @@ def softcap(logits, cap=15.0):
 def attention(q, k, v, causal=True, mask=None):
     """q [B, T, H, D], k/v [B, Tk, Hkv, D] (GQA when Hkv < H) -> [B, T, H, D]; flash-attn on CUDA when installed
     (bf16/fp16), else torch SDPA with the same math. mask: bool [B, 1, T, Tk], True = attend (the KV-cache engine's
-    left-padded batches; SDPA on every device)."""
-    if mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    left-padded batches; SDPA on every device). MEGACHAT_ATTENTION=sdpa: SDPA even where flash-attn would run (the
+    GPU check's flash-attn vs SDPA comparison)."""
+    if (mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
+            and os.environ.get("MEGACHAT_ATTENTION") != "sdpa"):
         try:
             from flash_attn import flash_attn_func
         except ImportError:

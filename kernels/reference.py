@@ -8,6 +8,8 @@ Each function reproduces nanochat's numerics (late-October-2025 `gpt.py` / `muon
 - newton_schulz: `zeropower_via_newtonschulz5` (bf16 by default), cast back to G's dtype.
 - softcap_ce_stats / softcap_ce_backward: `15 * tanh(logits / 15)`, `.float()`, `F.cross_entropy(ignore_index=-1)`
   per token, split as Megatron's cross_entropy.py: the local statistics of one vocab shard and the local backward.
+  softcap_ce_forward / softcap_ce_grad: the same two halves keeping tanh and exp between them (the fused head's
+  gradient formed in forward: on a CPU the elementwise passes, not the math, are what costs).
   Combining the shards' statistics over the tp group is `megachat.tensor_parallel`'s job, not a kernel's.
 """
 import torch
@@ -84,12 +86,41 @@ def softcap_ce_stats(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0):
     # instead of five: on a CPU the fresh buffers' page faults cost as much as the math)
     capped = torch.div(logits, cap).tanh_().mul_(cap).float()
     V = capped.size(1)
-    m = capped.max(dim=1).values
+    m = capped.amax(dim=1)
     local = targets - vocab_start
     owned = (local >= 0) & (local < V) & (targets != ignore_index)
     picked = capped.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1)
     sumexp = capped.sub_(m[:, None]).exp_().sum(dim=1)
     return m, sumexp, torch.where(owned, picked, torch.zeros_like(picked))
+
+
+def softcap_ce_forward(logits, targets, cap=15.0, ignore_index=-1, vocab_start=0):
+    """softcap_ce_stats' (max, sum-exp, target) and what softcap_ce_grad needs to form d logits without computing
+    tanh and exp again: tanh(logits / cap) and exp(c - max) [N, V_local] (two buffers; the logits are not kept)."""
+    th = torch.div(logits, cap).tanh_()
+    capped = (th * cap).float()
+    V = capped.size(1)
+    m = capped.amax(dim=1)  # amax: the same value as max(dim=1).values, without the indices (7x faster on CPU)
+    local = targets - vocab_start
+    owned = (local >= 0) & (local < V) & (targets != ignore_index)
+    picked = capped.gather(1, local.clamp(0, V - 1)[:, None]).squeeze(1)
+    e = capped.sub_(m[:, None]).exp_()
+    return (m, e.sum(dim=1), torch.where(owned, picked, torch.zeros_like(picked))), (th, e, m)
+
+
+def softcap_ce_grad(saved, targets, lse, dloss, cap=15.0, ignore_index=-1, vocab_start=0):
+    """d loss / d logits [N, V_local] in the logits' dtype from softcap_ce_forward's saved buffers (used up, in
+    place) and the global log-sum-exp lse fp32 [N]: softmax = exp(c - max) * exp(max - lse)."""
+    th, e, m = saved
+    V = e.size(1)
+    grad = e.mul_(torch.exp(m - lse)[:, None])
+    local = targets - vocab_start
+    owned = (local >= 0) & (local < V) & (targets != ignore_index)
+    rows = owned.nonzero().squeeze(1)
+    grad[rows, local[rows]] -= 1.0
+    g = dloss.float().masked_fill(targets == ignore_index, 0.0)
+    grad.mul_(g[:, None]).mul_(th.float().square_().neg_().add_(1.0))
+    return grad.to(th.dtype)
 
 
 def softcap_ce_backward(logits, targets, lse, dloss, cap=15.0, ignore_index=-1, vocab_start=0):

@@ -290,7 +290,10 @@ class GPT(nn.Module):
         """loss(lm_head(hidden), targets, reduction) without the logits: hidden [B, T, C] is the normalised hidden
         state in the tp region (HeadStage(fused_loss=True)'s output); the LM head's matmul and the loss run fused,
         a chunk of tokens at a time (VocabParallelLMHead.loss). The loss_fn of the pipeline's last stage."""
-        return _weighted_loss(lambda y, r: self.lm_head.loss(hidden, y, r), targets, reduction)
+        if isinstance(targets, (tuple, list)):  # the weights go into the fused loss: its gradient is formed in forward
+            targets, weights = targets
+            return self.lm_head.loss(hidden, targets, "sum", weights)
+        return self.lm_head.loss(hidden, targets, reduction)
 
     def gather_logits(self, logits):
         """Local softcapped logits [.., V_local] -> full [.., vocab_size] on every tp rank (evaluation/tests only)."""

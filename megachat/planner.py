@@ -247,9 +247,10 @@ def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = 
     which is c_proj's input. tp splits heads and the MLP width, not the residual stream (no sequence parallelism).
     embedding: the token ids (int64; at tp > 1 the shard-local ids) and, at tp > 1, the out-of-shard mask; the rows
     (rmsnorm's input) and 1/rms. head: the final rmsnorm's input and 1/rms, the LM head's input, then either the
-    raw logits [tokens, vocab / tp] (the softcap cross-entropy saves them) or, with fused_head_loss
-    (tensor_parallel.vocab_parallel_linear_loss), nothing of vocabulary size; the targets (int64), the
-    log-sum-exp and the trainer's per-token loss weights (fp32). checkpointing "full": a block saves only its
+    raw logits [tokens, vocab / tp] (the softcap cross-entropy saves them), the targets (int64), the
+    log-sum-exp and the trainer's per-token loss weights (fp32); or, with fused_head_loss
+    (tensor_parallel.vocab_parallel_linear_loss, which forms the gradients in forward), d hidden [tokens, C] in
+    place of the LM head's input and the fp32 weight gradient [vocab / tp, C], nothing of tokens x vocabulary. checkpointing "full": a block saves only its
     input; "selective": a block saves all but the attention's log-sum-exp. sequence_parallel: every rmsnorm's
     input and 1/rms hold T / tp positions (so does a fully recomputed block's input), and so does the normed x
     the column-parallel layers share (kept as this rank's shard and all-gathered again in backward); the LM
@@ -270,7 +271,10 @@ def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = 
     elif checkpointing == "selective":
         block -= n * 4 * h
     embedding = n * 8 + (n if tp > 1 else 0) + (n * a * C + n * 4) // s
-    head = (n * a * C + n * 4) // s + n * a * C + n * (8 + 4 + 4) + (0 if fused_head_loss else n * a * v_local)
+    if fused_head_loss:  # the gradients formed in forward: d hidden [n, C] (in place of the LM head's input), fp32 d W
+        head = (n * a * C + n * 4) // s + n * a * C + 4 * v_local * C
+    else:  # the LM head's input, the targets, log-sum-exp and loss weights, and the logits
+        head = (n * a * C + n * 4) // s + n * a * C + n * (8 + 4 + 4) + n * a * v_local
     return {"embedding": embedding, "block": block, "head": head}
 
 
@@ -476,9 +480,10 @@ def predict_memory(job: Job, layout: Layout, hw: Hardware, settings: ZeroSetting
     head = any(layer.kind == "head" for layer in layers)
     if not head:
         logits_grad = 0
-    elif job.fused_head_loss:  # one chunk's logits and their gradient, the fp32 d weight, d hidden
-        logits_grad = 2 * min(n, head_chunk_tokens(v_local, job.dtype)) * v_local * a + 4 * v_local * c.n_embd \
-            + n * c.n_embd * a
+    elif job.fused_head_loss:  # one chunk's logits and their gradient (at the end of forward, beside d hidden and d W,
+        # which the activations count); backward scales those in place and casts d W to the weights' dtype
+        logits_grad = max(2 * min(n, head_chunk_tokens(v_local, job.dtype)) * v_local * a,
+                          v_local * c.n_embd * a if a != 4 else 0)
     else:  # the logits' gradient
         logits_grad = n * v_local * a
     backward = max(logits_grad, n * a * (2 * 4 * c.n_embd // layout.tp + 2 * c.n_embd))

@@ -207,6 +207,7 @@ class _TPLayer(nn.Module):
     ones; re-marking after every _apply (to_empty, to, cuda, bfloat16, ...) keeps them.
     """
     partition_dim = None  # 0 / 1 for sharded weights, None for replicated ones
+    fp8 = None  # an _FP8Linear sharing the weight (use_fp8), or None
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -218,6 +219,54 @@ def _divide(n, tp, what):
     if n % tp != 0:
         raise ValueError(f"{what} = {n} is not divisible by tp = {tp}; choose a tp that divides {n}")
     return n // tp
+
+
+FP8_INSTALL = ("--fp8 needs NVIDIA Transformer Engine (CUDA only): pip install 'transformer-engine[pytorch]' "
+               "(or pip install -e '.[gpu]')")
+
+
+class _FP8Linear:
+    """A transformer_engine.pytorch.Linear that shares a tp layer's weight, run in fp8 under its own fp8_autocast
+    with the delayed-scaling recipe; amaxes are reduced over `group` (the tp group, or this rank alone), never
+    over ranks that run other layers (pipeline stages). Not a submodule: the weight keeps its one name."""
+
+    def __init__(self, linear, recipe, group):
+        self.linear, self.recipe, self.group = linear, recipe, group
+
+    def __call__(self, x):
+        import transformer_engine.pytorch as te
+        with te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.group):
+            return self.linear(x)
+
+
+def use_fp8(model, grid):
+    """--fp8: every ColumnParallelLinear and RowParallelLinear of `model` (this stage's) runs its GEMMs through
+    transformer_engine.pytorch.Linear in fp8 (E4M3 forward, E5M2 gradients: Format.HYBRID; delayed scaling over
+    the last 16 amaxes) while autograd records; evaluation and decoding (no_grad) stay on F.linear in the
+    weights' dtype. The LM head and the embedding stay bf16. Collective (a one-rank group per rank at tp = 1)."""
+    try:
+        import transformer_engine.pytorch as te
+        from transformer_engine.common.recipe import DelayedScaling, Format
+    except ImportError as e:
+        raise ValueError(FP8_INSTALL) from e
+    group = tp_group_of(grid)
+    if group is None:
+        group = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
+    recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    for layer in model.modules():
+        if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and not layer.weight.is_meta:
+            out_features, in_features = layer.weight.shape
+            linear = te.Linear(in_features, out_features, bias=False, params_dtype=layer.weight.dtype,
+                               device=layer.weight.device)
+            linear.weight = layer.weight  # the same Parameter: DeepSpeed's and the optimizer's view stay the one
+            object.__setattr__(layer, "fp8", _FP8Linear(linear, recipe, group))
+
+
+def _linear(layer, x):
+    """F.linear(x, layer.weight), or in fp8 through Transformer Engine after use_fp8 while autograd records."""
+    if layer.fp8 is not None and torch.is_grad_enabled():
+        return layer.fp8(x)
+    return F.linear(x, layer.weight)
 
 
 class ColumnParallelLinear(_TPLayer):
@@ -235,7 +284,7 @@ class ColumnParallelLinear(_TPLayer):
 
     def forward(self, x, shared=None):
         """shared: a SequenceShard of x (sequence parallelism), so that only its shard is kept for backward."""
-        return column_linear(x, self.weight, shared)
+        return _linear(self, x) if shared is None else column_linear(x, self.weight, shared)
 
 
 class RowParallelLinear(_TPLayer):
@@ -250,7 +299,7 @@ class RowParallelLinear(_TPLayer):
         self.group = tp_group_of(grid)
 
     def forward(self, x, sequence_parallel=False):
-        return leave_tp_region(F.linear(x, self.weight), self.group, sequence_parallel)
+        return leave_tp_region(_linear(self, x), self.group, sequence_parallel)
 
 
 class HeadReplicatedLinear(_TPLayer):
@@ -342,10 +391,12 @@ class VocabParallelLMHead(_TPLayer):
     def forward(self, x):
         return F.linear(x, self.real_weight())
 
-    def loss(self, x, targets, reduction="mean"):
+    def loss(self, x, targets, reduction="mean", weights=None):
         """vocab_parallel_loss(self(x), targets, ...) without the logits: vocab_parallel_linear_loss over this
-        shard's real rows. x [.., dim] in the tp region, targets [..] global ids (-1 = ignored)."""
-        return vocab_parallel_linear_loss(x, self.real_weight(), targets, self.vocab_start, self.group, reduction)
+        shard's real rows. x [.., dim] in the tp region, targets [..] global ids (-1 = ignored); weights (with
+        reduction 'sum'): fp32 per-token weights like targets."""
+        return vocab_parallel_linear_loss(x, self.real_weight(), targets, self.vocab_start, self.group, reduction,
+                                          weights=weights)
 
 
 def _global_lse(m, sumexp, target_logit, group):
@@ -402,29 +453,34 @@ def _chunks(n, chunk_tokens):
     return [(start, min(start + chunk_tokens, n)) for start in range(0, n, chunk_tokens)]
 
 
-class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
-    """Per-token loss fp32 [N] of _VocabParallelSoftcapCE(hidden @ weight.T), chunk_tokens rows at a time.
+def _chunk_statistics(h, weight, targets, vocab_start, group, ignore_index):
+    """One chunk's global log-sum-exp and per-token loss, fp32 [chunk] each (0 at ignored targets). At tp > 1 the
+    chunk's statistics are all-reduced here (`_global_lse`), so every tp rank runs the same chunks in order."""
+    stats = kernels.softcap_ce_stats(F.linear(h, weight), targets, ignore_index=ignore_index, vocab_start=vocab_start)
+    lse, target_logit = _global_lse(*stats, group)
+    return lse, torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
 
-    Forward: each chunk's logits [chunk, V_local] -> the kernels' local statistics, kept for all N rows (3 fp32
-    [N]); one `_global_lse` over the whole batch. Backward: each chunk's logits again (one more matmul, the price
-    of not keeping them), the kernels' d logits, then d hidden = d logits @ weight (into its rows of the [N, C]
-    result) and d weight += d logits.T @ hidden (an fp32 sum over chunks for bf16/fp16 weights). Saved for
-    backward: hidden, weight, targets and the log-sum-exp [N]; never a [N, V_local] tensor.
+
+class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
+    """Per-token loss fp32 [N] of _VocabParallelSoftcapCE(hidden @ weight.T), chunk_tokens rows at a time, for
+    reduction 'none' (a loss whose gradient per token is only known in backward).
+
+    Forward: each chunk's logits -> the global log-sum-exp and the loss. Backward: each chunk's logits again (one
+    more matmul, the price of not keeping them), the kernels' d logits, then d hidden = d logits @ weight (into
+    its rows of the [N, C] result) and d weight += d logits.T @ hidden (an fp32 sum over chunks for bf16/fp16
+    weights). Saved for backward: hidden, weight, targets and the log-sum-exp [N]; never a [N, V_local] tensor.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, vocab_start, group, ignore_index, chunk_tokens):
         n = hidden.size(0)
-        stats = [torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(3)]
+        lse, loss = (torch.empty(n, dtype=torch.float32, device=hidden.device) for _ in range(2))
         for start, stop in _chunks(n, chunk_tokens):
-            local = kernels.softcap_ce_stats(F.linear(hidden[start:stop], weight), targets[start:stop],
-                                             ignore_index=ignore_index, vocab_start=vocab_start)
-            for buf, value in zip(stats, local):
-                buf[start:stop] = value
-        lse, target_logit = _global_lse(*stats, group)
+            lse[start:stop], loss[start:stop] = _chunk_statistics(hidden[start:stop], weight, targets[start:stop],
+                                                                  vocab_start, group, ignore_index)
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.vocab_start, ctx.ignore_index, ctx.chunk_tokens = vocab_start, ignore_index, chunk_tokens
-        return torch.where(targets == ignore_index, torch.zeros_like(lse), lse - target_logit)
+        return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -438,10 +494,69 @@ class _VocabParallelLinearSoftcapCE(torch.autograd.Function):
             dlogits = kernels.softcap_ce_backward(F.linear(h, weight), targets[start:stop], lse[start:stop],
                                                   dloss[start:stop], ignore_index=ctx.ignore_index,
                                                   vocab_start=ctx.vocab_start)
-            torch.mm(dlogits, weight, out=dhidden[start:stop])
-            dweight += dlogits.t() @ h
+            _accumulate_grads(dlogits, h, weight, dhidden[start:stop], dweight)
             del dlogits  # before the next chunk's logits: at most one chunk's logits and gradient at a time
         return dhidden, dweight.to(weight.dtype), None, None, None, None, None
+
+
+def _accumulate_grads(dlogits, h, weight, dhidden, dweight):
+    """dhidden (a [chunk, C] view) = d logits @ weight; dweight (fp32 [V_local, C]) += d logits.T @ h."""
+    torch.mm(dlogits, weight, out=dhidden)
+    if dweight.dtype == dlogits.dtype:
+        dweight.addmm_(dlogits.t(), h)
+    else:
+        dweight += dlogits.t() @ h
+
+
+class _VocabParallelLinearSoftcapCESum(torch.autograd.Function):
+    """sum_i w_i * loss_i (fp32 scalar) of the per-token losses of _VocabParallelLinearSoftcapCE, w = the per-token
+    weights (None: all 1), with the gradients formed in forward, as Liger's fused linear cross-entropy does.
+
+    The loss is a scalar here, so d loss_i = grad_output * w_i is known in forward up to one number: each chunk's
+    d logits (for grad_output = 1) become d hidden's rows and a term of d weight at once, and the chunk's logits
+    are dropped; backward only scales the two by grad_output. No logits matmul in backward. Saved for backward:
+    d hidden [N, C] (hidden's dtype, in place of hidden) and d weight (fp32 [V_local, C]); never a [N, V_local]
+    tensor. need_grads False (evaluation, no_grad): the loss only.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, weights, vocab_start, group, ignore_index, chunk_tokens, need_grads):
+        n = hidden.size(0)
+        loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        if need_grads:
+            dhidden = torch.empty_like(hidden)
+            dweight = torch.zeros(weight.shape, dtype=torch.promote_types(weight.dtype, torch.float32),
+                                  device=weight.device)
+        for start, stop in _chunks(n, chunk_tokens):
+            h, t = hidden[start:stop], targets[start:stop]
+            stats, saved = kernels.softcap_ce_forward(F.linear(h, weight), t, ignore_index=ignore_index,
+                                                      vocab_start=vocab_start)
+            lse, target_logit = _global_lse(*stats, group)
+            loss[start:stop] = torch.where(t == ignore_index, torch.zeros_like(lse), lse - target_logit)
+            if need_grads:
+                dloss = torch.ones_like(lse) if weights is None else weights[start:stop]
+                dlogits = kernels.softcap_ce_grad(saved, t, lse, dloss, ignore_index=ignore_index,
+                                                  vocab_start=vocab_start)
+                del saved
+                _accumulate_grads(dlogits, h, weight, dhidden[start:stop], dweight)
+                del dlogits  # at most one chunk's logits (or their tanh and exp) and gradient at a time
+        if need_grads:
+            ctx.save_for_backward(dhidden, dweight)
+        ctx.weight_dtype, ctx.scaled = weight.dtype, False
+        return loss.sum() if weights is None else (loss * weights).sum()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dtotal):
+        if ctx.scaled:
+            raise RuntimeError("the fused LM head + loss was differentiated twice (retain_graph): its gradients "
+                               "were formed in forward and scaled in place once; run the forward again")
+        ctx.scaled = True
+        dhidden, dweight = ctx.saved_tensors
+        # in place (no second [N, C] or [V_local, C] buffer); the scale in fp32: a 0-dim fp32 tensor times a bf16
+        # tensor computes in fp32 and rounds once
+        return (dhidden.mul_(dtotal), dweight.mul_(dtotal).to(ctx.weight_dtype),
+                None, None, None, None, None, None, None)
 
 
 def _reduce(loss, targets, reduction, ignore_index):
@@ -450,7 +565,11 @@ def _reduce(loss, targets, reduction, ignore_index):
         return loss.view(targets.shape)
     if reduction != "mean":
         raise ValueError(f"loss reduction {reduction!r} is not supported; use 'mean' or 'none'")
-    return loss.sum() / (targets != ignore_index).sum().clamp(min=1)
+    return loss.sum() / _count(targets, ignore_index)
+
+
+def _count(targets, ignore_index):
+    return (targets != ignore_index).sum().clamp(min=1)
 
 
 def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", ignore_index=-1):
@@ -466,20 +585,41 @@ def vocab_parallel_loss(logits, targets, vocab_start, group, reduction="mean", i
 
 
 def vocab_parallel_linear_loss(hidden, weight, targets, vocab_start, group, reduction="mean", ignore_index=-1,
-                               chunk_tokens=None):
+                               chunk_tokens=None, weights=None):
     """vocab_parallel_loss(F.linear(hidden, weight), targets, vocab_start, group, reduction) with the matmul fused
     in: hidden [B, T, C] (in the tp region: its gradient here is this shard's part, which enter_tp_region's
     backward all-reduces), weight [V_local, C] this shard's real rows (global ids vocab_start..), targets [B, T].
-    The logits are computed and dropped chunk_tokens tokens at a time, forward and backward (default
-    `loss_chunk_tokens`: a chunk's logits within LOSS_CHUNK_BYTES), so no [B*T, V_local] tensor is ever made.
+    The logits are computed and dropped chunk_tokens tokens at a time (default `loss_chunk_tokens`: a chunk's
+    logits within LOSS_CHUNK_BYTES), so no [B*T, V_local] tensor is ever made.
+
+    reduction 'mean' (over non-ignored targets), or 'sum' with per-token weights fp32 [B, T] (sum of weights x
+    loss: the trainer's normalisation and RL's advantages): a scalar, the gradients formed in forward, so backward
+    computes no logits (`_VocabParallelLinearSoftcapCESum`). 'none': fp32 [B, T], the logits computed again in
+    backward (`_VocabParallelLinearSoftcapCE`).
     """
     if chunk_tokens is None:
         chunk_tokens = loss_chunk_tokens(weight.size(0), hidden.dtype)
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens = {chunk_tokens} must be >= 1 (or None for the default by bytes)")
-    loss = _VocabParallelLinearSoftcapCE.apply(hidden.reshape(-1, hidden.size(-1)), weight, targets.reshape(-1),
-                                               vocab_start, group, ignore_index, chunk_tokens)
-    return _reduce(loss, targets, reduction, ignore_index)
+    if (weights is not None) != (reduction == "sum"):
+        raise ValueError(f"loss reduction {reduction!r} with weights {'given' if weights is not None else 'None'}: "
+                         "per-token weights go with reduction 'sum' only (and 'sum' needs them)")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"loss reduction {reduction!r} is not supported; use 'mean', 'sum' (with weights) or 'none'")
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.size(-1)), targets.reshape(-1)
+    if reduction == "none":
+        loss = _VocabParallelLinearSoftcapCE.apply(flat_hidden, weight, flat_targets, vocab_start, group,
+                                                   ignore_index, chunk_tokens)
+        return loss.view(targets.shape)
+    if weights is not None:
+        if weights.shape != targets.shape:
+            raise ValueError(f"per-token weights {tuple(weights.shape)} must have the targets' shape "
+                             f"{tuple(targets.shape)}")
+        weights = weights.reshape(-1).float()
+    need_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = _VocabParallelLinearSoftcapCESum.apply(flat_hidden, weight, flat_targets, weights, vocab_start, group,
+                                                   ignore_index, chunk_tokens, need_grads)
+    return total if reduction == "sum" else total / _count(targets, ignore_index)
 
 
 def gather_vocab_logits(logits, vocab_size, group):

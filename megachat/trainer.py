@@ -20,6 +20,7 @@ DeepSpeed is imported here and in megachat/pipeline.py only.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -34,6 +35,7 @@ from megachat import checkpoint
 from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
 from megachat.monitor import memory_gib, peak_flops
 from megachat.parallel import Grid, check_layout, device, init_grid, without_deepspeed_shm_allreduce
+from megachat.tensor_parallel import FP8_INSTALL, use_fp8
 from megachat.watchdog import Watchdog
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ds"
@@ -59,8 +61,9 @@ class TrainConfig:
     lr_scale: float = 1.0  # every base learning rate times this (nanochat's init_lr_frac: SFT 0.02, RL 0.05)
     activation_checkpointing: str = "none"  # "full" or "selective" recomputation (GPT.set_activation_checkpointing)
     compile: bool = False  # torch.compile each block (as nanochat compiles its model); eager under ZeRO-3
-    ns_dtype: str | None = None  # Muon's Newton-Schulz compute dtype, "bf16" or "fp32"; None: the run's dtype
+    ns_dtype: str = "bf16"  # Muon's Newton-Schulz compute dtype: bf16 as nanochat, whatever dtype; "fp32" on request
     sequence_parallel: bool = False  # Megatron's: norms and residual stream hold T / tp positions (tp > 1)
+    fp8: bool = False  # the tp linears' GEMMs in fp8 through Transformer Engine (tensor_parallel.use_fp8)
     ds_config: str | None = None  # a DeepSpeed JSON to use instead of configs/ds/zero{Z}_{dtype}.json
 
     def model_config(self) -> GPTConfig:
@@ -97,6 +100,11 @@ def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> N
                    help="split the sequence over the tp ranks outside attention and MLP (Megatron's sequence "
                         "parallelism: tp x less activation memory there, same communication volume); needs --tp > 1")
     p.add_argument("--compile", action="store_true", help="torch.compile every transformer block (eager under ZeRO-3)")
+    p.add_argument("--fp8", action="store_true",
+                   help="the tensor-parallel linears' GEMMs in fp8 (NVIDIA Transformer Engine, delayed scaling; GPU)")
+    p.add_argument("--ns-dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="Muon's Newton-Schulz compute dtype: bf16 as nanochat whatever --dtype is; fp32 for exact "
+                        "arithmetic (the layout-equivalence tests)")
     p.add_argument("--max-bad-steps", type=int, default=10,
                    help="stop after this many steps in a row with a non-finite loss or gradient (each is skipped)")
     p.add_argument("--collective-timeout", type=float, default=None,
@@ -113,7 +121,7 @@ def config_options(args) -> dict:
     memory and speed switches (every phase passes them through unchanged)."""
     return dict(tp=args.tp, pp=args.pp, zero=args.zero, dtype=args.dtype, seed=args.seed, ds_config=args.ds_config,
                 activation_checkpointing=args.activation_checkpointing, compile=args.compile,
-                sequence_parallel=args.sequence_parallel)
+                sequence_parallel=args.sequence_parallel, ns_dtype=args.ns_dtype, fp8=args.fp8)
 
 
 def loop_options(args) -> dict:
@@ -147,9 +155,15 @@ def check_config(cfg: TrainConfig, world: int) -> int:
                          "shards nothing, so it costs what ZeRO-0 would); use --zero 1, or --dtype fp32")
     if cfg.activation_checkpointing not in ("none", "full", "selective"):
         raise ValueError(f"--activation-checkpointing {cfg.activation_checkpointing!r}: use none, full or selective")
-    if cfg.ns_dtype not in (None, "bf16", "fp32"):
-        raise ValueError(f"ns_dtype {cfg.ns_dtype!r} is not a Newton-Schulz compute dtype: use bf16 (nanochat's), "
-                         f"fp32, or None for the run's dtype")
+    if cfg.ns_dtype not in ("bf16", "fp32"):
+        raise ValueError(f"ns_dtype {cfg.ns_dtype!r} is not a Newton-Schulz compute dtype: use bf16 (nanochat's, "
+                         f"the default) or fp32 (--ns-dtype fp32)")
+    if cfg.fp8:
+        if cfg.dtype != "bf16" or cfg.sequence_parallel or cfg.activation_checkpointing != "none":
+            raise ValueError("--fp8 runs the tensor-parallel linears' GEMMs in fp8 around bf16 weights: use it with "
+                             "--dtype bf16, without --sequence-parallel and --activation-checkpointing")
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError(FP8_INSTALL)
     if cfg.sequence_parallel and cfg.tp == 1:
         raise ValueError("--sequence-parallel splits the sequence over tensor-parallel ranks: it needs --tp > 1")
     if cfg.sequence_parallel and cfg.seq_len % cfg.tp:
@@ -256,9 +270,9 @@ def share_fp32_master(ds_optimizer) -> None:
 
 
 def newton_schulz_dtype(cfg: TrainConfig) -> torch.dtype:
-    """Muon's Newton-Schulz compute dtype: cfg.ns_dtype, else the run's (bf16 runs as nanochat; fp32 runs in fp32,
-    which the equivalence tests compare exactly; nanochat itself always runs it in bf16)."""
-    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ns_dtype or cfg.dtype]
+    """Muon's Newton-Schulz compute dtype: bf16 for every run, as nanochat (whose Muon always runs it in bf16), unless
+    cfg.ns_dtype is "fp32" (what the layout-equivalence tests compare exactly; 3.5x the optimizer's time on a CPU)."""
+    return {"bf16": torch.bfloat16, "fp32": torch.float32}[cfg.ns_dtype]
 
 
 def model_flops_per_token(cfg: TrainConfig) -> float:
@@ -570,6 +584,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
                         dtype=torch.bfloat16 if cfg.dtype == "bf16" else None)  # DeepSpeed would cast it anyway
     model.set_activation_checkpointing(cfg.activation_checkpointing)
     model.set_sequence_parallel(cfg.sequence_parallel)
+    if cfg.fp8:
+        use_fp8(model, grid)
     if cfg.compile and cfg.zero == 3:  # ZeRO-3 gathers each weight in hooks around every module's forward
         if dist.get_rank() == 0:
             print("--compile: ZeRO-3 fetches weights in module hooks that torch.compile cannot trace; running eager",

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from megachat import kernels  # noqa: E402
 from megachat.kernels import sm90_aot  # noqa: E402
-from megachat.tensor_parallel import vocab_parallel_loss  # noqa: E402
+from megachat.tensor_parallel import vocab_parallel_linear_loss, vocab_parallel_loss  # noqa: E402
 
 HBM = sm90_aot.H100_HBM_BYTES_PER_S
 PEAK = sm90_aot.H100_BF16_FLOPS
@@ -73,6 +73,19 @@ def _fwd_bwd(fn, *args, n_grad=1):
     return run
 
 
+def liger_module(name, *args, **kwargs):
+    """liger_kernel.transformers.<name>(*args, **kwargs) when liger-kernel is installed (a row beside ours), else
+    None (the report says so once)."""
+    try:
+        import liger_kernel.transformers as liger
+    except ImportError:
+        if not getattr(liger_module, "said", False):
+            print("  (liger-kernel not installed: no liger rows)")
+            liger_module.said = True
+        return None
+    return getattr(liger, name)(*args, **kwargs)
+
+
 def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=128, seq=2048, ce_tokens=16384,
                vocab=65536, ns_sizes=((4096, 4096), (1280, 5120))):
     """Time every kernel against torch eager and torch.compile at d20 sizes (smaller sizes only for smoke runs)."""
@@ -82,18 +95,20 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
     print(f"\nGPU timings on {name} (median of triton.testing.do_bench; % of 3.35 TB/s HBM or 989 TFLOP/s bf16)")
     bf = torch.bfloat16
 
-    def three_way(name, fused, ref, *args, n_grad=1, fwd_bytes, bwd_bytes):
+    def three_way(name, fused, ref, *args, n_grad=1, fwd_bytes, bwd_bytes, liger=None):
         print(name)
         compiled = torch.compile(ref)
-        for label, fn in (("triton", fused), ("torch eager", ref), ("torch.compile", compiled)):
+        for label, fn in (("triton", fused), ("torch eager", ref), ("torch.compile", compiled),
+                          *((("liger-kernel", liger),) if liger else ())):
             _row(f"{label} fwd", _bench_ms(lambda: fn(*args)), fwd_bytes)
             _row(f"{label} fwd+bwd", _bench_ms(_fwd_bwd(fn, *args, n_grad=n_grad)), fwd_bytes + bwd_bytes)
 
     if "rmsnorm" in only:
         x = torch.randn(tokens, n_embd, device=dev, dtype=bf)
         f, b = rmsnorm_kernel.h100_specs(tokens, n_embd, n_head, head_dim)[:2]
+        liger = liger_module("LigerRMSNorm", n_embd, eps=torch.finfo(torch.float32).eps)  # weight of ones
         three_way(f"rmsnorm [{tokens}x{n_embd}] bf16", rmsnorm_kernel.rmsnorm, reference.rmsnorm, x,
-                  fwd_bytes=f.bytes_moved, bwd_bytes=b.bytes_moved)
+                  fwd_bytes=f.bytes_moved, bwd_bytes=b.bytes_moved, liger=liger and liger.to(dev, bf))
     if "rope" in only:
         q = torch.randn(tokens // seq, seq, n_head, head_dim, device=dev, dtype=bf)
         k = torch.randn(tokens // seq, seq, n_head, head_dim, device=dev, dtype=bf)  # d20: no GQA
@@ -124,7 +139,9 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
         f, b = softcap_ce_kernel.h100_specs(tokens=n, vocab=v)
         print(f"softcap cross-entropy [{n}x{v}] bf16")
         compiled = torch.compile(unfused)
-        for label, fn in (("triton", fused), ("torch eager", unfused), ("torch.compile", compiled)):
+        liger = liger_module("LigerCrossEntropyLoss", ignore_index=-1, softcap=15.0)  # its mean over tokens
+        for label, fn in (("triton", fused), ("torch eager", unfused), ("torch.compile", compiled),
+                          *((("liger-kernel", liger),) if liger else ())):
             _row(f"{label} fwd", _bench_ms(lambda: fn(logits, targets)), f.bytes_moved)
             _row(f"{label} fwd+bwd", _bench_ms(_fwd_bwd(fn, logits, targets)), f.bytes_moved + b.bytes_moved)
             if dev == "cuda":
@@ -135,6 +152,22 @@ def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=
                 torch.cuda.synchronize()
                 peak = (torch.cuda.max_memory_allocated() - base) / 2**30
                 print(f"  {label + ' fwd+bwd peak memory':34s} {peak:10.2f} GiB above the inputs")
+        # the LM head and the loss fused (what training runs: the gradients formed in forward) vs Liger's
+        hidden = torch.randn(n, n_embd, device=dev, dtype=bf)
+        weight = torch.randn(v, n_embd, device=dev, dtype=bf) / n_embd ** 0.5 * 10
+        print(f"LM head + softcap cross-entropy fused, hidden [{n}x{n_embd}], weight [{v}x{n_embd}] bf16")
+        liger = liger_module("LigerFusedLinearCrossEntropyLoss", ignore_index=-1, softcap=15.0)
+        paths = (("megachat (chunked, torch matmuls)", lambda h, w: vocab_parallel_linear_loss(h, w, targets, 0, None)),
+                 *((("liger-kernel", lambda h, w: liger(w, h, targets)),) if liger else ()))
+        for label, fn in paths:
+            _row(f"{label} fwd+bwd", _bench_ms(_fwd_bwd(fn, hidden, weight, n_grad=2)), flops=3 * 2 * n * v * n_embd)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                _fwd_bwd(fn, hidden, weight, n_grad=2)()
+                torch.cuda.synchronize()
+                print(f"  {label + ' peak memory':34s} {(torch.cuda.max_memory_allocated() - base) / 2**30:10.2f} GiB")
     if "newton_schulz" in only:
         for m, n in ns_sizes:
             G = torch.randn(m, n, device=dev, dtype=torch.float32)

@@ -23,9 +23,10 @@ their steps (the order flips every round, so load on the box hits both alike). P
 the timed rounds with the min-max spread, and megachat's tokens/s over nanochat's. nanochat is an optional
 dependency (`import nanochat.gpt`: a checkout of github.com/karpathy/nanochat on PYTHONPATH); without it its column
 reads "absent". (PyPI's `nanochat` 0.1.2 is not it: that sdist holds only the rustbpe tokenizer crate and the README.)
-Both run Muon's Newton-Schulz in bf16, as nanochat always does (TrainConfig.ns_dtype="bf16" for megachat).
+Both run Muon's Newton-Schulz in bf16, as nanochat always does (megachat's default, TrainConfig.ns_dtype).
 """
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -160,6 +161,13 @@ def nanochat_step(cfg: TrainConfig):
     return step
 
 
+def attention_path(dtype: str) -> str:
+    """Which attention kernels.attention runs for this run's training forward."""
+    if not torch.cuda.is_available() or dtype != "bf16" or os.environ.get("MEGACHAT_ATTENTION") == "sdpa":
+        return "sdpa"
+    return "flash-attn" if importlib.util.find_spec("flash_attn") else "sdpa (flash-attn not installed)"
+
+
 def side_by_side(args) -> None:
     """--vs-nanochat: nanochat's step and megachat's, alternating in one process; prints the markdown table."""
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
@@ -170,7 +178,6 @@ def side_by_side(args) -> None:
     cfg = TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=total,
                       num_iterations=args.warmup + args.steps, zero=args.zero, dtype="fp32", compile=args.compile,
-                      ns_dtype="bf16",  # nanochat's Muon runs Newton-Schulz in bf16 whatever the model's dtype
                       ds_config=timed_ds_config(args.zero, "fp32"))
     rank = os.environ.pop("RANK", None)  # nanochat builds its single-process optimizers only without RANK
     nano = nanochat_step(cfg)
@@ -250,11 +257,15 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile", action="store_true", help="torch.compile megachat's blocks (TrainConfig.compile)")
+    p.add_argument("--sdpa", action="store_true", help="torch SDPA attention even where flash-attn is installed")
+    p.add_argument("--fp8", action="store_true", help="the tp linears in fp8 through Transformer Engine (TrainConfig.fp8)")
     p.add_argument("--vs-nanochat", action="store_true",
                    help="one process, fp32: nanochat's step and megachat's side by side (see above)")
     p.add_argument("--threads", type=int, default=1, help="--vs-nanochat: torch.set_num_threads")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.sdpa:
+        os.environ["MEGACHAT_ATTENTION"] = "sdpa"
     if args.vs_nanochat:
         return side_by_side(args)
 
@@ -268,7 +279,7 @@ def main(argv=None):
     cfg = TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.max_seq_len,
                       device_batch_size=args.device_batch_size, total_batch_size=total,
                       num_iterations=args.warmup + args.steps, tp=args.tp, pp=args.pp, zero=args.zero,
-                      dtype=args.dtype, compile=args.compile,
+                      dtype=args.dtype, compile=args.compile, fp8=args.fp8,
                       ds_config=timed_ds_config(args.zero, args.dtype) if args.pp == 1 else None)
     trainer = build_trainer(cfg)
     if cfg.ds_config:
@@ -298,7 +309,7 @@ def main(argv=None):
     dist.barrier()
     t0 = time.perf_counter()
     for step in range(args.warmup, args.warmup + args.steps):
-        trainer.train_step(batches(step))
+        rec = trainer.train_step(batches(step))
         for k, v in read_timers().items():
             parts[k] += v
     if torch.cuda.is_available():
@@ -332,6 +343,11 @@ def main(argv=None):
               f"{parts['bwd']:.1f} | {parts['optim']:.1f} | {parts['comm']:.1f} | {last} |", flush=True)
         print(f"\nMuon step (max over ranks): {opt_row[0]:.1f} ms inside the optimizer, {opt_row[1] / 1e6:.3f} MB "
               f"sent by the busiest rank, minimum for the scheme {opt_row[2] / 1e6:.3f} MB per rank", flush=True)
+        # read by scripts/gpu_check.py
+        print(f"last step loss: {rec['loss']:.6f}; attention: {attention_path(cfg.dtype)}", flush=True)
+        if torch.cuda.is_available():
+            print(f"peak memory (rank 0, torch.cuda.max_memory_allocated): "
+                  f"{torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 

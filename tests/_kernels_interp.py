@@ -302,7 +302,8 @@ def test_softcap_ce_tp2_triton_matches_unsharded_reference():
 
 
 def test_softcap_ce_fused_with_the_lm_head_matches_reference():
-    """vocab_parallel_linear_loss (the LM head's matmul and the loss, chunks of 6 of 23 tokens, the last short) with
+    """vocab_parallel_linear_loss (the LM head's matmul and the loss, chunks of 6 of 23 tokens, the last short; the
+    per-token path and the weighted sum, whose gradients are formed in forward) with
     the Triton statistics and backward vs the same function on the torch reference."""
     g = torch.Generator().manual_seed(0)
     hidden, weight = torch.randn(23, 40, generator=g), torch.randn(600, 40, generator=g)
@@ -310,18 +311,23 @@ def test_softcap_ce_fused_with_the_lm_head_matches_reference():
     targets[::5] = -1
     w = torch.rand(23, generator=g)
 
-    def loss_and_grads():
+    def loss_and_grads(reduction):
         h, wt = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        loss = vocab_parallel_linear_loss(h, wt, targets, 0, None, reduction="none", chunk_tokens=6)
-        (loss * w).sum().backward()
+        if reduction == "none":  # d logits in backward, from the logits computed again
+            loss = vocab_parallel_linear_loss(h, wt, targets, 0, None, reduction="none", chunk_tokens=6)
+            (loss * w).sum().backward()
+        else:  # d logits formed in forward
+            loss = vocab_parallel_linear_loss(h, wt, targets, 0, None, reduction="sum", chunk_tokens=6, weights=w)
+            loss.backward()
         return loss.detach(), h.grad, wt.grad
 
-    got = loss_and_grads()
-    with on_reference():
-        want = loss_and_grads()
-    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=2e-5)
-    for g_, w_ in zip(got[1:], want[1:]):
-        torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-5)
+    for reduction in ("none", "sum"):
+        got = loss_and_grads(reduction)
+        with on_reference():
+            want = loss_and_grads(reduction)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=2e-5)
+        for g_, w_ in zip(got[1:], want[1:]):
+            torch.testing.assert_close(g_, w_, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- Newton-Schulz

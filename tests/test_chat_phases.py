@@ -19,7 +19,8 @@ from megachat.tasks.recipes import mid_mixture, sft_mixture
 
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 64
-COMMON = ["--max-seq-len", str(SEQ), "--dtype", "fp32", "--zero", "0", "--mixture-scale", "0.01"]
+COMMON = ["--max-seq-len", str(SEQ), "--dtype", "fp32", "--zero", "0", "--mixture-scale", "0.01",
+          "--ns-dtype", "fp32"]  # exact arithmetic: the layouts' curves compared with one process's
 MID = [*COMMON, "--device-batch-size", "2", "--total-batch-size", str(8 * SEQ), "--num-iterations", "4",
        "--eval-every", "4", "--eval-tokens", str(8 * SEQ)]
 SFT_BASE = [*COMMON, "--device-batch-size", "2", "--examples-per-step", "8", "--num-iterations", "4",

@@ -183,7 +183,7 @@ def rl_step_worker(rank, rollouts, zero):
     from megachat.trainer import TrainConfig, build_trainer
     cfg = TrainConfig(depth=DEPTH, vocab_size=512, seq_len=SEQ, device_batch_size=2,
                       total_batch_size=Q * SAMPLES * SEQ, num_iterations=4, zero=zero, dtype="fp32",
-                      lr_scale=0.05, warmdown_ratio=1.0, grad_clip=0.0)
+                      ns_dtype="fp32", lr_scale=0.05, warmdown_ratio=1.0, grad_clip=0.0)
     trainer = build_trainer(cfg, weights=random_model_weights(cfg.model_config()))
     grid = trainer.grid
     mine = [rollouts[n] for n in rl.batch_indices(0, Q, grid.dp_rank, grid.dp).tolist()]

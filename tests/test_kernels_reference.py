@@ -133,6 +133,24 @@ def test_softcap_ce_stats_are_the_local_statistics_of_one_vocab_shard():
     assert m.dtype == s.dtype == t.dtype == torch.float32 and (t[~owned] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_softcap_ce_forward_and_grad_keep_tanh_and_exp_and_equal_stats_and_backward(dtype):
+    """The torch path's two halves with tanh and exp kept between them (the fused head's gradient in forward) give
+    the statistics of softcap_ce_stats bit for bit and d logits of softcap_ce_backward to rounding, on a shard."""
+    torch.manual_seed(0)
+    logits = (torch.randn(7, 8) * 20).to(dtype)  # the shard of global ids 8..15
+    targets = torch.tensor([8, 15, 3, 16, -1, 11, 9])
+    dloss = torch.rand(7)
+    stats, saved = kernels.softcap_ce_forward(logits, targets, vocab_start=8)
+    for got, want in zip(stats, kernels.softcap_ce_stats(logits, targets, vocab_start=8)):
+        assert torch.equal(got, want)
+    lse = stats[0] + stats[1].log() + 0.3  # as if another shard added to the sum-exp
+    got = kernels.softcap_ce_grad(saved, targets, lse, dloss, vocab_start=8)
+    want = kernels.softcap_ce_backward(logits, targets, lse, dloss, vocab_start=8)
+    assert got.dtype == dtype and (got[4] == 0).all()
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 2 ** -7, atol=1e-7)
+
+
 def test_softcap_ce_through_vocab_parallel_loss_matches_nanochat_loss_and_gradient():
     torch.manual_seed(0)
     logits = (torch.randn(9, 50) * 20).requires_grad_()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from _dist import run_gloo
 
 from megachat import tensor_parallel
@@ -81,6 +82,69 @@ def test_tp1_fused_mean_reduction_matches_unfused():
     want = vocab_parallel_loss(F.linear(hidden, weight).view(5, 10, V), targets.view(5, 10), 0, None)
     got = vocab_parallel_linear_loss(hidden.view(5, 10, C), weight, targets.view(5, 10), 0, None, chunk_tokens=7)
     assert rel_err(got, want) <= 1e-6
+
+
+def summed(targets, chunk, weights):
+    """The scalar path (gradients formed in forward): sum of weights x loss."""
+    return lambda h, w: vocab_parallel_linear_loss(h, w, targets, 0, None, reduction="sum", chunk_tokens=chunk,
+                                                   weights=weights)
+
+
+@pytest.mark.parametrize("chunk", CHUNKS, ids=lambda c: f"chunk{c}")
+def test_tp1_weighted_sum_and_mean_form_the_unfused_gradients_in_forward(chunk):
+    hidden, weight, targets, weights = ce_case()
+    want_loss, want_dh, want_dw = loss_and_grads(unfused(targets), hidden, weight, targets, weights)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    total = summed(targets, chunk, weights)(h, w)
+    (3.0 * total).backward()  # grad_output 3: backward scales what forward formed
+    assert rel_err(total, (want_loss * weights).sum()) <= 1e-6
+    assert rel_err(h.grad, 3 * want_dh) <= 1e-5 and rel_err(w.grad, 3 * want_dw) <= 1e-5
+    ones = torch.ones(N)
+    want_loss, want_dh, want_dw = loss_and_grads(unfused(targets), hidden, weight, targets, ones)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    mean = vocab_parallel_linear_loss(h, w, targets, 0, None, chunk_tokens=chunk)
+    mean.backward()
+    count = (targets != -1).sum()
+    assert rel_err(mean, want_loss.sum() / count) <= 1e-6
+    assert rel_err(h.grad, want_dh / count) <= 1e-5 and rel_err(w.grad, want_dw / count) <= 1e-5
+    assert (h.grad[targets == -1] == 0).all()
+
+
+class MatmulCount(TorchDispatchMode):
+    """Counts the matmuls (mm, addmm) dispatched while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm)
+        return func(*args, **(kwargs or {}))
+
+
+def test_scalar_loss_backward_runs_no_matmul_and_the_per_token_one_recomputes_the_logits():
+    hidden, weight, targets, weights = ce_case()
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    for loss in (summed(targets, 7, weights)(h, w), vocab_parallel_linear_loss(h, w, targets, 0, None, chunk_tokens=7)):
+        with MatmulCount() as counted:
+            loss.backward()
+        assert counted.count == 0
+    with MatmulCount() as counted:
+        (fused(targets, 7)(h, w) * weights).sum().backward()
+    assert counted.count == 3 * 8  # 8 chunks: logits, d hidden, d weight each
+    with torch.no_grad(), MatmulCount() as counted:
+        summed(targets, 7, weights)(h, w)
+    assert counted.count == 8  # no gradient wanted: the logits only
+
+
+def test_weights_go_with_reduction_sum_only():
+    hidden, weight, targets, weights = ce_case()
+    with pytest.raises(ValueError, match="reduction 'sum' only"):
+        vocab_parallel_linear_loss(hidden, weight, targets, 0, None, reduction="mean", weights=weights)
+    with pytest.raises(ValueError, match="reduction 'sum' only"):
+        vocab_parallel_linear_loss(hidden, weight, targets, 0, None, reduction="sum")
+    with pytest.raises(ValueError, match="targets' shape"):
+        vocab_parallel_linear_loss(hidden, weight, targets, 0, None, reduction="sum", weights=weights[:-1])
 
 
 def test_tp1_fused_bf16_gradients_are_as_close_to_float64_as_unfused():
@@ -159,6 +223,11 @@ def tp2_worker(rank):
         loss = head.loss(enter_tp_region(h, head.group), targets, reduction="none")
         (loss * weights).sum().backward()
         results[chunk] = (loss.detach(), h.grad, head.weight.grad.clone())
+        h = hidden.clone().requires_grad_()
+        head.weight.grad = None
+        total = head.loss(enter_tp_region(h, head.group), targets, reduction="sum", weights=weights)
+        total.backward()  # the scalar path: each chunk's statistics all-reduced before its gradient is formed
+        results["sum", chunk] = (total.detach(), h.grad, head.weight.grad.clone())
     tensor_parallel.LOSS_CHUNK_BYTES = 5 * 126 * 4  # 5 tokens of a 126-id shard: 10 chunks of the 48 tokens
     model = pad_row_poisoned_model(grid)
     return dict(ce=results, n_real=head.n_real, model=model_losses(model, *model_batch(model.config)))
@@ -180,6 +249,18 @@ def test_tp2_fused_loss_and_gradients_match_unsharded_unfused(tp2, chunk):
     n_real = tp2[1]["n_real"]
     assert n_real < dw1.size(0) and (dw1[n_real:] == 0).all()  # the padding row gets no gradient
     assert rel_err(torch.cat([dw0, dw1[:n_real]]), want_dw) <= 1e-5
+
+
+@pytest.mark.parametrize("chunk", CHUNKS, ids=lambda c: f"chunk{c}")
+def test_tp2_weighted_sum_forms_the_unsharded_gradients_in_forward(tp2, chunk):
+    hidden, weight, targets, weights = ce_case()
+    want_loss, want_dh, want_dw = loss_and_grads(unfused(targets), hidden, weight, targets, weights)
+    for r in range(2):
+        total, dh, _ = tp2[r]["ce"]["sum", chunk]
+        assert rel_err(total, (want_loss * weights).sum()) <= 1e-5 and rel_err(dh, want_dh) <= 1e-5, r
+    dw0, dw1 = tp2[0]["ce"]["sum", chunk][2], tp2[1]["ce"]["sum", chunk][2]
+    n_real = tp2[1]["n_real"]
+    assert (dw1[n_real:] == 0).all() and rel_err(torch.cat([dw0, dw1[:n_real]]), want_dw) <= 1e-5
 
 
 def test_tp2_model_fused_forward_matches_unfused_loss_and_gradients(tp2):

@@ -25,7 +25,8 @@ STEPS = 4
 # depth 4 (256 wide, 2 heads for tp 2); 256 tokens per step = 8 sequences of 32: at dp 2 each rank accumulates 2
 # micro-batches of 2
 TINY = ["--depth", "4", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "256",
-        "--num-iterations", str(STEPS), "--sample-tokens", "0", "--dtype", "fp32", "--zero", "1", "--tp", "2"]
+        "--num-iterations", str(STEPS), "--sample-tokens", "0", "--dtype", "fp32", "--zero", "1", "--tp", "2",
+        "--ns-dtype", "fp32"]
 TIMEOUT = 240  # seconds per launch; one took 20-60 s on the shared 2-core box
 
 

@@ -19,7 +19,8 @@ STEPS = 6
 # depth 4: n_embd 256, 2 heads (tp 2 splits them), 4 layers (pp 2 gets 2 blocks per stage); 256 tokens per step
 # = 8 sequences of 32, so dp 1 accumulates 4 micro-batches of 2 and dp 2 accumulates 2.
 TINY = ["--depth", "4", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "256",
-        "--num-iterations", str(STEPS), "--sample-tokens", "6", "--dtype", "fp32", "--zero", "0"]
+        "--num-iterations", str(STEPS), "--sample-tokens", "6", "--dtype", "fp32", "--zero", "0",
+        "--ns-dtype", "fp32"]  # exact arithmetic: every layout's curve equal to the single process's
 
 
 def train(corpus: dict, out: Path, nprocs: int, *args: str, timeout: int = 300, check: bool = True):

@@ -1,10 +1,14 @@
 """megachat.trainer's configuration checks without processes: every bad layout is refused by check_config (which runs before any process
 group is created) with a message naming the value and the fix; the DeepSpeed config gets the batch filled in."""
+import argparse
+
 import pytest
 
 import torch
 
-from megachat.trainer import TrainConfig, check_config, ds_config, newton_schulz_dtype
+from megachat.tensor_parallel import FP8_INSTALL, use_fp8
+from megachat.trainer import (TrainConfig, add_trainer_args, check_config, config_options, ds_config,
+                              newton_schulz_dtype)
 
 
 def cfg(**kw):
@@ -177,10 +181,31 @@ def test_a_preset_gives_the_defaults_and_flags_on_the_command_line_win():
         parse_args(["--data", "d", "--tokenizer", "t", "--out", "o", "--preset", __file__])
 
 
-def test_newton_schulz_runs_in_the_runs_dtype_unless_ns_dtype_says_otherwise():
-    assert newton_schulz_dtype(cfg(dtype="fp32")) == torch.float32
+def test_fp8_is_refused_in_one_line_naming_the_install_without_transformer_engine():
+    import importlib.util
+    with pytest.raises(ValueError, match="use it with --dtype bf16"):
+        check_config(cfg(fp8=True), 1)  # fp32
+    if importlib.util.find_spec("transformer_engine") is not None:
+        pytest.skip("Transformer Engine is installed here")
+    for check in (lambda: check_config(cfg(fp8=True, dtype="bf16", zero=1), 1),
+                  lambda: use_fp8(None, None)):  # the function the trainer calls, too
+        with pytest.raises(ValueError) as e:
+            check()
+        assert str(e.value) == FP8_INSTALL and "\n" not in FP8_INSTALL
+        assert "pip install 'transformer-engine[pytorch]'" in FP8_INSTALL
+    p = argparse.ArgumentParser()
+    add_trainer_args(p)
+    assert config_options(p.parse_args(["--out", "o", "--fp8"]))["fp8"] is True
+
+
+def test_newton_schulz_runs_in_bf16_as_nanochat_unless_ns_dtype_asks_for_fp32():
+    assert newton_schulz_dtype(cfg(dtype="fp32")) == torch.bfloat16  # nanochat's, in an fp32 run
     assert newton_schulz_dtype(cfg(dtype="bf16", zero=1)) == torch.bfloat16
-    assert newton_schulz_dtype(cfg(dtype="fp32", ns_dtype="bf16")) == torch.bfloat16  # nanochat's, in an fp32 run
+    assert newton_schulz_dtype(cfg(dtype="fp32", ns_dtype="fp32")) == torch.float32
+    p = argparse.ArgumentParser()
+    add_trainer_args(p)
+    assert config_options(p.parse_args(["--out", "o"]))["ns_dtype"] == "bf16"
+    assert config_options(p.parse_args(["--out", "o", "--ns-dtype", "fp32"]))["ns_dtype"] == "fp32"
 
 
 def test_sequence_parallelism_turns_off_deepspeeds_partitioned_pipe_messages():
