@@ -1,43 +1,37 @@
-"""megachat.checkpoint: DeepSpeed checkpoints that are complete or invisible, kept to the last K, resumable exactly.
+"""megachat.checkpoint: checkpoints that are complete or invisible, kept to the last K, resumable exactly under the
+layout they were saved with or any other.
 
-Layout: RUN_DIR/checkpoints/step_000123/ (DeepSpeed's files: model, optimizer / ZeRO shards, LR schedule, and
-our client state) and RUN_DIR/checkpoints/latest (the tag of the newest complete checkpoint).
+Layout: RUN_DIR/checkpoints/step_000123/ holds state/, the layout-free sharded state (megachat.sharded: every rank
+writes the elements it holds, in parallel, as rectangles of the full tensors under nanochat's names: the fp32
+master weights and the optimizer state, with the step; an index.json written last names the files with their
+CRC-32s), and megachat.json (step, consumed samples: the data position, the layout, the config), readable without
+torch. RUN_DIR/checkpoints/latest names the newest complete checkpoint.
 
-DeepSpeed's own `latest` is written by rank 0 right after its own files, before the closing barrier, with a
-plain open('w'): other ranks may still be writing their ZeRO shards, and a kill mid-write leaves a torn
-`latest`. So we save with save_latest=False, wait for every rank, fsync the tag's files, and only then
-replace `latest` atomically (temp file + fsync + os.replace). A checkpoint that `latest` does not name is
-never loaded, so an interrupted save leaves the previous checkpoint in charge. A resume first runs `verify`:
-every file's records against their CRC-32, so damage after the save (a truncated copy, flipped bits) stops the
-run with the file's name instead of loading garbage.
+`latest` is replaced atomically (temp file + fsync + os.replace) only after every rank's files are fsynced and the
+index and megachat.json are written: a checkpoint that `latest` does not name is never loaded, so an interrupted
+save (kill -9 at any moment) leaves the previous checkpoint in charge. A resume first runs `verify`: every file
+against the size and CRC-32 its index records, so damage after the save stops the run with the file's name
+instead of loading garbage.
 
-Client state (same on every rank, saved by DeepSpeed with the model states): step, consumed samples (the
-data position: the data is indexed by global sample number), the layout, and the RNG states. The same facts
-(minus RNG) go to step_NNNNNN/megachat.json, readable without DeepSpeed.
-
-Another layout: DeepSpeed's files are per tp / pp / dp shard and cannot be loaded under a different grid, so
-each checkpoint also holds the layout-free state step_NNNNNN/state/ (megachat.sharded): every rank writes the
-elements it holds, in parallel, as rectangles of the full tensors under nanochat's names: the weights from
-DeepSpeed's fp32 master copy and the optimizer state; an index.json written last names them with their CRC-32s.
-A resume under another --tp / --pp / dp / --zero (`layout_free_state`) has each rank read only its own slices:
-its tp shards into the model before DeepSpeed starts, its pieces of the fp32 master weights and of the optimizer
-state after, so a bf16 run continues exactly too. Checkpoints written before it held one full_state.pt written
-by rank 0 (universal.pt before that); those resume under their own layout only.
+Every resume reads the same files (`layout_free_state`): each rank reads only its own slices, its tp shards into
+the model before DeepSpeed starts and its pieces of the fp32 master weights and of the optimizer state after. The
+state is everything a step depends on: the weights, Muon's momentum, Adam's moments, the step (the schedule's
+position, Adam's bias correction) and the data position (the data is indexed by global sample number); no global
+RNG is drawn from in training (RL samples from generators seeded per question), so a resume under the same layout
+continues bit for bit.
 
 Final weights: RUN_DIR/model/ (Trainer.save_weights), the same sharded form without the optimizer state;
-`load_weights` / `load_run` / `load_init` read it, an exported .safetensors file (tools/export_checkpoint.py),
-nanochat's checkpoints, and the model.pt of runs written before it.
+`load_weights` / `load_run` / `load_init` read it, an exported .safetensors file (tools/export_checkpoint.py) and
+nanochat's checkpoints.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import zipfile
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -51,23 +45,6 @@ WEIGHTS_DIR = "model"  # RUN_DIR/model/: the final weights, sharded
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 
 
 def latest_tag(ckpt_dir: str) -> str | None:
@@ -94,23 +71,18 @@ def archive_damage(path: str) -> str | None:
 
 
 def verify(ckpt_dir: str, tag: str) -> None:
-    """Check checkpoint `tag` before loading it: every .pt file must be a complete torch.save archive whose
-    records match their CRC-32 (torch.load itself reads flipped bits without a word), and every file of the
-    sharded state must have the size and CRC-32 its index records. The ranks split the files between them and
-    share what they find, so all stop together with one message naming the file and the previous checkpoint,
-    instead of one rank failing inside DeepSpeed while the others wait in a collective."""
+    """Check checkpoint `tag` before loading it: every file of its sharded state must have the size and CRC-32 its
+    index records. The ranks split the files between them and share what they find, so all stop together with one
+    message naming the file and the previous checkpoint, instead of one rank failing while the others wait in a
+    collective."""
     tag_dir = os.path.join(ckpt_dir, tag)
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(tag_dir) for f in names if f.endswith(".pt"))
-    checks = [(archive_damage, (f,)) for f in files]
-    damage = None
-    if os.path.isdir(os.path.join(tag_dir, STATE_DIR)):  # checkpoints before sharded states have none
-        try:
-            state = sharded.ShardedState(os.path.join(tag_dir, STATE_DIR))
-            checks += [(sharded.file_damage, f) for f in state.files()]
-        except (OSError, ValueError) as e:
-            damage = str(e)
+    checks, damage = [], None
+    try:
+        checks = sharded.ShardedState(os.path.join(tag_dir, STATE_DIR)).files()
+    except (OSError, ValueError) as e:
+        damage = str(e)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    damage = damage or next(filter(None, (check(*args) for check, args in checks[rank::world])), None)
+    damage = damage or next(filter(None, (sharded.file_damage(*f) for f in checks[rank::world])), None)
     if world > 1:
         found = [None] * world
         dist.all_gather_object(found, damage)
@@ -125,21 +97,6 @@ def verify(ckpt_dir: str, tag: str) -> None:
         raise RuntimeError(f"checkpoint {tag_dir} is damaged: {damage}; {fix}")
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def read_meta(ckpt_dir: str, tag: str) -> dict:
     """step_NNNNNN/megachat.json: step, consumed_samples, layout (tp, pp, dp, zero), config."""
     path = os.path.join(ckpt_dir, tag, "megachat.json")
@@ -150,24 +107,17 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, model_config=None) -> str:
-    """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. client_state
-    must hold step, consumed_samples, layout and config; with model_config (the GPTConfig) every rank also writes
-    its slices of the layout-free state into step_NNNNNN/state/ (see the module docstring). The checkpoint becomes
+def save(engine, ckpt_dir: str, step: int, meta: dict, model_config, keep: int = 3) -> str:
+    """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. meta (step,
+    consumed_samples, layout, config) goes to step_NNNNNN/megachat.json; every rank writes its slices of the
+    training state of the model of `model_config` (a GPTConfig) into step_NNNNNN/state/. The checkpoint becomes
     visible through `latest` only once every rank's files are on disk; then all but the newest `keep` are
     removed."""
     tag = tag_for(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()},
-                           save_latest=False)
-    if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
-        sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, client_state["layout"],
-                     optimizer=True)
-    if dist.get_rank() == 0:
+    sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, meta["layout"], optimizer=True)
+    if dist.get_rank() == 0:  # each rank fsynced its file; the index's and this write fsync their directories
         atomic_write(os.path.join(ckpt_dir, tag, "megachat.json"), json.dumps(
-            {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
-    dist.barrier()  # every rank has written and closed its files
-    if dist.get_rank() == 0:
-        _fsync_tree(os.path.join(ckpt_dir, tag))
+            {k: meta[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
         atomic_write(os.path.join(ckpt_dir, "latest"), tag)
         tags = sorted(t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t)))
         for old in tags[:-keep] if keep > 0 else []:
@@ -178,28 +128,8 @@ def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, mo
 
 
 def layout_free_state(ckpt_dir: str, tag: str) -> sharded.ShardedState:
-    """Checkpoint `tag`'s layout-free state (step_NNNNNN/state/), which each rank of any layout reads by slices."""
-    tag_dir = os.path.join(ckpt_dir, tag)
-    if not os.path.isfile(os.path.join(tag_dir, STATE_DIR, sharded.INDEX)):
-        old = [f for f in ("full_state.pt", "universal.pt") if os.path.isfile(os.path.join(tag_dir, f))]
-        raise FileNotFoundError(
-            f"{os.path.join(tag_dir, STATE_DIR, sharded.INDEX)} is missing, so {tag_dir} can only be resumed with "
-            f"the layout it was saved with" + (f" (it was written before sharded checkpoints, with {old[0]})"
-                                               if old else "") +
-            "; resume with the same --tp/--pp/--zero and number of processes, save a checkpoint (--save-every) and "
-            "resume that one under the new layout")
-    return sharded.ShardedState(os.path.join(tag_dir, STATE_DIR))
-
-
-def load(engine, ckpt_dir: str, tag: str) -> dict:
-    """Load checkpoint `tag` (saved under this layout: the trainer checks) into the DeepSpeed engine (model,
-    optimizer, LR schedule) and restore the RNG; returns the client state."""
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
-    set_rng_state(client["rng"])
-    return client
+    """Checkpoint `tag`'s training state (step_NNNNNN/state/), which each rank of any layout reads by slices."""
+    return sharded.ShardedState(os.path.join(ckpt_dir, tag, STATE_DIR))
 
 
 def read_run_config(run_dir: str) -> dict:
@@ -216,10 +146,8 @@ def read_run_config(run_dir: str) -> dict:
 
 
 def final_weights(run_dir: str) -> str:
-    """Where a run's final weights are: RUN_DIR/model/ (sharded), or RUN_DIR/model.pt for runs written before it."""
-    old = os.path.join(run_dir, "model.pt")
-    return old if os.path.isfile(old) and not os.path.isdir(os.path.join(run_dir, WEIGHTS_DIR)) else \
-        os.path.join(run_dir, WEIGHTS_DIR)
+    """Where a run's final weights are: RUN_DIR/model/ (sharded)."""
+    return os.path.join(run_dir, WEIGHTS_DIR)
 
 
 def sharded_state(path: str) -> sharded.ShardedState:
@@ -235,8 +163,7 @@ def sharded_state(path: str) -> sharded.ShardedState:
 def load_weights(path: str) -> dict:
     """Full fp32 weights under nanochat's names (the whole model in memory) from `path`: a sharded state
     (`sharded_state`: RUN_DIR/model, a checkpoint RUN_DIR/checkpoints/step_NNNNNN), an exported .safetensors file,
-    or a torch.save file (a state dict, {"state_dict": ...} or a checkpoint's full_state.pt {"model": ...}: older
-    runs' model.pt, nanochat's model_NNNNNN.pt). Checked first: sharded files against the CRC-32s of their index, a
+    or a torch.save state dict (nanochat's model_NNNNNN.pt, or {"state_dict": ...}). Checked first: sharded files against the CRC-32s of their index, a
     .pt against the CRC-32s of its records (torch.load would read flipped bits as weights without a word)."""
     if os.path.isdir(path):
         state = sharded_state(path)
@@ -249,7 +176,7 @@ def load_weights(path: str) -> dict:
         raise FileNotFoundError(f"no weights at {path}: pass --checkpoint PATH (a run's model/ directory, a "
                                 f"checkpoint step_NNNNNN, an exported .safetensors or a .pt state dict under "
                                 f"nanochat's names), or train to the end (RUN_DIR/model/ is written after the last "
-                                f"step; older runs wrote RUN_DIR/model.pt)")
+                                f"step)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return {k: v.float() for k, v in load_file(path).items()}
@@ -258,10 +185,7 @@ def load_weights(path: str) -> dict:
         raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (each "
                            f"RUN_DIR/checkpoints/step_NNNNNN holds the weights of that step)")
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
+    return obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
 
 
 def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str | None = None,
@@ -280,7 +204,7 @@ def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str 
 
 def load_init(path: str) -> tuple[dict, dict]:
     """(full weights, run config) to start a training phase from: a megachat run directory (config.json + its final
-    weights, model/ or model.pt), a .safetensors file exported by tools/export_checkpoint.py (its metadata's
+    weights, model/), a .safetensors file exported by tools/export_checkpoint.py (its metadata's
     "model_config"), or a nanochat checkpoint directory (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its
     "model_config" becomes the run config's "model")."""
     if os.path.isfile(path) and path.endswith(".safetensors"):

@@ -139,19 +139,25 @@ def file_damage(path: str, nbytes: int, crc32: int) -> str | None:
     return None if crc == crc32 else f"{path}: its bytes fail the CRC-32 the index records"
 
 
-def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool) -> None:
+def _start(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, INDEX)):
+        os.remove(os.path.join(directory, INDEX))  # a state half rewritten must not pass for a whole one
+
+
+def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool,
+         shapes: dict | None = None) -> None:
     """Write this rank's slices of the training state under DeepSpeed `engine` into `directory` (collective over the
-    world; see the module docstring). optimizer=False writes the weights only (a run's final weights). On return
-    every rank's file is fsynced and index.json names them."""
+    world; see the module docstring). optimizer=False writes the weights only (a run's final weights). shapes:
+    {name: full shape} of a model other than nanochat's GPT of `model_config` (tests' stand-ins; model_config None).
+    On return every rank's file is fsynced and index.json names them."""
     from megachat.model import nanochat_shapes
     from megachat.optim import held_state
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
-        os.makedirs(directory, exist_ok=True)
-        if os.path.exists(os.path.join(directory, INDEX)):
-            os.remove(os.path.join(directory, INDEX))  # a state half rewritten must not pass for a whole one
+        _start(directory)
     dist.barrier()
-    shapes = nanochat_shapes(model_config)
+    shapes = nanochat_shapes(model_config) if shapes is None else shapes
     runs, _ = held_state(engine, once=True)
     pieces = {}  # key in the file -> (name, state, region, [rows, cols] view)
     for run in runs:
@@ -175,10 +181,37 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
     problem = [None]
     if rank == 0:
         problem[0] = _write_index(directory, gathered, shapes, {
-            "format": FORMAT, "step": step, "optimizer": optimizer, "config": vars(model_config), "layout": layout})
+            "format": FORMAT, "step": step, "optimizer": optimizer,
+            "config": vars(model_config) if model_config is not None else {}, "layout": layout})
     dist.broadcast_object_list(problem, src=0)  # every rank returns, or every rank raises
     if problem[0]:
         raise RuntimeError(f"sharded save into {directory}: {problem[0]}")
+
+
+def save_full(directory: str, weights: dict[str, torch.Tensor], model_config, step: int = 0) -> None:
+    """Full weights {nanochat name: tensor} of a model of `model_config` written by this one process as a sharded
+    state of weights only (one file): a run's model/ made outside training (importers, tests)."""
+    from megachat.model import nanochat_shapes
+    shapes = nanochat_shapes(model_config)
+    if set(weights) != set(shapes):
+        raise ValueError(f"weights for {directory} lack {sorted(set(shapes) - set(weights))[:3]} or have extra "
+                         f"{sorted(set(weights) - set(shapes))[:3]}: give every tensor of the model, nothing else")
+    _start(directory)
+    file = "rank-00000.safetensors"
+    keys = {name: f"{name}:weight@0,0" for name in shapes}
+    writer = SafetensorsWriter(os.path.join(directory, file),
+                               {keys[n]: (torch.float32, tuple(shape)) for n, shape in shapes.items()},
+                               metadata={"format": FORMAT, "rank": "0"})
+    for name in shapes:
+        writer.write(keys[name], weights[name].float())
+    crc, nbytes = writer.close()
+    part = {"file": file, "crc32": crc, "bytes": nbytes,
+            "regions": [(n, "weight", keys[n], 0, 0, *shape) for n, shape in shapes.items()]}
+    problem = _write_index(directory, [part], shapes, {
+        "format": FORMAT, "step": step, "optimizer": False, "config": vars(model_config),
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": 0}})
+    if problem:
+        raise ValueError(f"sharded save into {directory}: {problem}")
 
 
 def _write_index(directory: str, per_rank: list[dict], shapes: dict, head: dict) -> str | None:
@@ -285,10 +318,13 @@ class ShardedState:
         """This rank's tp shards of every materialized parameter of `model` (a megachat GPT, before DeepSpeed casts
         or partitions it); vocab padding rows are left as they are."""
         from megachat.zero_partitions import partition_dim
-        self.check_model(model.config)
+        if getattr(model, "config", None) is not None:  # a megachat GPT (tests' stand-ins have none)
+            self.check_model(model.config)
         grid = model.grid
         for name, p in model.named_parameters():
             if not p.is_meta:
+                if name not in self.tensors:
+                    raise ValueError(f"{self.directory} has no tensor {name}: it was saved from another model")
                 flat = p.detach().view(-1)
                 mine = regions(tuple(p.shape), partition_dim(p, grid.tp), grid.tp_rank, self.tensors[name]["shape"],
                                0, p.numel())

@@ -5,9 +5,8 @@ grid, its train step, evaluation, checkpoints and resume.
 - `build_trainer(cfg, run_dir, resume)`: checks the layout before any process group work, builds the grid, the
   model (`model.build_model`, from the init, from `weights`, or from a checkpoint saved under another layout), the
   optimizer (`optim.HybridOptimizer`) and DeepSpeed's engine: pp > 1 -> `pipeline.pipeline_module` under the
-  PipelineEngine (ZeRO-0/1); pp = 1 -> the plain engine with `mpu=grid` (ZeRO-0..3). With resume it decides
-  how to continue: same layout -> DeepSpeed's own files; another layout -> each rank reads its slices of the
-  layout-free sharded state (megachat.sharded).
+  PipelineEngine (ZeRO-0/1); pp = 1 -> the plain engine with `mpu=grid` (ZeRO-0..3). With resume each rank
+  reads its slices of the checkpoint's layout-free state (megachat.sharded), whatever layout saved it.
 - `Trainer.train_step(micro_batches)`: one optimizer step over this rank's micro-batches (x, y) [B, T], y = -1
   where a token is not trained; returns the loss averaged over the whole global batch (the same on every rank),
   the gradient norm, the schedule and the throughput.
@@ -473,12 +472,12 @@ class Trainer:
                             token_bytes)
 
     def save(self, step: int, keep: int = 3) -> str:
-        """Checkpoint the state after `step` optimizer steps into ckpt_dir (collective): DeepSpeed's files for a
-        resume under this layout, and the layout-free state (step_NNNNNN/state/, each rank writing its own slices)
-        for any other."""
-        return checkpoint.save(self.ds_engine, self.ckpt_dir, step, keep=keep, model_config=self.cfg.model_config(),
-                               client_state={"step": step, "consumed_samples": step * self.cfg.global_batch,
-                                             "layout": self.layout, "config": self.cfg.to_json()})
+        """Checkpoint the state after `step` optimizer steps into ckpt_dir (collective): the layout-free state
+        (step_NNNNNN/state/, each rank writing its own slices), which a resume under any layout reads."""
+        return checkpoint.save(self.ds_engine, self.ckpt_dir, step,
+                               {"step": step, "consumed_samples": step * self.cfg.global_batch,
+                                "layout": self.layout, "config": self.cfg.to_json()},
+                               self.cfg.model_config(), keep=keep)
 
     def full_state_dict(self) -> dict | None:
         """Unsharded weights (the model's, as fp32) under nanochat's names on rank 0 (None elsewhere); collective
@@ -521,11 +520,11 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     dp = check_config(cfg, world)  # before any process-group work
     ckpt_dir = os.path.join(run_dir, "checkpoints") if run_dir else None
     layout = {"tp": cfg.tp, "pp": cfg.pp, "dp": dp, "zero": cfg.zero}
-    start, layout_free = 0, None
+    start, state = 0, None
     if resume == "auto":  # resume when there is something to resume, else a fresh start
         resume = bool(ckpt_dir and os.path.isdir(ckpt_dir) and checkpoint.latest_tag(ckpt_dir))
     if run_dir and not resume:
-        earlier = [f for f in ("checkpoints/latest", "model/index.json", "model.pt")
+        earlier = [f for f in ("checkpoints/latest", "model/index.json")
                    if os.path.exists(os.path.join(run_dir, f))]
         if earlier:
             raise FileExistsError(f"{run_dir} already holds a run ({', '.join(earlier)}): pass --resume to continue "
@@ -542,8 +541,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
             raise ValueError(f"checkpoint consumed {meta['consumed_samples']} samples in {start} steps, but this "
                              f"run's global batch is {cfg.global_batch} samples: resume with the same "
                              f"--total-batch-size and --max-seq-len")
-        if meta["layout"] != layout:  # another grid: each rank reads its slices of the layout-free state
-            layout_free = checkpoint.layout_free_state(ckpt_dir, tag)
+        state = checkpoint.layout_free_state(ckpt_dir, tag)
     grid = init_grid(cfg.tp, cfg.pp)
     dev = device()
     model = build_model(cfg.model_config(), grid, dev, weights=weights, seed=cfg.seed,
@@ -558,8 +556,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
         for layer in stage_layers(model, grid):  # this stage's blocks, compiled in place (same parameters)
             if isinstance(layer, Block):
                 layer.compile(dynamic=False)
-    if layout_free is not None:
-        layout_free.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
+    if state is not None:
+        state.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
     named = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
     rates = {f"{kind}_lr": lr * cfg.lr_scale for kind, lr in LEARNING_RATES.items()}
     optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, num_iterations=cfg.num_iterations,
@@ -577,10 +575,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
         share_fp32_master(engine.optimizer)
     trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, device=dev, ckpt_dir=ckpt_dir,
                       step=start, flops_per_token=model_flops_per_token(cfg))
-    if layout_free is not None:
-        layout_free.load_optimizer(engine)  # this rank's pieces of the fp32 master weights and optimizer state
-        if dist.get_rank() == 0:
+    if state is not None:
+        state.load_optimizer(engine)  # this rank's pieces of the fp32 master weights and optimizer state
+        if dist.get_rank() == 0 and meta["layout"] != layout:
             print(f"resumed step {start} saved under {meta['layout']} in layout {layout}", flush=True)
-    elif resume:
-        checkpoint.load(engine, ckpt_dir, tag)
     return trainer

@@ -112,7 +112,7 @@ def _stage_model(torch, grid, full=None):
     class Stage(nn.Module):
         def __init__(self):
             super().__init__()
-            self.leaves = []
+            self.grid, self.leaves = grid, []
             for name, shape, pdim, stage in SPECS:
                 if stage != grid.pp_rank and grid.pp > 1:
                     continue
@@ -150,6 +150,8 @@ def _zero_config(stage: int) -> dict:
 
 def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
     import deepspeed
+
+    from megachat import sharded
     from megachat.optim import HybridOptimizer, optimizer_stats
     from megachat.parallel import init_grid
     grid = init_grid(tp, pp)
@@ -175,14 +177,16 @@ def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
         half = steps // 2
         for step in range(half):
             one_step(step)
-        engine.save_checkpoint(ckpt, tag="t")
+        sharded.save(ckpt, engine, None, half, {}, optimizer=True, shapes={n: s for n, s, _, _ in SPECS})
         for step in range(half, steps):
             one_step(step)
         straight = _weights(engine)
         model2 = _stage_model(torch, grid)
+        state = sharded.ShardedState(ckpt)
+        state.load_model(model2)  # the trainer's resume: tp shards before DeepSpeed, the rest after
         opt2 = HybridOptimizer(model2.named_parameters(), grid, **_opt_kwargs(torch))
         engine, *_ = deepspeed.initialize(model=model2, optimizer=opt2, config=cfg, mpu=grid)
-        engine.load_checkpoint(ckpt, tag="t")
+        state.load_optimizer(engine)
         for step in range(half, steps):
             one_step(step)
         resumed = _weights(engine)

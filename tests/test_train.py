@@ -178,12 +178,11 @@ def test_checkpoints_keep_the_newest_and_latest_names_a_complete_one(reference):
     ckpts = reference / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_000006"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000004", "step_000006"]
-    assert list((ckpts / "step_000006").glob("*model_states.pt"))
     assert not list(ckpts.glob("*.tmp*"))
-    # the layout-free state: one file per rank and the index naming them, no rank-0 full_state.pt
+    # one format: the layout-free state (one file per rank and the index naming them) and megachat.json
+    assert sorted(p.name for p in (ckpts / "step_000006").iterdir()) == ["megachat.json", "state"]
     assert sorted(p.name for p in (ckpts / "step_000006" / "state").iterdir()) == ["index.json",
                                                                                    "rank-00000.safetensors"]
-    assert not list(ckpts.rglob("full_state.pt"))
 
 
 def test_run_dir_holds_config_metrics_and_tensorboard_events(reference):
@@ -223,15 +222,32 @@ def test_bf16_on_real_text_lowers_loss_and_val_bpb(corpus, tmp_path):
     assert "sample |" in proc.stdout
 
 
+def poison(state_dir: Path, name: str) -> None:
+    """Set every element of weight `name` in the sharded state at state_dir to NaN, its index updated to match (a
+    state that passes verify: training made the NaN, not the disk)."""
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    index = json.loads((state_dir / "index.json").read_text())
+    for file in index["files"]:
+        path = state_dir / file
+        with safe_open(str(path), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        for key, t in tensors.items():
+            if key.startswith(name + ":weight@"):
+                t.fill_(float("nan"))
+        save_file(tensors, str(path), metadata=metadata)
+        data = path.read_bytes()
+        index["files"][file] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (state_dir / "index.json").write_text(json.dumps(index))
+
+
 def test_nan_loss_stops_with_the_step_and_leaves_the_checkpoint_in_charge(corpus, reference, tmp_path):
-    import torch
     ckpt = tmp_path / "checkpoints" / "step_000004"
     shutil.copytree(reference / "checkpoints" / "step_000004", ckpt)
     (tmp_path / "checkpoints" / "latest").write_text("step_000004")
-    path = ckpt / "mp_rank_00_model_states.pt"
-    state = torch.load(path, weights_only=False)
-    state["module"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
-    torch.save(state, path)
+    poison(ckpt / "state", "transformer.h.0.mlp.c_fc.weight")
     proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", "--resume", "--max-bad-steps", "2", check=False)
     assert proc.returncode != 0
     assert "step      5/6 | loss nan" in proc.stdout and "skipped: non-finite loss or gradient" in proc.stdout
@@ -255,27 +271,29 @@ def damage(path: Path, how: str) -> None:
 def test_a_damaged_checkpoint_stops_the_resume_naming_the_file_and_the_previous_checkpoint(corpus, reference,
                                                                                           tmp_path, how):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    bad = tmp_path / "checkpoints" / "step_000006" / "mp_rank_00_model_states.pt"
+    bad = tmp_path / "checkpoints" / "step_000006" / "state" / "rank-00000.safetensors"
     damage(bad, how)
     proc = train(corpus, tmp_path, 1, *tiny(corpus), "--resume", check=False, timeout=120)
     assert proc.returncode != 0
-    assert f"checkpoint {bad.parent} is damaged: {bad}: " in proc.stdout
+    assert f"checkpoint {bad.parent.parent} is damaged: {bad}: " in proc.stdout
     assert f"resume from the previous checkpoint: echo step_000004 > {tmp_path / 'checkpoints' / 'latest'}" \
         in proc.stdout
     assert "step      1" not in proc.stdout
 
 
 def test_a_damaged_file_that_another_rank_checks_stops_every_rank(corpus, dp2_zero1, tmp_path):
-    # rank 1 checks every second file of verify's list (the sorted .pt files, then the sharded state's): the ZeRO
-    # shard of dp rank 0 falls to it, and rank 0 must stop too (not wait in a collective)
+    # rank 1 checks every second file of verify's list (the sharded state's files in the index's order): rank 1's
+    # file falls to it, and rank 0 must stop too (not wait in a collective)
     shutil.copytree(dp2_zero1, tmp_path, dirs_exist_ok=True)
-    files = sorted((tmp_path / "checkpoints" / "step_000006").glob("*.pt"))
-    assert len(files) == 3 and files[1].name.startswith("zero_pp_rank_0"), files
+    files = sorted((tmp_path / "checkpoints" / "step_000006" / "state").glob("*.safetensors"))
+    assert [f.name for f in files] == ["rank-00000.safetensors", "rank-00001.safetensors"], files
+    size = files[1].stat().st_size
     damage(files[1], "truncate")
     proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--resume", check=False, timeout=120)
     assert proc.returncode != 0
     # both ranks stop with the same message, printed once
-    assert proc.stdout.count(f"is damaged: {files[1]}: not a complete torch.save file") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count(f"is damaged: {files[1]}: {size // 2} bytes, the index records {size}") == 1, \
+        proc.stdout[-3000:]
     assert "echo step_000003 > " in proc.stdout
 
 
