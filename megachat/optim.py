@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megachat.deepspeed_internals import zero3_master_flats
 from megachat.kernels import newton_schulz
 from megachat.parallel import Grid
 from megachat.zero_partitions import Plan, build_plan, shard_state_into, unshard_state, written_share
@@ -300,7 +301,7 @@ def _unwrap(obj) -> tuple[HybridOptimizer, list[torch.Tensor] | None]:
         raise ValueError(f"{type(obj).__name__} does not wrap a megachat.optim.HybridOptimizer")
     local = None
     if not opt.param_groups[0]["params"] and len(chain) > 1:  # ZeRO-3 empties the group between steps
-        local = list(getattr(chain[-2], "fp32_partitioned_groups_flat", []))
+        local = zero3_master_flats(chain[-2])
     return opt, local
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch.distributed as dist
 
+from megachat import deepspeed_internals
+
 
 def check_layout(world: int, tp: int, pp: int, *, zero_stage: int = 0, n_layer: int | None = None,
                  n_head: int | None = None, n_kv_head: int | None = None, vocab_size: int | None = None,
@@ -139,18 +141,9 @@ class Grid:
 
 
 def without_deepspeed_shm_allreduce() -> None:
-    """Keep DeepSpeed's CPU backend on plain gloo. Call before deepspeed.init_distributed / deepspeed.initialize.
-
-    DeepSpeed 0.19.8's CPU backend JIT-compiles a shared-memory all-reduce op (about 35 s on a new machine)
-    whose /dev/shm buffers (66 MB per rank) are never unlinked: every CPU launch leaks that much RAM until the
-    box runs out (seen: 20 GB after a few test runs). gloo computes the same reductions. On CUDA nothing changes.
-    """
-    import torch
-    if torch.cuda.is_available():
-        return
-    import importlib
-    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm's namespace holds PyTorch itself as `torch`
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    """Keep DeepSpeed's CPU backend on plain gloo (deepspeed_internals.without_shm_allreduce says why); call before
+    deepspeed.init_distributed / deepspeed.initialize."""
+    deepspeed_internals.without_shm_allreduce()
 
 
 def init_grid(tp: int = 1, pp: int = 1) -> Grid:

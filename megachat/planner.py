@@ -65,6 +65,7 @@ from functools import lru_cache
 
 import torch
 
+from megachat import deepspeed_internals as dsi
 from megachat.model import GPT, GPTConfig
 from megachat.parallel import Grid
 
@@ -730,22 +731,6 @@ def model_storages(model) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
 
 
-_GRAD_ATTRS = ("averaged_gradients", "all_grad_tensors", "grads_in_partition", "fp32_groups_gradients_flat",
-               "grad_partitions_flat_buffer")
-_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
-
-
-def _tensors(obj, depth=0):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 3 and isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v, depth + 1)
-    elif depth < 3 and isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v, depth + 1)
-
-
 def _live_tensors() -> list[torch.Tensor]:
     """Every tensor (not on the meta device) the garbage collector reaches now, after a collection."""
     import gc
@@ -785,18 +770,14 @@ def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[s
                 out[kind] += s.nbytes()
 
     params = [p for p in model.parameters() if not p.is_meta]
-    partitioned = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
-    add("weights", [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params])
-    add("weights", [p.data for p in params if getattr(p, "ds_persist", False)])
-    add("gathered", [p.data for p in partitioned])
-    for bucket in getattr(wrapper, "ipg_buckets", {}).values():  # before grads: gradients may be views into a bucket
-        add("buffers", _tensors(bucket.buffer))
+    add("weights", [dsi.zero3_partition(p) if dsi.zero3_partition(p) is not None else p for p in params])
+    add("weights", [p.data for p in params if dsi.zero3_persistent(p)])
+    add("gathered", [p.data for p in dsi.zero3_gathered(params)])
+    add("buffers", dsi.bucket_tensors(wrapper))  # before grads: gradients may be views into a bucket
     add("grads", [p.grad for p in params])
-    for name in _GRAD_ATTRS:
-        add("grads", _tensors(getattr(wrapper, name, None)))
-    for name in _MASTER_ATTRS:
-        add("optimizer", _tensors(getattr(wrapper, name, None)))
-    add("optimizer", _tensors({id(k): v for k, v in opt.state.items()}))
+    add("grads", dsi.gradient_tensors(wrapper))
+    add("optimizer", dsi.master_tensors(wrapper))
+    add("optimizer", [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)])
     found = _live_tensors()
     add("other", found)
     add("other", [t.grad for t in found if t.is_leaf and t.grad is not None])
@@ -810,7 +791,7 @@ def measure_model_states(trainer, batches, exclude: set[int] = frozenset()) -> d
     the step; ZeRO-3's gathered parameters also after every module's forward and at every gradient's arrival."""
     engine, model, seen = trainer.ds_engine, trainer.model, []
     params = [p for p in model.parameters() if not p.is_meta]
-    partitioned = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
+    partitioned = dsi.zero3_gathered(params)
     gathered = [0]
 
     def census():

@@ -15,7 +15,7 @@ grid, its train step, evaluation, checkpoints and resume.
   (RUN_DIR/model/), every rank writing its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
   (tests, small models).
 
-DeepSpeed is imported here and in megachat/pipeline.py only.
+DeepSpeed's public API is used here and in megachat/pipeline.py; its internals only in megachat/deepspeed_internals.py.
 """
 from __future__ import annotations
 
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megachat import checkpoint
+from megachat import checkpoint, deepspeed_internals
 from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
 from megachat.monitor import memory_gib, peak_flops
-from megachat.parallel import Grid, check_layout, device, init_grid, without_deepspeed_shm_allreduce
+from megachat.parallel import Grid, check_layout, device, init_grid
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ds"
 
@@ -224,29 +224,6 @@ def largest_layer(cfg: TrainConfig) -> int:
     with torch.device("meta"):
         return max(sum(p.numel() for p in layer.parameters())
                    for layer in GPT(cfg.model_config(), grid=Grid()).layers())
-
-
-def share_fp32_master(ds_optimizer) -> None:
-    """fp32 training at ZeRO >= 1: make DeepSpeed's fp32 master partition the weights' own partition instead of a
-    copy. DeepSpeed copies the master into the weights after every step, so the two are always equal and the copy
-    costs 4 bytes per held element (a third of ZeRO-3's model states). ZeRO-3 means to share it (stage3.py's
-    _create_fp32_partitions, "we don't need another copy of the weights") but compares a torch.device with the
-    device's name, which is never equal, so it copies; ZeRO-1/2 always copy. The master tensor objects stay (the
-    optimizer's param group and state are keyed by them); only their storage becomes the weights'."""
-    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: the flat of each sub group's partitions
-        pairs = list(zip(ds_optimizer.fp32_partitioned_groups_flat, ds_optimizer.fp16_partitioned_groups_flat))
-    elif hasattr(ds_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2: this rank's slice of the flat
-        pairs = [(master, ds_optimizer.parallel_partitioned_bit16_groups[i][
-                      dist.get_rank(group=ds_optimizer.real_dp_process_group[i])])
-                 for i, master in enumerate(ds_optimizer.single_partition_of_fp32_groups)]
-    else:
-        return
-    if not all(m.dtype == w.dtype and m.shape == w.shape and m.device == w.device for m, w in pairs):
-        return
-    for master, weights in pairs:
-        master.data = weights.data
-    if hasattr(ds_optimizer, "single_partition_of_fp32_groups"):
-        ds_optimizer._link_all_hp_params()  # its per-parameter views (safe_get_full_fp32_param) into the new storage
 
 
 def newton_schulz_dtype(cfg: TrainConfig) -> torch.dtype:
@@ -564,15 +541,15 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
                                 **rates,
                                 warmdown_ratio=cfg.warmdown_ratio, max_grad_norm=cfg.grad_clip,
                                 ns_dtype=newton_schulz_dtype(cfg))
-    without_deepspeed_shm_allreduce()
+    deepspeed_internals.without_shm_allreduce()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts init_distributed's process group
     engine, _, _, _ = deepspeed.initialize(model=pipeline_module(model, grid) if cfg.pp > 1 else model,
                                            optimizer=optimizer, config=ds_config(cfg, dp),
                                            mpu=None if cfg.pp > 1 else grid)
-    if world == 1 and cfg.zero == 0:  # one process: DeepSpeed's gradient all-reduce would only copy every gradient
-        engine.enable_backward_allreduce = False  # into flat buckets and back (an all-reduce over one rank, / 1)
+    if world == 1 and cfg.zero == 0:
+        deepspeed_internals.skip_single_rank_allreduce(engine)
     if cfg.dtype == "fp32" and cfg.zero >= 1:
-        share_fp32_master(engine.optimizer)
+        deepspeed_internals.share_fp32_master(engine.optimizer)
     trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, device=dev, ckpt_dir=ckpt_dir,
                       step=start, flops_per_token=model_flops_per_token(cfg))
     if state is not None:
