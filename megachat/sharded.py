@@ -158,7 +158,7 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
         _start(directory)
     dist.barrier()
     shapes = nanochat_shapes(model_config) if shapes is None else shapes
-    runs, _ = held_state(engine, once=True)
+    runs = held_state(engine, once=True)
     pieces = {}  # key in the file -> (name, state, region, [rows, cols] view)
     for run in runs:
         length = run.tensors["weight"].numel()
@@ -333,9 +333,9 @@ class ShardedState:
     @torch.no_grad()
     def load_optimizer(self, engine) -> None:
         """This rank's pieces of the master weights and of the optimizer state into DeepSpeed `engine` (after
-        deepspeed.initialize, before the next step), and the optimizer's step count."""
-        from megachat.optim import held_state, set_optimizer_step
-        runs, _ = held_state(engine, once=False)
+        deepspeed.initialize, before the next step); the step is the trainer's (self.step)."""
+        from megachat.optim import held_state
+        runs = held_state(engine, once=False)
         targets = defaultdict(list)
         for run in runs:
             length = run.tensors["weight"].numel()
@@ -347,4 +347,3 @@ class ShardedState:
                     targets[(run.name, state)].append((r, r.of(flat)))
         for (name, state), wanted in targets.items():
             self.read(name, state, wanted)
-        set_optimizer_step(engine, self.step)

@@ -162,11 +162,16 @@ def check_config(cfg: TrainConfig, world: int) -> int:
 
 def check_ds_config(conf: dict, cfg: TrainConfig, path) -> None:
     """What a user's DeepSpeed JSON must leave to megachat: the optimizer and schedule (Muon + AdamW is passed to
-    DeepSpeed as a client optimizer) and the precision, which --dtype sets (the model is built in it)."""
+    DeepSpeed as a client optimizer), gradient clipping (megachat clips by the true global norm over tp / pp / dp:
+    TrainConfig.grad_clip) and the precision, which --dtype sets (the model is built in it)."""
     for key in ("optimizer", "scheduler"):
         if key in conf:
             raise ValueError(f"DeepSpeed config {path} sets {key!r}, but megachat passes its own optimizer and "
                              f"schedule (Muon + AdamW); remove the {key!r} section")
+    if "gradient_clipping" in conf:
+        raise ValueError(f"DeepSpeed config {path} sets gradient_clipping {conf['gradient_clipping']}, but megachat "
+                         f"clips by the global gradient norm over the whole grid itself (grad_clip "
+                         f"{cfg.grad_clip} in this run's TrainConfig); remove gradient_clipping from the file")
     if conf.get("fp16", {}).get("enabled"):
         raise ValueError(f"DeepSpeed config {path} enables fp16, which megachat does not train in; remove the fp16 "
                          f"section and use --dtype bf16 or fp32")
@@ -187,7 +192,7 @@ def ds_config(cfg: TrainConfig, dp: int) -> dict:
     check_ds_config(conf, cfg, path)
     conf.update(train_batch_size=cfg.global_batch, train_micro_batch_size_per_gpu=cfg.device_batch_size,
                 gradient_accumulation_steps=cfg.global_batch // (cfg.device_batch_size * dp),
-                gradient_clipping=0.0)  # HybridOptimizer clips inside its step by the true global norm
+                gradient_clipping=0.0)  # DeepSpeed's own clipping off: megachat's step clips (check_ds_config)
     zero = conf.setdefault("zero_optimization", {})
     zero["stage"] = cfg.zero
     if cfg.sequence_parallel:  # each tp rank sends its own sequence shard: not the same tensor split tp ways
@@ -251,8 +256,9 @@ class Trainer:
     ds_engine: object  # DeepSpeed's DeepSpeedEngine or PipelineEngine (not megachat's inference engine)
     device: torch.device
     ckpt_dir: str | None = None
-    step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
+    step: int = 0  # optimizer steps taken (after a resume: the checkpoint's): the one step counter
     flops_per_token: float = 0.0  # model_flops_per_token(cfg)
+    optimizer: object = None  # the HybridOptimizer DeepSpeed steps (megachat.optim), which train_step schedules
 
     @property
     def grad_accum(self) -> int:
@@ -270,9 +276,14 @@ class Trainer:
         across micro-batches and dp ranks, exactly as one process holding the global batch would weigh it (for
         packed pretraining data, the mean of the micro-batch means). Returns loss (the same on every rank),
         grad_norm (before clipping), lrm (the schedule's multiplier this step), lr (the block matrices' lr) and
-        the throughput. A non-finite loss raises FloatingPointError naming the checkpoint still in charge."""
-        from megachat.optim import learning_rates, lr_multiplier, optimizer_stats
+        the throughput. In order: this step's schedule onto the optimizer; forward and backward over the
+        micro-batches, DeepSpeed reducing the gradients over dp and, after the last micro-batch, running the optimizer
+        step (HybridOptimizer.step: the global gradient norm over tp / pp / dp and clipping, then Muon and AdamW);
+        then the schedule's step (self.step + 1)."""
+        from megachat.optim import learning_rates, lr_multiplier, muon_momentum, optimizer_stats
         t0 = time.perf_counter()
+        lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
+        self.optimizer.set_schedule(self.step, lrm, muon_momentum(self.step))
         batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
         if len(batches) != self.grad_accum:
             raise ValueError(f"train_step got {len(batches)} micro-batches, the config needs {self.grad_accum} "
@@ -300,8 +311,7 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         loss = loss.item()
-        lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
-        self.step += 1
+        self.step += 1  # the schedule's step
         stats = optimizer_stats(self.ds_engine)
         tokens_per_s = self.cfg.total_batch_size / dt
         flops_per_s = self.flops_per_token * tokens_per_s
@@ -537,9 +547,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
         state.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
     named = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
     rates = {f"{kind}_lr": lr * cfg.lr_scale for kind, lr in LEARNING_RATES.items()}
-    optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, num_iterations=cfg.num_iterations,
-                                **rates,
-                                warmdown_ratio=cfg.warmdown_ratio, max_grad_norm=cfg.grad_clip,
+    optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, **rates, max_grad_norm=cfg.grad_clip,
                                 ns_dtype=newton_schulz_dtype(cfg))
     deepspeed_internals.without_shm_allreduce()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts init_distributed's process group
@@ -550,8 +558,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
         deepspeed_internals.skip_single_rank_allreduce(engine)
     if cfg.dtype == "fp32" and cfg.zero >= 1:
         deepspeed_internals.share_fp32_master(engine.optimizer)
-    trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, device=dev, ckpt_dir=ckpt_dir,
-                      step=start, flops_per_token=model_flops_per_token(cfg))
+    trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, optimizer=optimizer, device=dev,
+                      ckpt_dir=ckpt_dir, step=start, flops_per_token=model_flops_per_token(cfg))
     if state is not None:
         state.load_optimizer(engine)  # this rank's pieces of the fp32 master weights and optimizer state
         if dist.get_rank() == 0 and meta["layout"] != layout:

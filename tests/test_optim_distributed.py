@@ -40,7 +40,13 @@ N_EMBD, STEPS, NUM_ITERATIONS = 12, 4, 4  # warmdown over the last 20% -> lr mul
 
 
 def _opt_kwargs(torch):
-    return dict(n_embd=N_EMBD, num_iterations=NUM_ITERATIONS, ns_dtype=torch.float32, momentum_warmup_steps=3)
+    return dict(n_embd=N_EMBD, ns_dtype=torch.float32)
+
+
+def _schedule(engine, step):
+    """The trainer's schedule for `step` onto the HybridOptimizer inside `engine` (momentum warms up over 3 steps)."""
+    from megachat.optim import hybrid_optimizer, lr_multiplier, muon_momentum
+    hybrid_optimizer(engine).set_schedule(step, lr_multiplier(step, NUM_ITERATIONS), muon_momentum(step, warmup_steps=3))
 
 
 def _shard(t, pdim, grid):
@@ -166,6 +172,7 @@ def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=grid)
 
     def one_step(step):
+        _schedule(engine, step)
         loss = engine(torch.tensor([step, grid.dp_rank]))
         engine.backward(loss)
         engine.step()
@@ -224,6 +231,7 @@ def _reshard(torch, first, second, steps):
         if state is not None:
             load_full_optimizer_state(engine, state)
         for step in todo:
+            _schedule(engine, step)
             loss = engine(torch.tensor([step, grid.dp_rank]))
             engine.backward(loss)
             engine.step()

@@ -60,6 +60,7 @@ def test_ds_config_fills_the_batch_from_the_cli_and_clips_in_muon():
     ('{"zero_optimization": {"stage": 1}', "is not valid JSON"),
     ('{"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}', "sets 'optimizer'"),
     ('{"scheduler": {"type": "WarmupLR"}}', "sets 'scheduler'"),
+    ('{"gradient_clipping": 1.0}', "sets gradient_clipping 1.0, but megachat clips by the global gradient norm"),
     ('{"fp16": {"enabled": true}}', "enables fp16"),
     ('{"bf16": {"enabled": true}}', "enables bf16 but --dtype is fp32"),
 ])
