@@ -34,9 +34,13 @@ import zipfile
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from megachat import sharded
 from megachat.fileio import atomic_write
+from megachat.model import GPTConfig, build_model
+from megachat.tokenizer import Tokenizer
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
 STATE_DIR = "state"  # step_NNNNNN/state/: the layout-free sharded state
@@ -178,7 +182,6 @@ def load_weights(path: str) -> dict:
                                 f"nanochat's names), or train to the end (RUN_DIR/model/ is written after the last "
                                 f"step)")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         return {k: v.float() for k, v in load_file(path).items()}
     damage = archive_damage(path)
     if damage:
@@ -193,8 +196,6 @@ def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str 
     """(model, tokenizer, run config) of a finished run on this rank of `grid`: RUN_DIR/config.json's model with
     the run's final weights (`final_weights`; or weights_path's, any form `load_weights` reads), in eval mode; the
     tokenizer the run recorded (or tokenizer_dir)."""
-    from megachat.model import GPTConfig, build_model
-    from megachat.tokenizer import Tokenizer
     run_cfg = read_run_config(run_dir)
     tokenizer = Tokenizer.load(tokenizer_dir or run_cfg["tokenizer"])
     weights = load_weights(weights_path or final_weights(run_dir))
@@ -208,7 +209,6 @@ def load_init(path: str) -> tuple[dict, dict]:
     "model_config"), or a nanochat checkpoint directory (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its
     "model_config" becomes the run config's "model")."""
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             config = (f.metadata() or {}).get("model_config")
         if config is None:
@@ -233,7 +233,6 @@ def load_init(path: str) -> tuple[dict, dict]:
 def load_parent(init_from: str, tokenizer_dir: str | None = None):
     """What a phase continues from: (full weights, the parent's run config, its tokenizer, the tokenizer's
     directory): load_init(init_from), with the tokenizer the parent recorded unless tokenizer_dir is given."""
-    from megachat.tokenizer import Tokenizer
     weights, parent = load_init(init_from)
     tokenizer_dir = tokenizer_dir or parent.get("tokenizer")
     if not tokenizer_dir:

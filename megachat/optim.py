@@ -65,7 +65,7 @@ import torch.distributed as dist
 from megachat.deepspeed_internals import zero3_master_flats
 from megachat.kernels import newton_schulz
 from megachat.parallel import Grid
-from megachat.zero_partitions import Plan, build_plan, shard_state_into, unshard_state, written_share
+from megachat.zero_partitions import ExchangePlan, build_plan, shard_state_into, unshard_state, written_share
 
 # nanochat's base learning rates per parameter kind (param_kind); learning_rates(n_embd) scales AdamW's
 LEARNING_RATES = {"matrix": 0.02, "embedding": 0.2, "lm_head": 0.004}
@@ -149,7 +149,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         super().__init__([{"params": list(self._params)}], defaults)
         self.ns_dtype = ns_dtype
         self.set_schedule(0, 1.0, 0.95)
-        self._plan: Plan | None = None
+        self._plan: ExchangePlan | None = None
         self.last_grad_norm: float | None = None
         self.skipped = False  # whether the last step was skipped for a non-finite gradient norm
         self.last_step_seconds: float | None = None
@@ -177,7 +177,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(plan.adam_numel, dtype=torch.float32, device=device)
         return plan, state, fresh
 
-    def _orthogonalize(self, plan: Plan, u: torch.Tensor) -> torch.Tensor:
+    def _orthogonalize(self, plan: ExchangePlan, u: torch.Tensor) -> torch.Tensor:
         """u: fp32 (matrix_numel,), the momentum-updated gradient of this rank's Muon pieces -> the scaled
         Newton-Schulz update of the same pieces, computed on whole matrices by their owners."""
         here = self._held_whole(plan)
@@ -199,7 +199,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                     updates[j] = o * scale
         return update if here else plan.scatter_updates(updates, u)
 
-    def _held_whole(self, plan: Plan) -> dict | None:
+    def _held_whole(self, plan: ExchangePlan) -> dict | None:
         """{matrix index: the piece holding it whole} when this rank is its stage's only rank and holds every
         matrix in one run (one process; the exchange would only copy them), else None."""
         if len(plan.to_owner) != 1 or len(plan.owned) != len(plan.matrices):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from megachat import deepspeed_internals
@@ -192,7 +193,6 @@ def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> 
                              "MASTER_PORT (a free port) before srun, as scripts/slurm_train.sbatch does")
     if "RANK" not in os.environ and not world_of_one:
         return
-    import torch
     if "RANK" not in os.environ:  # plain `python script.py`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -205,7 +205,6 @@ def init_distributed(world_of_one: bool = True, timeout_minutes: float = 30) -> 
 
 def device():
     """This process's device: its CUDA device under a GPU launcher, else the CPU."""
-    import torch
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

@@ -20,7 +20,9 @@ from megachat.deepspeed_internals import partition_balanced, pipe_topology
 
 def stage_bounds(n_layer: int, pp: int) -> list[int]:
     """[0, ..., n_layer + 2]: stage s owns layers bounds[s]:bounds[s + 1] of GPT.layers(); the embedding rides
-    with the first stage's blocks and the head with the last stage's."""
+    with the first stage's blocks and the head with the last stage's (pp = 1: one stage, no DeepSpeed needed)."""
+    if pp == 1:
+        return [0, n_layer + 2]
     return partition_balanced(weights=[0] + [1] * n_layer + [0], num_parts=pp)
 
 

@@ -57,17 +57,25 @@ MFU = model FLOPs per token x tokens per step / (step time x world x peak), as m
 """
 from __future__ import annotations
 
+import gc
 import itertools
+import json
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from megachat import deepspeed_internals as dsi
-from megachat.model import GPT, GPTConfig
+from megachat.model import GPT, GPTConfig, nanochat_shapes
+from megachat.optim import hybrid_optimizer, param_kind
 from megachat.parallel import Grid
+from megachat.pipeline import stage_bounds
+from megachat.tensor_parallel import padded_vocab_size
+from megachat.trainer import CONFIG_DIR, TrainConfig, check_config, zero_buckets
 
 GiB = 2 ** 30
 NS_STEPS = 5  # Newton-Schulz iterations (megachat.optim's default)
@@ -199,8 +207,6 @@ def layer_params(config: GPTConfig, tp: int) -> tuple[LayerParams, ...]:
 
 @lru_cache(maxsize=64)
 def _layer_params(fields: tuple, tp: int) -> tuple[LayerParams, ...]:
-    from megachat.model import nanochat_shapes
-    from megachat.optim import param_kind
     config = GPTConfig(**dict(fields))
     with torch.device("meta"):
         model = GPT(config, grid=Grid(tp=tp))
@@ -216,15 +222,6 @@ def _layer_params(fields: tuple, tp: int) -> tuple[LayerParams, ...]:
                                optim_kinds=tuple(param_kind(names[id(p)], p) for p in params), full_shapes=full,
                                buffer_bytes=sum(b.numel() * b.element_size() for b in layer.buffers())))
     return tuple(out)
-
-
-@lru_cache(maxsize=256)
-def stage_bounds(n_layer: int, pp: int) -> tuple[int, ...]:
-    """megachat.pipeline.stage_bounds (DeepSpeed's own balancing); pp = 1 needs no DeepSpeed import."""
-    if pp == 1:
-        return (0, n_layer + 2)
-    from megachat.pipeline import stage_bounds as bounds
-    return tuple(bounds(n_layer, pp))
 
 
 def stage_layers(config: GPTConfig, tp: int, pp: int, stage: int) -> tuple[LayerParams, ...]:
@@ -260,7 +257,6 @@ def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = 
     C, D = config.n_embd, config.head_dim
     h = config.n_head // tp
     kv = config.n_kv_head // tp if config.n_kv_head % tp == 0 else 1
-    from megachat.tensor_parallel import padded_vocab_size
     v_local = min(padded_vocab_size(config.vocab_size, tp) // tp, config.vocab_size)
     s = tp if sequence_parallel and tp > 1 else 1  # the residual stream's positions are split s ways
     # both rmsnorms' inputs and 1/rms, and the normed x that q, k, v and c_fc share (their saved input)
@@ -285,7 +281,7 @@ def stage_activation_bytes(job: Job, layout: Layout, stage: int) -> int:
 def head_chunk_tokens(v_local: int, dtype: str) -> int:
     """Tokens per chunk of the fused LM head + loss: megachat.tensor_parallel.loss_chunk_tokens (a chunk's logits
     within LOSS_CHUNK_BYTES), or 4,096 where megachat has no fused loss."""
-    try:
+    try:  # megachat.tensor_parallel without a fused loss has no loss_chunk_tokens
         from megachat.tensor_parallel import loss_chunk_tokens
     except ImportError:
         return 4096
@@ -315,10 +311,6 @@ def zero_settings(zero: int, dtype: str, ds_config: str | None = None, model_num
                   layer_numel: int | None = None) -> ZeroSettings:
     """Read the DeepSpeed JSON the trainer would use and fill in what megachat.trainer.ds_config sizes from the model
     (trainer.zero_buckets, given the unsharded model's and its largest layer's elements), then DeepSpeed's defaults."""
-    import json
-    from pathlib import Path
-
-    from megachat.trainer import CONFIG_DIR, zero_buckets
     path = Path(ds_config) if ds_config else CONFIG_DIR / f"zero{zero}_{dtype}.json"
     z = json.loads(path.read_text()).get("zero_optimization", {})
     if zero >= 1 and model_numel is not None:
@@ -472,7 +464,6 @@ def predict_memory(job: Job, layout: Layout, hw: Hardware, settings: ZeroSetting
             // (layout.tp if sp else 1)
     # backward transients: the logits' gradient (or one fused chunk) on the head stage; one block's activation
     # gradients ([tokens, 4C/tp] twice, [tokens, C] twice) anywhere
-    from megachat.tensor_parallel import padded_vocab_size
     v_local = padded_vocab_size(c.vocab_size, layout.tp) // layout.tp
     head = any(layer.kind == "head" for layer in layers)
     if not head:
@@ -630,7 +621,6 @@ class Plan:
 def layout_error(job: Job, layout: Layout, hw: Hardware, world: int | None = None) -> str | None:
     """Why megachat would refuse this layout on `world` GPUs (default layout.world): trainer.check_config's
     message, or the planner's own rule that tp stays inside a node; None when it is valid."""
-    from megachat.trainer import TrainConfig, check_config
     if layout.tp > hw.gpus_per_node or hw.gpus_per_node % layout.tp:
         return (f"--tp {layout.tp} does not fit in a node of {hw.gpus_per_node} GPUs: tensor parallelism all-reduces "
                 f"every layer's activations and must stay on one node's NVLink; use a tp dividing "
@@ -733,8 +723,6 @@ def model_storages(model) -> set[int]:
 
 def _live_tensors() -> list[torch.Tensor]:
     """Every tensor (not on the meta device) the garbage collector reaches now, after a collection."""
-    import gc
-    import warnings
     gc.collect()
     with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
         warnings.simplefilter("ignore")
@@ -754,9 +742,8 @@ def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[s
     parameters, alive between their all-gather and their release) and other: every further tensor the garbage
     collector can reach (batches, activations kept from Python, anything held by mistake). The model's own buffers
     (the RoPE tables) and the storages in `exclude` (live_storages() before the trainer was built) are left out."""
-    from megachat.optim import _unwrap
     wrapper = engine.optimizer
-    opt, _ = _unwrap(wrapper)
+    opt = hybrid_optimizer(wrapper)
     counted = {t.untyped_storage().data_ptr() for t in model.buffers() if not t.is_meta} | set(exclude)
     out = {"weights": 0, "grads": 0, "optimizer": 0, "buffers": 0, "gathered": 0, "other": 0}
 

@@ -34,8 +34,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from megachat.fileio import atomic_write_json
+from megachat.model import nanochat_shapes
+from megachat.optim import held_state
+from megachat.zero_partitions import partition_dim
 
 FORMAT = "megachat-sharded/1"
 INDEX = "index.json"
@@ -151,8 +155,6 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
     world; see the module docstring). optimizer=False writes the weights only (a run's final weights). shapes:
     {name: full shape} of a model other than nanochat's GPT of `model_config` (tests' stand-ins; model_config None).
     On return every rank's file is fsynced and index.json names them."""
-    from megachat.model import nanochat_shapes
-    from megachat.optim import held_state
     rank, world = dist.get_rank(), dist.get_world_size()
     if rank == 0:
         _start(directory)
@@ -191,7 +193,6 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
 def save_full(directory: str, weights: dict[str, torch.Tensor], model_config, step: int = 0) -> None:
     """Full weights {nanochat name: tensor} of a model of `model_config` written by this one process as a sharded
     state of weights only (one file): a run's model/ made outside training (importers, tests)."""
-    from megachat.model import nanochat_shapes
     shapes = nanochat_shapes(model_config)
     if set(weights) != set(shapes):
         raise ValueError(f"weights for {directory} lack {sorted(set(shapes) - set(weights))[:3]} or have extra "
@@ -269,7 +270,6 @@ class ShardedState:
 
     def check_model(self, config) -> None:
         """Raise ValueError unless this state holds the tensors of a model of `config` (a GPTConfig)."""
-        from megachat.model import nanochat_shapes
         if {n: list(s) for n, s in nanochat_shapes(config).items()} != {n: t["shape"] for n, t in self.tensors.items()}:
             raise ValueError(f"{self.directory} holds a model {self.config}, not {vars(config)}: load it into the "
                              f"model it was saved from")
@@ -296,7 +296,6 @@ class ShardedState:
             if covered != want.rows * want.cols:
                 raise ValueError(f"{self.directory} lacks elements of {name} ({state}) in rows {want.row}.."
                                  f"{want.row + want.rows - 1}: its index is incomplete; use another checkpoint")
-        from safetensors import safe_open
         for file, reads in by_file.items():
             with safe_open(os.path.join(self.directory, file), framework="pt") as f:
                 for key, src, dst in reads:
@@ -317,7 +316,6 @@ class ShardedState:
     def load_model(self, model) -> None:
         """This rank's tp shards of every materialized parameter of `model` (a megachat GPT, before DeepSpeed casts
         or partitions it); vocab padding rows are left as they are."""
-        from megachat.zero_partitions import partition_dim
         if getattr(model, "config", None) is not None:  # a megachat GPT (tests' stand-ins have none)
             self.check_model(model.config)
         grid = model.grid
@@ -334,7 +332,6 @@ class ShardedState:
     def load_optimizer(self, engine) -> None:
         """This rank's pieces of the master weights and of the optimizer state into DeepSpeed `engine` (after
         deepspeed.initialize, before the next step); the step is the trainer's (self.step)."""
-        from megachat.optim import held_state
         runs = held_state(engine, once=False)
         targets = defaultdict(list)
         for run in runs:

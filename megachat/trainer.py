@@ -16,12 +16,18 @@ grid, its train step, evaluation, checkpoints and resume.
   (tests, small models).
 
 DeepSpeed's public API is used here and in megachat/pipeline.py; its internals only in megachat/deepspeed_internals.py.
+deepspeed is imported in the functions that use it: importing it takes seconds, which the planner and the tools
+that only read TrainConfig should not pay.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
+import platform
+import signal
+import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,10 +35,16 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megachat import checkpoint, deepspeed_internals
+from megachat import checkpoint, deepspeed_internals, sharded
+from megachat.evaluation.loss_eval import evaluate_bpb
+from megachat.evaluation.model_eval import GridForward
+from megachat.fileio import atomic_write_json
 from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
 from megachat.monitor import memory_gib, peak_flops
+from megachat.optim import LEARNING_RATES, HybridOptimizer, learning_rates, lr_multiplier, muon_momentum, optimizer_stats
 from megachat.parallel import Grid, check_layout, device, init_grid
+from megachat.pipeline import pipeline_module, stage_layers
+from megachat.tensor_parallel import padded_vocab_size
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ds"
 
@@ -76,7 +88,6 @@ class TrainConfig:
 def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> None:
     """The flags every training script shares (layout, precision, seed, evaluation and checkpoint cadence, run
     directory, resume) on argparse parser `p`."""
-    import argparse
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (bf16 needs >= 1; pp > 1 allows 0/1)")
@@ -152,7 +163,6 @@ def check_config(cfg: TrainConfig, world: int) -> int:
     if cfg.total_batch_size % cfg.seq_len:
         raise ValueError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                          f"{cfg.seq_len}: the global batch is a whole number of sequences")
-    from megachat.tensor_parallel import padded_vocab_size
     mc = cfg.model_config()
     return check_layout(world, cfg.tp, cfg.pp, zero_stage=cfg.zero, n_layer=mc.n_layer, n_head=mc.n_head,
                         n_kv_head=mc.n_kv_head, vocab_size=padded_vocab_size(mc.vocab_size, cfg.tp),
@@ -280,7 +290,6 @@ class Trainer:
         micro-batches, DeepSpeed reducing the gradients over dp and, after the last micro-batch, running the optimizer
         step (HybridOptimizer.step: the global gradient norm over tp / pp / dp and clipping, then Muon and AdamW);
         then the schedule's step (self.step + 1)."""
-        from megachat.optim import learning_rates, lr_multiplier, muon_momentum, optimizer_stats
         t0 = time.perf_counter()
         lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
         self.optimizer.set_schedule(self.step, lrm, muon_momentum(self.step))
@@ -340,7 +349,6 @@ class Trainer:
         - A loss above spike_factor x the median of the last 50 is logged with the global sample numbers of its
           batch (samples (step - 1) * global_batch ... step * global_batch - 1), to look at with
           tools/inspect_data.py."""
-        import signal
         talk = dist.get_rank() == 0
         stop = []
         handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -414,12 +422,8 @@ class Trainer:
         data, parent run, ...), which scripts/report.py and the chat scripts read; RUN_DIR/env.json: where it ran."""
         if dist.get_rank() != 0:
             return
-        import platform
-        import socket
-
         import deepspeed
 
-        from megachat.fileio import atomic_write_json
         os.makedirs(run_dir, exist_ok=True)
         atomic_write_json(os.path.join(run_dir, "config.json"),
                           {"train": self.cfg.to_json(), "model": vars(self.cfg.model_config()), "dp": self.grid.dp,
@@ -445,15 +449,12 @@ class Trainer:
         """RUN_DIR/model/: the final fp32 weights under nanochat's names, every rank writing its own slices in
         parallel (megachat.sharded; collective). checkpoint.load_weights reads them, tools/export_checkpoint.py
         turns them into one safetensors file or a nanochat checkpoint."""
-        from megachat import sharded
         sharded.save(os.path.join(run_dir, checkpoint.WEIGHTS_DIR), self.ds_engine, self.cfg.model_config(),
                      self.step, self.layout, optimizer=False)
 
     def evaluate_bpb(self, batches, token_bytes: torch.Tensor) -> float:
         """Bits per byte over this rank's evaluation batches (x, y), summed over the grid: the same forward and
         formula as base_eval (evaluation.model_eval.GridForward, evaluation.loss_eval.evaluate_bpb)."""
-        from megachat.evaluation.loss_eval import evaluate_bpb
-        from megachat.evaluation.model_eval import GridForward
         fwd = GridForward(self.model, self.grid)
         return evaluate_bpb(fwd.token_loss, ((x.to(self.device), y.to(self.device)) for x, y in batches),
                             token_bytes)
@@ -500,9 +501,6 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     (refused when there is none; "auto": when there is one, else start fresh); without it, a run_dir that already holds a run is refused (a fresh start would
     prune its checkpoints and overwrite its weights). weights: full weights (nanochat names) to start from."""
     import deepspeed
-
-    from megachat.optim import LEARNING_RATES, HybridOptimizer
-    from megachat.pipeline import pipeline_module, stage_layers
     world = dist.get_world_size() if dist.is_initialized() else 1
     dp = check_config(cfg, world)  # before any process-group work
     ckpt_dir = os.path.join(run_dir, "checkpoints") if run_dir else None

@@ -13,11 +13,11 @@ What a rank holds is a list of `Piece`s; the optimizer keeps its state packed, o
 (Muon's, AdamW's), holding exactly those elements.
 
 Every matrix of a pipeline stage gets one owner among the stage's tp*dp ranks (`Grid.stage_group`), greedy by
-Newton-Schulz cost so that no rank does them all. `Plan.gather_owned` sends each element of the packed
+Newton-Schulz cost so that no rank does them all. `ExchangePlan.gather_owned` sends each element of the packed
 momentum-updated gradient to its matrix's owner (one all_to_all), which concatenates the tp shards (along
-`partition_dim`, in tp-rank order) into the whole matrix; `Plan.scatter_updates` returns to every rank exactly
+`partition_dim`, in tp-rank order) into the whole matrix; `ExchangePlan.scatter_updates` returns to every rank exactly
 the elements it holds (a second all_to_all). Each element reaches its owner once and each holder receives its
-part of the update once: the minimum for this scheme (`Plan.bytes_min`).
+part of the update once: the minimum for this scheme (`ExchangePlan.bytes_min`).
 
 `unshard_state` / `shard_state_into` move one parameter's packed state to and from its unsharded tensor, so
 that optimizer state saved under one tp / dp / ZeRO layout resumes under another; `written_share` says which part
@@ -95,7 +95,7 @@ class Matrix:
 
 
 @dataclass
-class Plan:
+class ExchangePlan:
     """What this rank holds under the layout DeepSpeed chose, and the exchange that brings matrices to owners."""
     grid: Grid
     local: list[torch.Tensor]  # the tensors DeepSpeed handed the optimizer (the parameters, or one flat partition)
@@ -182,7 +182,7 @@ def partition_dim(p: torch.Tensor, tp: int) -> int | None:
 
 
 def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: list[str],
-               local: list[torch.Tensor]) -> Plan:
+               local: list[torch.Tensor]) -> ExchangePlan:
     """The plan of this rank: `params` (named `names`, of kind "matrix" / "embedding" / "lm_head") are this
     rank's model parameters (tp shards), `local` the tensors DeepSpeed handed the optimizer for them."""
     tp, dp = grid.tp, grid.dp
@@ -253,7 +253,7 @@ def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: 
         # gradient: what the owner does not hold must reach it; update: what others hold must reach them
         total_min += math.prod(m.full_shape) - sum(s.length for s in m.held[m.owner])
         total_min += sum(s.length for r in range(stage_size) if r != m.owner for s in m.held[r])
-    return Plan(grid=grid, local=local, pieces=pieces, matrix_pieces=matrix_pieces,
+    return ExchangePlan(grid=grid, local=local, pieces=pieces, matrix_pieces=matrix_pieces,
                 adam_pieces=[p for p in pieces if p.kind != "matrix"], matrix_numel=packed_numel["matrix"],
                 adam_numel=packed_numel["adam"], replicated=replicated, shard_shapes=shard_shapes,
                 partition_dims=[partition_dim(p, tp) for p in params], matrices=matrices, owned=owned,
@@ -261,7 +261,7 @@ def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: 
                 bytes_sent=sent * ELEMENT_BYTES, bytes_min=(total_min * ELEMENT_BYTES) // stage_size)
 
 
-def unshard_state(plan: Plan, param_index: int, packed: torch.Tensor) -> torch.Tensor:
+def unshard_state(plan: ExchangePlan, param_index: int, packed: torch.Tensor) -> torch.Tensor:
     """One parameter's state from this rank's packed fp32 buffer of its kind -> an fp32 CPU tensor of the
     unsharded parameter's shape. Collective over the dp and tp groups (every rank, the same parameter)."""
     grid, shape, pdim = plan.grid, plan.shard_shapes[param_index], plan.partition_dims[param_index]
@@ -278,7 +278,7 @@ def unshard_state(plan: Plan, param_index: int, packed: torch.Tensor) -> torch.T
     return t.cpu()
 
 
-def shard_state_into(plan: Plan, param_index: int, full: torch.Tensor, packed: torch.Tensor) -> None:
+def shard_state_into(plan: ExchangePlan, param_index: int, full: torch.Tensor, packed: torch.Tensor) -> None:
     """Write this rank's elements of one parameter's unsharded state `full` into its packed buffer `packed`.
     A `full` of another unsharded shape (the vocab padded for another tp) is cropped / zero-padded to this one."""
     grid, pdim = plan.grid, plan.partition_dims[param_index]
@@ -295,7 +295,7 @@ def shard_state_into(plan: Plan, param_index: int, full: torch.Tensor, packed: t
         p.of_packed(packed)[:] = p.of_param(flat)
 
 
-def written_share(plan: Plan, piece: Piece) -> tuple[int, int]:
+def written_share(plan: ExchangePlan, piece: Piece) -> tuple[int, int]:
     """(start within `piece`, length): the part of it this rank writes to a layout-free checkpoint. What several
     ranks hold alike (every dp rank at ZeRO-0; every tp rank for a weight that tp does not split) is split evenly
     among them, so that over the stage each element is written once and the bytes are spread."""
