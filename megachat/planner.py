@@ -70,7 +70,7 @@ from pathlib import Path
 import torch
 
 from megachat import deepspeed_internals as dsi
-from megachat.model import GPT, GPTConfig, nanochat_shapes
+from megachat.model import GPT, GPTConfig, flops_per_token, nanochat_shapes
 from megachat.optim import hybrid_optimizer, param_kind
 from megachat.parallel import Grid
 from megachat.pipeline import stage_bounds
@@ -413,7 +413,7 @@ def predict_gathered_bytes(layers, zero: int, dtype: str, settings: ZeroSettings
 
 # --- one layout -------------------------------------------------------------------------------------------------
 
-def _flops_per_token(config: GPTConfig, layers, checkpointing: str = "none") -> float:
+def _layer_flops(config: GPTConfig, layers, checkpointing: str = "none") -> float:
     """FLOPs per token of some layers: the model's (GPT.estimate_flops split by layer; the embedding lookup is
     free), plus what checkpointing recomputes in backward (full: the block's forward, a third; selective: the
     attention core's forward, a third of its 12 x heads x head_dim x T)."""
@@ -542,7 +542,7 @@ def predict_time(job: Job, layout: Layout, hw: Hardware, settings: ZeroSettings)
                  max((_ns_flops(shape) for shape in shapes), default=0.0)) / flops_rate
         held = max(h["matrix"] + h["adam"] for h in held_elements(layers, dp, layout.zero))
         stages.append(_StageTime(
-            compute=_flops_per_token(c, layers, layout.checkpointing) * n / tp / flops_rate,
+            compute=_layer_flops(c, layers, layout.checkpointing) * n / tp / flops_rate,
             tp_comm=sum(per_block if layer.kind == "block" else 1 for layer in layers) * tp_ar,  # embedding, head: 1
             pp_comm=p2p, dp_micro=dp_micro, dp_step=dp_step,
             optimizer=exchange + ns + OPTIMIZER_BYTES_PER_ELEMENT * held / hw.hbm_bandwidth))
@@ -567,20 +567,13 @@ class _StageTime:
         return self.compute + self.tp_comm + self.pp_comm + self.dp_micro
 
 
-@lru_cache(maxsize=16)
-def _model_flops_per_token(fields: tuple) -> float:
-    """GPT.estimate_flops of the model (built on the meta device)."""
-    with torch.device("meta"):
-        return GPT(GPTConfig(**dict(fields)), grid=Grid()).estimate_flops()
-
-
 def predict(job: Job, layout: Layout, hw: Hardware = Hardware(), ds_config: str | None = None) -> Prediction:
     """Memory (the stage that needs the most) and step time of one layout; no validity check (see plan)."""
     settings = job_zero_settings(job, layout.zero, ds_config)
     memories = [predict_memory(job, layout, hw, settings, s) for s in range(layout.pp)]
     stage = max(range(layout.pp), key=lambda s: memories[s].total)
     time = predict_time(job, layout, hw, settings)
-    flops = _model_flops_per_token(tuple(vars(job.config).items()))
+    flops = flops_per_token(job.config)
     tokens_per_s = job.total_batch_size / time.total
     return Prediction(layout=layout, memory=memories[stage], stage=stage, time=time,
                       mfu=flops * tokens_per_s / (layout.world * hw.peak_flops), tokens_per_s=tokens_per_s,

@@ -39,7 +39,8 @@ from megachat import checkpoint, deepspeed_internals, sharded
 from megachat.evaluation.loss_eval import evaluate_bpb
 from megachat.evaluation.model_eval import GridForward
 from megachat.fileio import atomic_write_json
-from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
+from megachat.model import GPT, Block, GPTConfig, build_model, flops_per_token, full_state_dict
+from megachat.model import num_params as model_num_params
 from megachat.monitor import memory_gib, peak_flops
 from megachat.optim import LEARNING_RATES, HybridOptimizer, learning_rates, lr_multiplier, muon_momentum, optimizer_stats
 from megachat.parallel import Grid, check_layout, device, init_grid
@@ -248,14 +249,13 @@ def newton_schulz_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def model_flops_per_token(cfg: TrainConfig) -> float:
-    """Model FLOPs per token of the whole (unsharded) model: 6 * (params - embedding) + attention."""
-    with torch.device("meta"):
-        return float(GPT(cfg.model_config(), grid=Grid()).estimate_flops())
+    """Model FLOPs per token of the whole (unsharded) model (model.flops_per_token)."""
+    return float(flops_per_token(cfg.model_config()))
 
 
 def num_params(cfg: TrainConfig) -> int:
-    with torch.device("meta"):
-        return GPT(cfg.model_config(), grid=Grid()).num_params()
+    """Parameters of the whole (unsharded) model."""
+    return model_num_params(cfg.model_config())
 
 
 @dataclass
