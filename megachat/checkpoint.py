@@ -111,14 +111,16 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, meta: dict, model_config, keep: int = 3) -> str:
-    """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. meta (step,
-    consumed_samples, layout, config) goes to step_NNNNNN/megachat.json; every rank writes its slices of the
-    training state of the model of `model_config` (a GPTConfig) into step_NNNNNN/state/. The checkpoint becomes
-    visible through `latest` only once every rank's files are on disk; then all but the newest `keep` are
-    removed."""
+def save(engine, ckpt_dir: str, step: int, meta: dict, model_config, keep: int = 3, *, staged: dict | None = None,
+         group=None) -> str:
+    """Save a checkpoint of the state after `step` optimizer steps (collective over `group`, default the world);
+    returns its tag. meta (step, consumed_samples, layout, config) goes to step_NNNNNN/megachat.json; every rank
+    writes its slices of the training state of the model of `model_config` (a GPTConfig; or `staged`, a copy
+    sharded.stage made) into step_NNNNNN/state/. The checkpoint becomes visible through `latest` only once every
+    rank's files are on disk; then all but the newest `keep` are removed."""
     tag = tag_for(step)
-    sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, meta["layout"], optimizer=True)
+    sharded.save(os.path.join(ckpt_dir, tag, STATE_DIR), engine, model_config, step, meta["layout"], optimizer=True,
+                 staged=staged, group=group)
     if dist.get_rank() == 0:  # each rank fsynced its file; the index's and this write fsync their directories
         atomic_write(os.path.join(ckpt_dir, tag, "megachat.json"), json.dumps(
             {k: meta[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
@@ -127,7 +129,7 @@ def save(engine, ckpt_dir: str, step: int, meta: dict, model_config, keep: int =
         for old in tags[:-keep] if keep > 0 else []:
             if old != tag:
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    dist.barrier()
+    dist.barrier(group=group)
     return tag
 
 

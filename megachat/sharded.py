@@ -149,25 +149,37 @@ def _start(directory: str) -> None:
         os.remove(os.path.join(directory, INDEX))  # a state half rewritten must not pass for a whole one
 
 
-def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool,
-         shapes: dict | None = None) -> None:
-    """Write this rank's slices of the training state under DeepSpeed `engine` into `directory` (collective over the
-    world; see the module docstring). optimizer=False writes the weights only (a run's final weights). shapes:
-    {name: full shape} of a model other than nanochat's GPT of `model_config` (tests' stand-ins; model_config None).
-    On return every rank's file is fsynced and index.json names them."""
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if rank == 0:
-        _start(directory)
-    dist.barrier()
-    shapes = nanochat_shapes(model_config) if shapes is None else shapes
-    runs = held_state(engine, once=True)
-    pieces = {}  # key in the file -> (name, state, region, [rows, cols] view)
-    for run in runs:
+def stage(engine, shapes: dict, *, optimizer: bool, copy: bool = False) -> dict:
+    """This rank's pieces of the training state under DeepSpeed `engine`: {key in the file: (name, state, region,
+    [rows, cols] tensor)}, views of the memory they are in, or with copy=True a copy in host memory (pinned on
+    CUDA) that training may run on beside (an asynchronous save)."""
+    pieces = {}
+    for run in held_state(engine, once=True):
         length = run.tensors["weight"].numel()
         for region in regions(run.shard_shape, run.partition_dim, run.tp_rank, shapes[run.name], run.start, length):
             for state, flat in run.tensors.items():
                 if optimizer or state == "weight":
-                    pieces[f"{run.name}:{state}@{region.row},{region.col}"] = (run.name, state, region, region.of(flat))
+                    view = region.of(flat)
+                    if copy:
+                        host = torch.empty(view.shape, dtype=view.dtype, pin_memory=view.is_cuda)
+                        view = host.copy_(view)
+                    pieces[f"{run.name}:{state}@{region.row},{region.col}"] = (run.name, state, region, view)
+    return pieces
+
+
+def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool,
+         shapes: dict | None = None, staged: dict | None = None, group=None) -> None:
+    """Write this rank's slices of the training state under DeepSpeed `engine` into `directory` (collective over
+    `group`, default the world; see the module docstring). optimizer=False writes the weights only (a run's final
+    weights). shapes: {name: full shape} of a model other than nanochat's GPT of `model_config` (tests' stand-ins;
+    model_config None). staged: `stage`'s copy to write instead of the live state (an asynchronous save, run in a
+    thread on a group of its own). On return every rank's file is fsynced and index.json names them."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank == 0:
+        _start(directory)
+    dist.barrier(group=group)
+    shapes = nanochat_shapes(model_config) if shapes is None else shapes
+    pieces = stage(engine, shapes, optimizer=optimizer) if staged is None else staged
     file = f"rank-{rank:05d}.safetensors"
     writer = SafetensorsWriter(os.path.join(directory, file),
                                {key: (view.dtype, tuple(view.shape)) for key, (*_, view) in pieces.items()},
@@ -179,13 +191,13 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
             "regions": [(name, state, key, r.row, r.col, r.rows, r.cols)
                         for key, (name, state, r, _) in pieces.items()]}
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    dist.gather_object(mine, gathered, dst=0, group=group)
     problem = [None]
     if rank == 0:
         problem[0] = _write_index(directory, gathered, shapes, {
             "format": FORMAT, "step": step, "optimizer": optimizer,
             "config": vars(model_config) if model_config is not None else {}, "layout": layout})
-    dist.broadcast_object_list(problem, src=0)  # every rank returns, or every rank raises
+    dist.broadcast_object_list(problem, src=0, group=group)  # every rank returns, or every rank raises
     if problem[0]:
         raise RuntimeError(f"sharded save into {directory}: {problem[0]}")
 

@@ -11,8 +11,9 @@ grid, its train step, evaluation, checkpoints and resume.
   where a token is not trained; returns the loss averaged over the whole global batch (the same on every rank),
   the gradient norm, the schedule and the throughput.
 - `Trainer.evaluate_bpb(batches, token_bytes)`: bits per byte through evaluation's forward (GridForward).
-- `Trainer.save(step)`, `Trainer.save_weights(run_dir)`: checkpoints (megachat.checkpoint) and the final weights
-  (RUN_DIR/model/), every rank writing its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
+- `Trainer.save(step)`, `Trainer.save_weights(run_dir)`: checkpoints (megachat.checkpoint; background=True: written
+  by a thread from a host copy while training goes on) and the final weights (RUN_DIR/model/), every rank writing
+  its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
   (tests, small models).
 
 DeepSpeed's public API is used here and in megachat/pipeline.py; its internals only in megachat/deepspeed_internals.py.
@@ -28,8 +29,9 @@ import os
 import platform
 import signal
 import socket
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -39,7 +41,7 @@ from megachat import checkpoint, deepspeed_internals, sharded
 from megachat.evaluation.loss_eval import evaluate_bpb
 from megachat.evaluation.model_eval import GridForward
 from megachat.fileio import atomic_write_json
-from megachat.model import GPT, Block, GPTConfig, build_model, flops_per_token, full_state_dict
+from megachat.model import GPT, Block, GPTConfig, build_model, flops_per_token, full_state_dict, nanochat_shapes
 from megachat.model import num_params as model_num_params
 from megachat.monitor import memory_gib, peak_flops
 from megachat.optim import LEARNING_RATES, HybridOptimizer, learning_rates, lr_multiplier, muon_momentum, optimizer_stats
@@ -98,6 +100,9 @@ def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> N
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps (and at start and end)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background: a copy of the state in host memory, written while "
+                        "training goes on; `latest` switches once every rank's files are on disk")
     p.add_argument("--resume", nargs="?", const="always", choices=["always", "auto"], default=None,
                    help="continue from RUN_DIR/checkpoints/latest; 'auto': when there is one, else start fresh "
                         "(a requeue loop needs no logic)")
@@ -125,7 +130,7 @@ def config_options(args) -> dict:
 def loop_options(args) -> dict:
     """Trainer.fit's cadence and limits from add_trainer_args' flags."""
     return dict(eval_every=args.eval_every, save_every=args.save_every, keep=args.keep_checkpoints,
-                max_bad_steps=args.max_bad_steps)
+                max_bad_steps=args.max_bad_steps, async_save=args.async_save)
 
 
 def config_from_run(run_cfg: dict, **settings) -> TrainConfig:
@@ -269,6 +274,9 @@ class Trainer:
     step: int = 0  # optimizer steps taken (after a resume: the checkpoint's): the one step counter
     flops_per_token: float = 0.0  # model_flops_per_token(cfg)
     optimizer: object = None  # the HybridOptimizer DeepSpeed steps (megachat.optim), which train_step schedules
+    save_group: object = None  # the process group of asynchronous saves (enable_async_save)
+    _writer: threading.Thread | None = None  # the asynchronous save being written
+    _writer_error: list = field(default_factory=list)
 
     @property
     def grad_accum(self) -> int:
@@ -336,7 +344,7 @@ class Trainer:
         return rec
 
     def fit(self, batches, evaluate=None, *, monitor=None, eval_every: int = 0, save_every: int = 0,
-            keep: int = 3, max_bad_steps: int = 10, spike_factor: float = 5.0) -> None:
+            keep: int = 3, max_bad_steps: int = 10, spike_factor: float = 5.0, async_save: bool = False) -> None:
         """The loop of every phase, from self.step to cfg.num_iterations. batches(i): this rank's micro-batches of
         global batch i (0-based; a pure function of i, so a resume continues the same stream). evaluate(step):
         a dict of metrics, run at step 0 of a fresh start, every eval_every steps and at the end. A checkpoint
@@ -362,6 +370,8 @@ class Trainer:
                 if talk and metrics:
                     print(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
 
+        if async_save:
+            self.enable_async_save()
         last, bad, recent = self.cfg.num_iterations, 0, []
         if self.step == 0:
             run_eval(0)
@@ -396,7 +406,8 @@ class Trainer:
                 if step != last and eval_every > 0 and step % eval_every == 0:
                     run_eval(step)
                 if step != last and save_every > 0 and step % save_every == 0 and not bad:
-                    self.save(step, keep=keep)  # not during a run of bad steps: the last good one stays in charge
+                    # not during a run of bad steps: the last good one stays in charge
+                    self.save(step, keep=keep, background=async_save)
                 if step != last and self._stop_requested(stop):
                     self.save(step, keep=keep)
                     if talk:
@@ -439,6 +450,7 @@ class Trainer:
     def finish(self, run_dir: str, monitor=None) -> None:
         """The end of every phase: the final weights into RUN_DIR/model/, the monitor closed, the process group
         left together (collective)."""
+        self.wait_for_save()
         self.save_weights(run_dir)
         if monitor is not None:
             monitor.close()
@@ -459,13 +471,42 @@ class Trainer:
         return evaluate_bpb(fwd.token_loss, ((x.to(self.device), y.to(self.device)) for x, y in batches),
                             token_bytes)
 
-    def save(self, step: int, keep: int = 3) -> str:
+    def save(self, step: int, keep: int = 3, background: bool = False) -> str:
         """Checkpoint the state after `step` optimizer steps into ckpt_dir (collective): the layout-free state
-        (step_NNNNNN/state/, each rank writing its own slices), which a resume under any layout reads."""
-        return checkpoint.save(self.ds_engine, self.ckpt_dir, step,
-                               {"step": step, "consumed_samples": step * self.cfg.global_batch,
-                                "layout": self.layout, "config": self.cfg.to_json()},
-                               self.cfg.model_config(), keep=keep)
+        (step_NNNNNN/state/, each rank writing its own slices), which a resume under any layout reads. background
+        (after enable_async_save): copy this rank's state into host memory and return; a thread writes and fsyncs
+        it and switches `latest` last, on a process group of its own, while training goes on (wait_for_save)."""
+        self.wait_for_save()  # one save at a time, in order
+        meta = {"step": step, "consumed_samples": step * self.cfg.global_batch, "layout": self.layout,
+                "config": self.cfg.to_json()}
+        if not background:
+            return checkpoint.save(self.ds_engine, self.ckpt_dir, step, meta, self.cfg.model_config(), keep=keep)
+        staged = sharded.stage(self.ds_engine, nanochat_shapes(self.cfg.model_config()), optimizer=True, copy=True)
+        self.staged_bytes = sum(v.numel() * v.element_size() for *_, v in staged.values())
+
+        def write():
+            try:
+                checkpoint.save(self.ds_engine, self.ckpt_dir, step, meta, self.cfg.model_config(), keep=keep,
+                                staged=staged, group=self.save_group)
+            except BaseException as e:  # raised in the training thread by wait_for_save
+                self._writer_error.append(e)
+        self._writer = threading.Thread(target=write, name=f"save-{step}", daemon=True)
+        self._writer.start()
+        return checkpoint.tag_for(step)
+
+    def enable_async_save(self) -> None:
+        """Create the process group asynchronous saves communicate on (collective: every rank calls it), so that
+        their collectives never interleave with training's."""
+        if self.save_group is None:
+            self.save_group = dist.new_group(backend="gloo")
+
+    def wait_for_save(self) -> None:
+        """Wait until the asynchronous save in flight (if any) is on disk and `latest` names it; raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error:
+            raise self._writer_error.pop()
 
     def full_state_dict(self) -> dict | None:
         """Unsharded weights (the model's, as fp32) under nanochat's names on rank 0 (None elsewhere); collective

@@ -352,6 +352,48 @@ def test_sigterm_saves_and_exits_and_resume_auto_continues_the_curve(corpus, dp2
     assert_same_curve(curve(tmp_path), curve(dp2_zero1), rel=1e-6)
 
 
+def test_async_save_writes_the_synchronous_checkpoint_and_a_kill_leaves_a_complete_one_in_charge(corpus, dp2_zero1,
+                                                                                                tmp_path):
+    # --async-save: each rank's state is copied to host memory and written by a thread while training goes on; the
+    # step-3 checkpoint is byte for byte the synchronous one of dp2_zero1, and the curve is the same
+    done = tmp_path / "async"
+    train(corpus, done, 2, *tiny(corpus), "--zero", "1", "--save-every", "3", "--async-save")
+    assert_same_curve(curve(done), curve(dp2_zero1), rel=1e-6)
+    want = dp2_zero1 / "checkpoints" / "step_000003"
+    got = done / "checkpoints" / "step_000003"
+    assert sorted(p.name for p in (got / "state").iterdir()) == sorted(p.name for p in (want / "state").iterdir())
+    for f in (want / "state").iterdir():
+        assert (got / "state" / f.name).read_bytes() == f.read_bytes(), f.name
+    # kill -9 of every process while saves are in flight (one after every step): `latest` names a complete
+    # checkpoint, and the resume from it continues the curve
+    import signal
+
+    from megachat import checkpoint
+    killed = tmp_path / "killed"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "scripts" / "base_train.py"), "--data", corpus["train"], "--tokenizer", corpus["tokenizer"],
+           "--out", str(killed), *tiny(corpus), "--zero", "1", "--save-every", "1", "--async-save", "--resume", "auto"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step      4/6"):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpts = killed / "checkpoints"
+    tag = checkpoint.latest_tag(str(ckpts))
+    assert tag in ("step_000002", "step_000003", "step_000004"), tag
+    checkpoint.verify(str(ckpts), tag)
+    proc = train(corpus, killed, 2, *tiny(corpus), "--zero", "1", "--save-every", "1", "--async-save",
+                 "--resume", "auto")
+    assert f"start at step {int(tag[5:])}" in proc.stdout
+    assert_same_curve(curve(killed), curve(dp2_zero1), rel=1e-6)
+
+
 CHECKPOINTING = [("tp2", 2, ["--tp", "2"], "full"), ("pp2", 2, ["--pp", "2"], "selective")]
 
 

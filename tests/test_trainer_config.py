@@ -125,7 +125,7 @@ def fit_worker(rank, losses, skipped, signal_at):
         def log(self, step, **metrics):
             logged.append((step, metrics))
 
-    trainer.train_step, trainer.save = train_step, lambda step, keep: saved.append(step)
+    trainer.train_step, trainer.save = train_step, lambda step, keep, background=False: saved.append(step)
     try:
         trainer.fit(lambda i: None, monitor=Monitor(), save_every=2, max_bad_steps=2)
         outcome = "finished"
