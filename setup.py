@@ -16,7 +16,7 @@ setup(
     package_data={"megachat": ["chat_ui.html"]},  # the chat page scripts/chat_web.py serves
     install_requires=[
         "torch>=2.4",  # a range: keeps an installed CUDA torch; `make setup` puts the CPU wheel on a CPU box
-        "deepspeed>=0.17",
+        "deepspeed>=0.19.8,<0.20",  # megachat/deepspeed_internals.py: tested on this range
         "triton>=3.0",
         "tiktoken>=0.9",  # 0.9 added the buffer encoder (encode_to_numpy) that preprocessing calls
         "rustbpe>=0.1",

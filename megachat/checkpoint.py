@@ -1,48 +1,46 @@
-"""megachat.checkpoint: DeepSpeed checkpoints that are complete or invisible, kept to the last K, resumable exactly.
+"""megachat.checkpoint: checkpoints that are complete or invisible, kept to the last K, resumable exactly under the
+layout they were saved with or any other.
 
-Layout: RUN_DIR/checkpoints/step_000123/ (DeepSpeed's files: model, optimizer / ZeRO shards, LR schedule, and
-our client state) and RUN_DIR/checkpoints/latest (the tag of the newest complete checkpoint).
+Layout: RUN_DIR/checkpoints/step_000123/ holds state/, the layout-free sharded state (megachat.sharded: every rank
+writes the elements it holds, in parallel, as rectangles of the full tensors under nanochat's names: the fp32
+master weights and the optimizer state, with the step; an index.json written last names the files with their
+CRC-32s), and megachat.json (step, consumed samples: the data position, the layout, the config), readable without
+torch. RUN_DIR/checkpoints/latest names the newest complete checkpoint.
 
-DeepSpeed's own `latest` is written by rank 0 right after its own files, before the closing barrier, with a
-plain open('w'): other ranks may still be writing their ZeRO shards, and a kill mid-write leaves a torn
-`latest`. So we save with save_latest=False, wait for every rank, fsync the tag's files, and only then
-replace `latest` atomically (temp file + fsync + os.replace). A checkpoint that `latest` does not name is
-never loaded, so an interrupted save leaves the previous checkpoint in charge. A resume first runs `verify`:
-every file's records against their CRC-32, so damage after the save (a truncated copy, flipped bits) stops the
-run with the file's name instead of loading garbage.
+`latest` is replaced atomically (temp file + fsync + os.replace) only after every rank's files are fsynced and the
+index and megachat.json are written: a checkpoint that `latest` does not name is never loaded, so an interrupted
+save (kill -9 at any moment) leaves the previous checkpoint in charge. A resume first runs `verify`: every file
+against the size and CRC-32 its index records, so damage after the save stops the run with the file's name
+instead of loading garbage.
 
-Client state (same on every rank, saved by DeepSpeed with the model states): step, consumed samples (the
-data position: the data is indexed by global sample number), the layout, and the RNG states. The same facts
-(minus RNG) go to step_NNNNNN/megachat.json, readable without DeepSpeed.
-
-Another layout: DeepSpeed's files are per tp / pp / dp shard and cannot be loaded under a different grid, so
-each checkpoint also holds the layout-free state step_NNNNNN/state/ (megachat.sharded): every rank writes the
-elements it holds, in parallel, as rectangles of the full tensors under nanochat's names: the weights from
-DeepSpeed's fp32 master copy and the optimizer state; an index.json written last names them with their CRC-32s.
-A resume under another --tp / --pp / dp / --zero (`layout_free_state`) has each rank read only its own slices:
-its tp shards into the model before DeepSpeed starts, its pieces of the fp32 master weights and of the optimizer
-state after, so a bf16 run continues exactly too. Checkpoints written before it held one full_state.pt written
-by rank 0 (universal.pt before that); those resume under their own layout only.
+Every resume reads the same files (`layout_free_state`): each rank reads only its own slices, its tp shards into
+the model before DeepSpeed starts and its pieces of the fp32 master weights and of the optimizer state after. The
+state is everything a step depends on: the weights, Muon's momentum, Adam's moments, the step (the schedule's
+position, Adam's bias correction) and the data position (the data is indexed by global sample number); no global
+RNG is drawn from in training (RL samples from generators seeded per question), so a resume under the same layout
+continues bit for bit.
 
 Final weights: RUN_DIR/model/ (Trainer.save_weights), the same sharded form without the optimizer state;
-`load_weights` / `load_run` / `load_init` read it, an exported .safetensors file (tools/export_checkpoint.py),
-nanochat's checkpoints, and the model.pt of runs written before it.
+`load_weights` / `load_run` / `load_init` read it, an exported .safetensors file (tools/export_checkpoint.py) and
+nanochat's checkpoints.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import zipfile
 
-import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import load_file
 
 from megachat import hf, sharded
 from megachat.fileio import atomic_write
+from megachat.model import GPTConfig, build_model
+from megachat.tokenizer import Tokenizer
 
 TAG_RE = re.compile(r"^step_(\d{6,})$")
 STATE_DIR = "state"  # step_NNNNNN/state/: the layout-free sharded state
@@ -51,23 +49,6 @@ WEIGHTS_DIR = "model"  # RUN_DIR/model/: the final weights, sharded
 
 def tag_for(step: int) -> str:
     return f"step_{step:06d}"
-
-
-def _fsync_tree(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fd = os.open(root, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 
 
 def latest_tag(ckpt_dir: str) -> str | None:
@@ -94,23 +75,18 @@ def archive_damage(path: str) -> str | None:
 
 
 def verify(ckpt_dir: str, tag: str) -> None:
-    """Check checkpoint `tag` before loading it: every .pt file must be a complete torch.save archive whose
-    records match their CRC-32 (torch.load itself reads flipped bits without a word), and every file of the
-    sharded state must have the size and CRC-32 its index records. The ranks split the files between them and
-    share what they find, so all stop together with one message naming the file and the previous checkpoint,
-    instead of one rank failing inside DeepSpeed while the others wait in a collective."""
+    """Check checkpoint `tag` before loading it: every file of its sharded state must have the size and CRC-32 its
+    index records. The ranks split the files between them and share what they find, so all stop together with one
+    message naming the file and the previous checkpoint, instead of one rank failing while the others wait in a
+    collective."""
     tag_dir = os.path.join(ckpt_dir, tag)
-    files = sorted(os.path.join(root, f) for root, _, names in os.walk(tag_dir) for f in names if f.endswith(".pt"))
-    checks = [(archive_damage, (f,)) for f in files]
-    damage = None
-    if os.path.isdir(os.path.join(tag_dir, STATE_DIR)):  # checkpoints before sharded states have none
-        try:
-            state = sharded.ShardedState(os.path.join(tag_dir, STATE_DIR))
-            checks += [(sharded.file_damage, f) for f in state.files()]
-        except (OSError, ValueError) as e:
-            damage = str(e)
+    checks, damage = [], None
+    try:
+        checks = sharded.ShardedState(os.path.join(tag_dir, STATE_DIR)).files()
+    except (OSError, ValueError) as e:
+        damage = str(e)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    damage = damage or next(filter(None, (check(*args) for check, args in checks[rank::world])), None)
+    damage = damage or next(filter(None, (sharded.file_damage(*f) for f in checks[rank::world])), None)
     if world > 1:
         found = [None] * world
         dist.all_gather_object(found, damage)
@@ -125,21 +101,6 @@ def verify(ckpt_dir: str, tag: str) -> None:
         raise RuntimeError(f"checkpoint {tag_dir} is damaged: {damage}; {fix}")
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def read_meta(ckpt_dir: str, tag: str) -> dict:
     """step_NNNNNN/megachat.json: step, consumed_samples, layout (tp, pp, dp, zero), config."""
     path = os.path.join(ckpt_dir, tag, "megachat.json")
@@ -150,47 +111,45 @@ def read_meta(ckpt_dir: str, tag: str) -> dict:
         return json.load(f)
 
 
-def save(engine, ckpt_dir: str, step: int, client_state: dict, keep: int = 3, model_config=None,
-         check_space: bool = True) -> str:
-    """Save a checkpoint of the state after `step` optimizer steps (collective); returns its tag. client_state
-    must hold step, consumed_samples, layout and config; with model_config (the GPTConfig) every rank also writes
-    its slices of the layout-free state into step_NNNNNN/state/ (see the module docstring). The checkpoint becomes
-    visible through `latest` only once every rank's files are on disk; then all but the newest `keep` are
-    removed. A write that fails on any rank (a full disk, an I/O error, a read-only directory) raises OSError on
-    every rank naming the path, the bytes it needed and the bytes free; the unfinished checkpoint is removed and
-    `latest` still names the previous one, intact. check_space: first refuse, the same way, a save that cannot fit,
-    judged by the size of the previous checkpoint (a disk that fills during the save is still caught by the
-    writes themselves; the tests turn this off to fault each write)."""
+def save(engine, ckpt_dir: str, step: int, meta: dict, model_config, keep: int = 3, *, staged: dict | None = None,
+         group=None, check_space: bool = True) -> str:
+    """Save a checkpoint of the state after `step` optimizer steps (collective over `group`, default the world);
+    returns its tag. meta (step, consumed_samples, layout, config) goes to step_NNNNNN/megachat.json; every rank
+    writes its slices of the training state of the model of `model_config` (a GPTConfig; or `staged`, a copy
+    sharded.stage made) into step_NNNNNN/state/. The checkpoint becomes visible through `latest` only once every
+    rank's files are on disk; then all but the newest `keep` are removed. A write that fails on any rank (a full
+    disk, an I/O error, a read-only directory) raises OSError on every rank naming the path, the bytes it needed and
+    the bytes free; the unfinished checkpoint is removed and `latest` still names the previous one, intact.
+    check_space: first refuse, the same way, a save that cannot fit, judged by the size of the previous checkpoint
+    (a disk that fills during the save is still caught by the writes themselves; the tests turn this off to fault
+    each write)."""
     tag = tag_for(step)
     tag_dir = os.path.join(ckpt_dir, tag)
     if check_space:
-        _refuse(_any_problem(_no_room(ckpt_dir, tag_dir) if dist.get_rank() == 0 else None), ckpt_dir, tag_dir)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={**client_state, "rng": rng_state()},
-                           save_latest=False)
+        _refuse(_any_problem(_no_room(ckpt_dir, tag_dir) if dist.get_rank() == 0 else None, group), ckpt_dir,
+                tag_dir, group)
     problem = None
-    try:
-        if model_config is not None:  # each rank fsyncs its own file; rank 0 writes the index after all of them
-            sharded.save(os.path.join(tag_dir, STATE_DIR), engine, model_config, step, client_state["layout"],
-                         optimizer=True)  # raises on every rank alike
-        if dist.get_rank() == 0:
+    try:  # each rank fsyncs its own file; rank 0 writes the index after all of them
+        sharded.save(os.path.join(tag_dir, STATE_DIR), engine, model_config, step, meta["layout"], optimizer=True,
+                     staged=staged, group=group)  # raises on every rank alike
+        if dist.get_rank() == 0:  # the index's and this write fsync their directories
             atomic_write(os.path.join(tag_dir, "megachat.json"), json.dumps(
-                {k: client_state[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
+                {k: meta[k] for k in ("step", "consumed_samples", "layout", "config")}, indent=2))
     except OSError as e:
         problem = str(e)
-    problem = _any_problem(problem)  # every rank has written and closed its files
+    problem = _any_problem(problem, group)  # every rank has written and closed its files
     if problem is None and dist.get_rank() == 0:
         try:
-            _fsync_tree(tag_dir)
             atomic_write(os.path.join(ckpt_dir, "latest"), tag)
         except OSError as e:
             problem = str(e)
-    _refuse(_any_problem(problem), ckpt_dir, tag_dir)
+    _refuse(_any_problem(problem, group), ckpt_dir, tag_dir, group)
     if dist.get_rank() == 0:
         tags = sorted(t for t in os.listdir(ckpt_dir) if TAG_RE.match(t) and os.path.isdir(os.path.join(ckpt_dir, t)))
         for old in tags[:-keep] if keep > 0 else []:
             if old != tag:
                 shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
-    dist.barrier()
+    dist.barrier(group=group)
     return tag
 
 
@@ -206,7 +165,7 @@ def _no_room(ckpt_dir: str, tag_dir: str) -> str | None:
                                      f"it needs {need:,} bytes, {free:,} bytes are free on its filesystem")
 
 
-def _refuse(problem: str | None, ckpt_dir: str, tag_dir: str) -> None:
+def _refuse(problem: str | None, ckpt_dir: str, tag_dir: str, group=None) -> None:
     """On every rank alike (problem comes from _any_problem): nothing when problem is None; else remove the
     unfinished checkpoint and raise OSError naming the problem and the checkpoint still in charge."""
     if problem is None:
@@ -214,49 +173,29 @@ def _refuse(problem: str | None, ckpt_dir: str, tag_dir: str) -> None:
     previous = latest_tag(ckpt_dir)
     if dist.get_rank() == 0 and os.path.join(ckpt_dir, previous or "") != tag_dir:
         shutil.rmtree(tag_dir, ignore_errors=True)  # its space back; `latest` never named it
-    dist.barrier()
+    dist.barrier(group=group)
     raise OSError(f"checkpoint {tag_dir} was not written: {problem}; "
                   + (f"{os.path.join(ckpt_dir, 'latest')} still names {previous}, intact: free space (or fix the "
                      f"storage) and continue with --resume auto" if previous else
                      "there is no earlier checkpoint: free space (or fix the storage) and start again"))
 
 
-def _any_problem(problem: str | None) -> str | None:
-    """The first rank's problem, on every rank (collective)."""
-    found = [None] * dist.get_world_size()
-    dist.all_gather_object(found, problem)
+def _any_problem(problem: str | None, group=None) -> str | None:
+    """The first rank's problem, on every rank (collective over `group`, default the world)."""
+    found = [None] * dist.get_world_size(group)
+    dist.all_gather_object(found, problem, group=group)
     return next((p for p in found if p), None)
 
 
 def layout_free_state(ckpt_dir: str, tag: str) -> sharded.ShardedState:
-    """Checkpoint `tag`'s layout-free state (step_NNNNNN/state/), which each rank of any layout reads by slices."""
-    tag_dir = os.path.join(ckpt_dir, tag)
-    if not os.path.isfile(os.path.join(tag_dir, STATE_DIR, sharded.INDEX)):
-        old = [f for f in ("full_state.pt", "universal.pt") if os.path.isfile(os.path.join(tag_dir, f))]
-        raise FileNotFoundError(
-            f"{os.path.join(tag_dir, STATE_DIR, sharded.INDEX)} is missing, so {tag_dir} can only be resumed with "
-            f"the layout it was saved with" + (f" (it was written before sharded checkpoints, with {old[0]})"
-                                               if old else "") +
-            "; resume with the same --tp/--pp/--zero and number of processes, save a checkpoint (--save-every) and "
-            "resume that one under the new layout")
-    return sharded.ShardedState(os.path.join(tag_dir, STATE_DIR))
-
-
-def load(engine, ckpt_dir: str, tag: str) -> dict:
-    """Load checkpoint `tag` (saved under this layout: the trainer checks) into the DeepSpeed engine (model,
-    optimizer, LR schedule) and restore the RNG; returns the client state."""
-    path, client = engine.load_checkpoint(ckpt_dir, tag=tag, load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
-    if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {os.path.join(ckpt_dir, tag)}")
-    set_rng_state(client["rng"])
-    return client
+    """Checkpoint `tag`'s training state (step_NNNNNN/state/), which each rank of any layout reads by slices."""
+    return sharded.ShardedState(os.path.join(ckpt_dir, tag, STATE_DIR))
 
 
 def read_run_config(run_dir: str) -> dict:
     """RUN_DIR/config.json as the training script wrote it ("model", "train", "tokenizer", data paths); for a Hugging
     Face directory (megachat.hf) its "model" and "tokenizer" (the directory itself)."""
-    if hf.is_hf_dir(run_dir):  # issue 19: Hugging Face directories
+    if hf.is_hf_dir(run_dir):
         return {"model": hf.read_config(run_dir), "tokenizer": run_dir}
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
@@ -270,13 +209,10 @@ def read_run_config(run_dir: str) -> dict:
 
 
 def final_weights(run_dir: str) -> str:
-    """Where a run's final weights are: RUN_DIR/model/ (sharded), or RUN_DIR/model.pt for runs written before it; a
-    Hugging Face directory's are in it."""
-    if hf.is_hf_dir(run_dir):  # issue 19: Hugging Face directories
+    """Where a run's final weights are: RUN_DIR/model/ (sharded); a Hugging Face directory's are in it."""
+    if hf.is_hf_dir(run_dir):
         return run_dir
-    old = os.path.join(run_dir, "model.pt")
-    return old if os.path.isfile(old) and not os.path.isdir(os.path.join(run_dir, WEIGHTS_DIR)) else \
-        os.path.join(run_dir, WEIGHTS_DIR)
+    return os.path.join(run_dir, WEIGHTS_DIR)
 
 
 def sharded_state(path: str) -> sharded.ShardedState:
@@ -292,11 +228,11 @@ def sharded_state(path: str) -> sharded.ShardedState:
 def load_weights(path: str) -> dict:
     """Full fp32 weights under nanochat's names (the whole model in memory) from `path`: a sharded state
     (`sharded_state`: RUN_DIR/model, a checkpoint RUN_DIR/checkpoints/step_NNNNNN), an exported .safetensors file,
-    or a torch.save file (a state dict, {"state_dict": ...} or a checkpoint's full_state.pt {"model": ...}: older
-    runs' model.pt, nanochat's model_NNNNNN.pt). Checked first: sharded files against the CRC-32s of their index, a
-    .pt against the CRC-32s of its records (torch.load would read flipped bits as weights without a word). A Hugging
-    Face directory (megachat.hf) gives a mapping that reads one tensor per access instead."""
-    if os.path.isdir(path) and hf.is_hf_dir(path):  # issue 19: Hugging Face directories
+    or a torch.save state dict (nanochat's model_NNNNNN.pt, or {"state_dict": ...}). Checked first: sharded files
+    against the CRC-32s of their index, a .pt against the CRC-32s of its records (torch.load would read flipped bits
+    as weights without a word). A Hugging Face directory (megachat.hf) gives a mapping that reads one tensor per
+    access instead."""
+    if os.path.isdir(path) and hf.is_hf_dir(path):
         return hf.Weights(path)
     if os.path.isdir(path):
         state = sharded_state(path)
@@ -309,19 +245,15 @@ def load_weights(path: str) -> dict:
         raise FileNotFoundError(f"no weights at {path}: pass --checkpoint PATH (a run's model/ directory, a "
                                 f"checkpoint step_NNNNNN, an exported .safetensors or a .pt state dict under "
                                 f"nanochat's names), or train to the end (RUN_DIR/model/ is written after the last "
-                                f"step; older runs wrote RUN_DIR/model.pt)")
+                                f"step)")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         return {k: v.float() for k, v in load_file(path).items()}
     damage = archive_damage(path)
     if damage:
         raise RuntimeError(f"{damage}; the weights are damaged: point --checkpoint at another copy (each "
                            f"RUN_DIR/checkpoints/step_NNNNNN holds the weights of that step)")
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
+    return obj["state_dict"] if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict) else obj
 
 
 def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str | None = None,
@@ -329,8 +261,6 @@ def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str 
     """(model, tokenizer, run config) of a finished run on this rank of `grid`: RUN_DIR/config.json's model with
     the run's final weights (`final_weights`; or weights_path's, any form `load_weights` reads), in eval mode; the
     tokenizer the run recorded (or tokenizer_dir)."""
-    from megachat.model import GPTConfig, build_model
-    from megachat.tokenizer import Tokenizer
     run_cfg = read_run_config(run_dir)
     tokenizer = Tokenizer.load(tokenizer_dir or run_cfg["tokenizer"])
     weights = load_weights(weights_path or final_weights(run_dir))
@@ -340,11 +270,10 @@ def load_run(run_dir: str, grid, device, dtype=torch.float32, weights_path: str 
 
 def load_init(path: str) -> tuple[dict, dict]:
     """(full weights, run config) to start a training phase from: a megachat run directory (config.json + its final
-    weights, model/ or model.pt), a Hugging Face directory (megachat.hf: its tokenizer too), a .safetensors file
+    weights, model/), a Hugging Face directory (megachat.hf: its tokenizer too), a .safetensors file
     exported by tools/export_checkpoint.py (its metadata's "model_config"), or a nanochat checkpoint directory
     (model_NNNNNN.pt + meta_NNNNNN.json, the newest step; its "model_config" becomes the run config's "model")."""
     if os.path.isfile(path) and path.endswith(".safetensors"):
-        from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
             config = (f.metadata() or {}).get("model_config")
         if config is None:
@@ -369,7 +298,6 @@ def load_init(path: str) -> tuple[dict, dict]:
 def load_parent(init_from: str, tokenizer_dir: str | None = None):
     """What a phase continues from: (full weights, the parent's run config, its tokenizer, the tokenizer's
     directory): load_init(init_from), with the tokenizer the parent recorded unless tokenizer_dir is given."""
-    from megachat.tokenizer import Tokenizer
     weights, parent = load_init(init_from)
     tokenizer_dir = tokenizer_dir or parent.get("tokenizer")
     if not tokenizer_dir:

@@ -324,13 +324,23 @@ class GPT(nn.Module):
 
     def num_params(self):
         """Parameter count of the full (unsharded, unpadded) model."""
-        return sum(math.prod(s) for s in nanochat_shapes(self.config).values())
+        return num_params(self.config)
 
     def estimate_flops(self):
-        """Model FLOPs per token of the full model: 6 * (params - embedding params) + 12 * L * H * D * T."""
-        c = self.config
-        n_embedding = c.vocab_size * c.n_embd
-        return 6 * (self.num_params() - n_embedding) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
+        """Model FLOPs per token of the full model (flops_per_token)."""
+        return flops_per_token(self.config)
+
+
+def num_params(config: GPTConfig) -> int:
+    """Parameter count of the full (unsharded, unpadded) model of `config`."""
+    return sum(math.prod(s) for s in nanochat_shapes(config).values())
+
+
+def flops_per_token(config: GPTConfig) -> int:
+    """Model FLOPs per token of the full model of `config`, the one formula (nanochat's): 6 * (params - embedding
+    params) + 12 * L * H * D * T."""
+    c = config
+    return 6 * (num_params(c) - c.vocab_size * c.n_embd) + 12 * c.n_layer * c.n_head * c.head_dim * c.sequence_len
 
 
 def _weighted_loss(loss_fn, targets, reduction):

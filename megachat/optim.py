@@ -1,10 +1,13 @@
 """nanochat's optimizer: Muon for the block matrices, AdamW for the embedding and the LM head, exact under
-tensor x pipeline x data parallelism and DeepSpeed ZeRO-0/1/2/3; its learning rates, LR / momentum schedules
-and the global gradient-norm clipping. Which elements of which matrix a rank holds under DeepSpeed's
+tensor x pipeline x data parallelism and DeepSpeed ZeRO-0/1/2/3; its learning rates and the functions of its
+schedules (lr_multiplier, muon_momentum), which the trainer evaluates at its step and hands to every step
+(`HybridOptimizer.set_schedule`), and the global gradient-norm clipping, which runs first in the step because
+DeepSpeed reduces the gradients inside its own step, right before it calls this optimizer's. Which elements of which matrix a rank holds under DeepSpeed's
 partitions, and the exchange that brings each matrix to the rank that orthogonalizes it, are
 megachat.zero_partitions'.
 
-What it computes (NANOCHAT-V0.md), for every step `it` (0-based) and lr multiplier lrm = lr_multiplier(it):
+What it computes (NANOCHAT-V0.md), for every step `it` (0-based), with the schedule's lr multiplier
+lrm = lr_multiplier(it) and Muon momentum m = muon_momentum(it) set by the trainer:
 - gradients are first clipped to `max_grad_norm` by the true global norm: every element of the unsharded
   model counted once, whatever tp / pp / dp / ZeRO stage; it equals torch.nn.utils.clip_grad_norm_ on the
   single-process model.
@@ -37,15 +40,15 @@ receives the whole matrix of u, orthogonalizes and scales it, and sends each hol
 (two all_to_alls, the minimum volume for this scheme; `optimizer_stats` reports it per rank).
 
 State: packed fp32 buffers (Muon momentum, Adam moments) of exactly the elements this rank holds, in
-`state` of the tensor DeepSpeed handed us, and the step count in param_groups[0]["step"]: DeepSpeed's own
-checkpoints save and restore them for the same layout. For another tp / pp / dp / ZeRO layout, held_state()
-hands them out by slices, with the fp32 master weights, for megachat.sharded's layout-free checkpoints (each rank
-writes and reads only its own elements); full_optimizer_state() / load_full_optimizer_state() gather a stage's
+`state` of the tensor DeepSpeed handed us. held_state() hands them out by slices, with the fp32 master weights,
+for megachat.sharded's layout-free checkpoints (each rank writes and reads only its own elements). The step count
+is not the optimizer's: the trainer's step is the one counter (the schedule's position and Adam's bias
+correction), set with set_schedule; full_optimizer_state() / load_full_optimizer_state() gather a stage's
 state into unsharded per-parameter tensors on every rank and back (small models, tests).
 
 DeepSpeed config the trainer needs with it: "gradient_clipping": 0 (clipping happens here, with the true
-global norm), "zero_allow_untested_optimizer": true for ZeRO >= 1, no "optimizer" / "scheduler" sections
-(the schedule is inside: pass `num_iterations`), no fp16. ZeRO-3 also needs a sub_group_size above the
+global norm; trainer.check_ds_config refuses a user's value), "zero_allow_untested_optimizer": true for ZeRO >= 1, no "optimizer" / "scheduler" sections
+(the trainer owns the schedule), no fp16. ZeRO-3 also needs a sub_group_size above the
 stage's parameter count, so that DeepSpeed calls step() once with every parameter (trainer.ds_config sets it).
 The class name avoids the word "muon": DeepSpeed's ZeRO-1/2 switch to their own Muon path for optimizers
 whose class name contains it.
@@ -59,9 +62,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from megachat.deepspeed_internals import zero3_master_flats
 from megachat.kernels import newton_schulz
 from megachat.parallel import Grid
-from megachat.zero_partitions import Plan, build_plan, shard_state_into, unshard_state, written_share
+from megachat.zero_partitions import ExchangePlan, build_plan, shard_state_into, unshard_state, written_share
 
 # nanochat's base learning rates per parameter kind (param_kind); learning_rates(n_embd) scales AdamW's
 LEARNING_RATES = {"matrix": 0.02, "embedding": 0.2, "lm_head": 0.004}
@@ -113,18 +117,17 @@ class HybridOptimizer(torch.optim.Optimizer):
 
     named_parameters: (name, param) of this rank's model / pipeline stage (tp shards carry
     `tensor_model_parallel` and `partition_dim`). grid: this rank's Grid, from megachat.parallel.init_grid
-    (Muon's exchange runs over its stage_group). num_iterations=None keeps the lr multiplier at 1.
-    matrix_lr / embedding_lr / lm_head_lr: the base rates, scaled by learning_rates(n_embd). ns_dtype:
-    Newton-Schulz compute dtype (bf16 as nanochat; fp32 in tests).
-    param_groups[0]["lr"] is the current lr multiplier; "step" the number of steps taken.
+    (Muon's exchange runs over its stage_group). matrix_lr / embedding_lr / lm_head_lr: the base rates, scaled by
+    learning_rates(n_embd). ns_dtype: Newton-Schulz compute dtype (bf16 as nanochat; fp32 in tests).
+    Before each step the caller sets the schedule (`set_schedule`: the 0-based step, the lr multiplier and Muon's
+    momentum); without it a step runs as step 0 with multiplier 1 and momentum 0.95.
     """
 
-    def __init__(self, named_parameters, grid: Grid = Grid(), *, n_embd: int, num_iterations: int | None = None,
+    def __init__(self, named_parameters, grid: Grid = Grid(), *, n_embd: int,
                  matrix_lr: float = LEARNING_RATES["matrix"], embedding_lr: float = LEARNING_RATES["embedding"],
                  lm_head_lr: float = LEARNING_RATES["lm_head"], betas: tuple[float, float] = (0.8, 0.95),
-                 eps: float = 1e-10, momentum_start: float = 0.85, momentum_end: float = 0.95,
-                 momentum_warmup_steps: int = 300, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
-                 max_grad_norm: float = 1.0, warmdown_ratio: float = 0.2):
+                 eps: float = 1e-10, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
+                 max_grad_norm: float = 1.0):
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not named:
             raise ValueError("HybridOptimizer got no trainable parameters: pass model.named_parameters()")
@@ -141,16 +144,21 @@ class HybridOptimizer(torch.optim.Optimizer):
                                  f"to know how the whole matrix is split; set tensor_model_parallel=True and "
                                  f"partition_dim on every tp-sharded weight, False on replicated ones")
         lrs = learning_rates(n_embd, {"matrix": matrix_lr, "embedding": embedding_lr, "lm_head": lm_head_lr})
-        defaults = dict(lr=1.0, step=0, **{f"{kind}_lr": lr for kind, lr in lrs.items()}, betas=betas, eps=eps,
-                        momentum_start=momentum_start, momentum_end=momentum_end,
-                        momentum_warmup_steps=momentum_warmup_steps, ns_steps=ns_steps, max_grad_norm=max_grad_norm,
-                        num_iterations=num_iterations, warmdown_ratio=warmdown_ratio)
+        defaults = dict(lr=1.0, **{f"{kind}_lr": lr for kind, lr in lrs.items()}, betas=betas, eps=eps,
+                        ns_steps=ns_steps, max_grad_norm=max_grad_norm)
         super().__init__([{"params": list(self._params)}], defaults)
         self.ns_dtype = ns_dtype
-        self._plan: Plan | None = None
+        self.set_schedule(0, 1.0, 0.95)
+        self._plan: ExchangePlan | None = None
         self.last_grad_norm: float | None = None
         self.skipped = False  # whether the last step was skipped for a non-finite gradient norm
         self.last_step_seconds: float | None = None
+
+    def set_schedule(self, step: int, lr_multiplier: float, momentum: float) -> None:
+        """The schedule of the next step: its 0-based number (Adam's bias correction uses step + 1), the multiplier
+        of every base rate and Muon's momentum."""
+        self.schedule_step, self.lr_multiplier, self.momentum = int(step), float(lr_multiplier), float(momentum)
+        self.param_groups[0]["lr"] = self.lr_multiplier  # what DeepSpeed's engine reports as the lr
 
     def _prepare(self, local: list[torch.Tensor] | None = None):
         """(plan, state, fresh): the layout of what this rank holds and its packed fp32 state (created
@@ -169,7 +177,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(plan.adam_numel, dtype=torch.float32, device=device)
         return plan, state, fresh
 
-    def _orthogonalize(self, plan: Plan, u: torch.Tensor) -> torch.Tensor:
+    def _orthogonalize(self, plan: ExchangePlan, u: torch.Tensor) -> torch.Tensor:
         """u: fp32 (matrix_numel,), the momentum-updated gradient of this rank's Muon pieces -> the scaled
         Newton-Schulz update of the same pieces, computed on whole matrices by their owners."""
         here = self._held_whole(plan)
@@ -191,7 +199,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                     updates[j] = o * scale
         return update if here else plan.scatter_updates(updates, u)
 
-    def _held_whole(self, plan: Plan) -> dict | None:
+    def _held_whole(self, plan: ExchangePlan) -> dict | None:
         """{matrix index: the piece holding it whole} when this rank is its stage's only rank and holds every
         matrix in one run (one process; the exchange would only copy them), else None."""
         if len(plan.to_owner) != 1 or len(plan.owned) != len(plan.matrices):
@@ -209,10 +217,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         t0 = time.perf_counter()
         group = self.param_groups[0]
         plan, state, fresh = self._prepare()
-        it = group["step"]
-        lrm = lr_multiplier(it, group["num_iterations"], group["warmdown_ratio"]) if group["num_iterations"] else 1.0
-        group["lr"] = lrm
-        mom = muon_momentum(it, group["momentum_start"], group["momentum_end"], group["momentum_warmup_steps"])
+        it, lrm, mom = self.schedule_step, self.lr_multiplier, self.momentum
         flat = [t.view(-1) for t in plan.local]
         grads = [t.grad.view(-1) if t.grad is not None else torch.zeros_like(v) for t, v in zip(plan.local, flat)]
         device = flat[0].device
@@ -227,8 +232,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         norm = sq.sqrt()
         self.last_grad_norm = float(norm)
         self.skipped = not math.isfinite(self.last_grad_norm)
-        if self.skipped:  # a non-finite loss or gradient: no weight or state moves; the schedule goes on
-            group["step"] = it + 1
+        if self.skipped:  # a non-finite loss or gradient: no weight or state moves
             self.last_step_seconds = time.perf_counter() - t0
             return
         coef = (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0) if group["max_grad_norm"] > 0 else None
@@ -269,7 +273,6 @@ class HybridOptimizer(torch.optim.Optimizer):
             for piece in plan.matrix_pieces:
                 w = piece.of_local(flat)
                 w.copy_(w.float().add(piece.of_packed(update), alpha=-lr))
-        group["step"] = it + 1
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.last_step_seconds = time.perf_counter() - t0
@@ -278,8 +281,6 @@ class HybridOptimizer(torch.optim.Optimizer):
         """torch casts loaded state to each parameter's dtype; ours stays fp32 whatever the weights' dtype."""
         super().load_state_dict(state_dict)
         group = self.param_groups[0]
-        if "muon_lr" in group:  # saved before the rate was named after its kind
-            group["matrix_lr"] = group.pop("muon_lr")
         saved = state_dict["state"].get(state_dict["param_groups"][0]["params"][0], {})
         p0 = group["params"][0]
         for key, value in saved.items():
@@ -300,20 +301,20 @@ def _unwrap(obj) -> tuple[HybridOptimizer, list[torch.Tensor] | None]:
         raise ValueError(f"{type(obj).__name__} does not wrap a megachat.optim.HybridOptimizer")
     local = None
     if not opt.param_groups[0]["params"] and len(chain) > 1:  # ZeRO-3 empties the group between steps
-        local = list(getattr(chain[-2], "fp32_partitioned_groups_flat", []))
+        local = zero3_master_flats(chain[-2])
     return opt, local
 
 
 def full_optimizer_state(engine_or_optimizer) -> dict:
     """This pipeline stage's optimizer state, independent of tp / dp / ZeRO (collective over the grid):
-    {"step": int, "params": {name: {key: fp32 CPU tensor of the unsharded parameter's shape}}}; keys are
+    {"params": {name: {key: fp32 CPU tensor of the unsharded parameter's shape}}}; keys are
     momentum_buffer (Muon) or exp_avg / exp_avg_sq (AdamW). For saving under one layout and resuming under
     another with load_full_optimizer_state."""
     opt, local = _unwrap(engine_or_optimizer)
     plan, state, _ = opt._prepare(local)
     params = {name: {key: unshard_state(plan, i, state[key]) for key in _STATE_KEYS[kind]}
               for i, (name, kind) in enumerate(zip(opt._names, opt._kinds))}
-    return {"step": opt.param_groups[0]["step"], "params": params}
+    return {"params": params}
 
 
 def load_full_optimizer_state(engine_or_optimizer, full: dict) -> None:
@@ -328,7 +329,6 @@ def load_full_optimizer_state(engine_or_optimizer, full: dict) -> None:
                              f"different model (it holds {sorted(full['params'])[:3]}...)")
         for key in _STATE_KEYS[kind]:
             shard_state_into(plan, i, full["params"][name][key], state[key])
-    opt.param_groups[0]["step"] = int(full["step"])
 
 
 @dataclass(frozen=True)
@@ -345,8 +345,8 @@ class HeldRun:
     tensors: dict[str, torch.Tensor]
 
 
-def held_state(engine_or_optimizer, *, once: bool) -> tuple[list[HeldRun], int]:
-    """(this rank's runs, the optimizer's step count): the training state by slices, for megachat.sharded.
+def held_state(engine_or_optimizer, *, once: bool) -> list[HeldRun]:
+    """This rank's runs: the training state by slices, for megachat.sharded.
     once=True keeps only this rank's share of what several ranks hold alike (zero_partitions.written_share), so
     that over the grid every element appears once (to write); once=False keeps all it holds (to load into: writing
     into the views sets the weights DeepSpeed steps from and the optimizer state). Call after
@@ -364,12 +364,12 @@ def held_state(engine_or_optimizer, *, once: bool) -> tuple[list[HeldRun], int]:
         i = piece.param_index
         runs.append(HeldRun(opt._names[i], plan.shard_shapes[i], plan.partition_dims[i], plan.grid.tp_rank,
                             piece.param_offset + lo, {k: v[lo:lo + length] for k, v in views.items()}))
-    return runs, opt.param_groups[0]["step"]
+    return runs
 
 
-def set_optimizer_step(engine_or_optimizer, step: int) -> None:
-    """Set the optimizer's step count (the schedule's position) after loading its state by slices."""
-    _unwrap(engine_or_optimizer)[0].param_groups[0]["step"] = int(step)
+def hybrid_optimizer(engine_or_optimizer) -> HybridOptimizer:
+    """The HybridOptimizer inside a DeepSpeed engine or wrapper (or the optimizer itself)."""
+    return _unwrap(engine_or_optimizer)[0]
 
 
 def optimizer_stats(optimizer) -> dict:

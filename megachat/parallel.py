@@ -19,8 +19,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
+from megachat import deepspeed_internals
 from megachat.watchdog import collective_timeout_s
 
 
@@ -142,18 +144,9 @@ class Grid:
 
 
 def without_deepspeed_shm_allreduce() -> None:
-    """Keep DeepSpeed's CPU backend on plain gloo. Call before deepspeed.init_distributed / deepspeed.initialize.
-
-    DeepSpeed 0.19.8's CPU backend JIT-compiles a shared-memory all-reduce op (about 35 s on a new machine)
-    whose /dev/shm buffers (66 MB per rank) are never unlinked: every CPU launch leaks that much RAM until the
-    box runs out (seen: 20 GB after a few test runs). gloo computes the same reductions. On CUDA nothing changes.
-    """
-    import torch
-    if torch.cuda.is_available():
-        return
-    import importlib
-    # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm's namespace holds PyTorch itself as `torch`
-    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    """Keep DeepSpeed's CPU backend on plain gloo (deepspeed_internals.without_shm_allreduce says why); call before
+    deepspeed.init_distributed / deepspeed.initialize."""
+    deepspeed_internals.without_shm_allreduce()
 
 
 def init_grid(tp: int = 1, pp: int = 1) -> Grid:
@@ -211,7 +204,6 @@ def init_distributed(world_of_one: bool = True, timeout_s: float | None = None) 
                              "MASTER_PORT (a free port) before srun, as scripts/slurm_train.sbatch does")
     if "RANK" not in os.environ and not world_of_one:
         return
-    import torch
     if "RANK" not in os.environ:  # plain `python script.py`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
@@ -229,7 +221,6 @@ def init_distributed(world_of_one: bool = True, timeout_s: float | None = None) 
 
 def device():
     """This process's device: its CUDA device under a GPU launcher, else the CPU."""
-    import torch
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 

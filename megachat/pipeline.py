@@ -15,11 +15,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megachat.deepspeed_internals import partition_balanced, pipe_topology
+
 
 def stage_bounds(n_layer: int, pp: int) -> list[int]:
     """[0, ..., n_layer + 2]: stage s owns layers bounds[s]:bounds[s + 1] of GPT.layers(); the embedding rides
-    with the first stage's blocks and the head with the last stage's."""
-    from deepspeed.runtime.utils import partition_balanced
+    with the first stage's blocks and the head with the last stage's (pp = 1: one stage, no DeepSpeed needed)."""
+    if pp == 1:
+        return [0, n_layer + 2]
     return partition_balanced(weights=[0] + [1] * n_layer + [0], num_parts=pp)
 
 
@@ -34,8 +37,7 @@ def stage_layers(model, grid) -> list:
 
 def topology(grid):
     """DeepSpeed's topology object with the grid's rank layout (tp fastest, then dp, then pp)."""
-    from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-    return PipeModelDataParallelTopology(num_pp=grid.pp, num_mp=grid.tp, num_dp=grid.dp)
+    return pipe_topology(pp=grid.pp, tp=grid.tp, dp=grid.dp)
 
 
 def pipeline_module(model, grid):

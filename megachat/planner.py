@@ -57,16 +57,25 @@ MFU = model FLOPs per token x tokens per step / (step time x world x peak), as m
 """
 from __future__ import annotations
 
+import gc
 import itertools
+import json
 import math
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
-from megachat.model import GPT, GPTConfig
+from megachat import deepspeed_internals as dsi
+from megachat.model import GPT, GPTConfig, flops_per_token, nanochat_shapes
+from megachat.optim import hybrid_optimizer, param_kind
 from megachat.parallel import Grid
+from megachat.pipeline import stage_bounds
+from megachat.tensor_parallel import padded_vocab_size
+from megachat.trainer import CONFIG_DIR, TrainConfig, check_config, zero_buckets
 
 GiB = 2 ** 30
 NS_STEPS = 5  # Newton-Schulz iterations (megachat.optim's default)
@@ -198,8 +207,6 @@ def layer_params(config: GPTConfig, tp: int) -> tuple[LayerParams, ...]:
 
 @lru_cache(maxsize=64)
 def _layer_params(fields: tuple, tp: int) -> tuple[LayerParams, ...]:
-    from megachat.model import nanochat_shapes
-    from megachat.optim import param_kind
     config = GPTConfig(**dict(fields))
     with torch.device("meta"):
         model = GPT(config, grid=Grid(tp=tp))
@@ -215,15 +222,6 @@ def _layer_params(fields: tuple, tp: int) -> tuple[LayerParams, ...]:
                                optim_kinds=tuple(param_kind(names[id(p)], p) for p in params), full_shapes=full,
                                buffer_bytes=sum(b.numel() * b.element_size() for b in layer.buffers())))
     return tuple(out)
-
-
-@lru_cache(maxsize=256)
-def stage_bounds(n_layer: int, pp: int) -> tuple[int, ...]:
-    """megachat.pipeline.stage_bounds (DeepSpeed's own balancing); pp = 1 needs no DeepSpeed import."""
-    if pp == 1:
-        return (0, n_layer + 2)
-    from megachat.pipeline import stage_bounds as bounds
-    return tuple(bounds(n_layer, pp))
 
 
 def stage_layers(config: GPTConfig, tp: int, pp: int, stage: int) -> tuple[LayerParams, ...]:
@@ -260,7 +258,6 @@ def activation_bytes(config: GPTConfig, tp: int, micro_batch: int, dtype: str = 
     C, D = config.n_embd, config.head_dim
     h = config.n_head // tp
     kv = config.n_kv_head // tp if config.n_kv_head % tp == 0 else 1
-    from megachat.tensor_parallel import padded_vocab_size
     v_local = min(padded_vocab_size(config.vocab_size, tp) // tp, config.vocab_size)
     s = tp if sequence_parallel and tp > 1 else 1  # the residual stream's positions are split s ways
     # both rmsnorms' inputs and 1/rms, and the normed x that q, k, v and c_fc share (their saved input)
@@ -288,7 +285,7 @@ def stage_activation_bytes(job: Job, layout: Layout, stage: int) -> int:
 def head_chunk_tokens(v_local: int, dtype: str) -> int:
     """Tokens per chunk of the fused LM head + loss: megachat.tensor_parallel.loss_chunk_tokens (a chunk's logits
     within LOSS_CHUNK_BYTES), or 4,096 where megachat has no fused loss."""
-    try:
+    try:  # megachat.tensor_parallel without a fused loss has no loss_chunk_tokens
         from megachat.tensor_parallel import loss_chunk_tokens
     except ImportError:
         return 4096
@@ -318,10 +315,6 @@ def zero_settings(zero: int, dtype: str, ds_config: str | None = None, model_num
                   layer_numel: int | None = None) -> ZeroSettings:
     """Read the DeepSpeed JSON the trainer would use and fill in what megachat.trainer.ds_config sizes from the model
     (trainer.zero_buckets, given the unsharded model's and its largest layer's elements), then DeepSpeed's defaults."""
-    import json
-    from pathlib import Path
-
-    from megachat.trainer import CONFIG_DIR, zero_buckets
     path = Path(ds_config) if ds_config else CONFIG_DIR / f"zero{zero}_{dtype}.json"
     z = json.loads(path.read_text()).get("zero_optimization", {})
     if zero >= 1 and model_numel is not None:
@@ -424,7 +417,7 @@ def predict_gathered_bytes(layers, zero: int, dtype: str, settings: ZeroSettings
 
 # --- one layout -------------------------------------------------------------------------------------------------
 
-def _flops_per_token(config: GPTConfig, layers, checkpointing: str = "none") -> float:
+def _layer_flops(config: GPTConfig, layers, checkpointing: str = "none") -> float:
     """FLOPs per token of some layers: the model's (GPT.estimate_flops split by layer; the embedding lookup is
     free), plus what checkpointing recomputes in backward (full: the block's forward, a third; selective: the
     attention core's forward, a third of its 12 x heads x head_dim x T)."""
@@ -475,7 +468,6 @@ def predict_memory(job: Job, layout: Layout, hw: Hardware, settings: ZeroSetting
             // (layout.tp if sp else 1)
     # backward transients: the logits' gradient (or one fused chunk) on the head stage; one block's activation
     # gradients ([tokens, 4C/tp] twice, [tokens, C] twice) anywhere
-    from megachat.tensor_parallel import padded_vocab_size
     v_local = padded_vocab_size(c.vocab_size, layout.tp) // layout.tp
     head = any(layer.kind == "head" for layer in layers)
     if not head:
@@ -555,7 +547,7 @@ def predict_time(job: Job, layout: Layout, hw: Hardware, settings: ZeroSettings)
                  max((_ns_flops(shape) for shape in shapes), default=0.0)) / flops_rate
         held = max(h["matrix"] + h["adam"] for h in held_elements(layers, dp, layout.zero))
         stages.append(_StageTime(
-            compute=_flops_per_token(c, layers, layout.checkpointing) * n / tp / flops_rate,
+            compute=_layer_flops(c, layers, layout.checkpointing) * n / tp / flops_rate,
             tp_comm=sum(per_block if layer.kind == "block" else 1 for layer in layers) * tp_ar,  # embedding, head: 1
             pp_comm=p2p, dp_micro=dp_micro, dp_step=dp_step,
             optimizer=exchange + ns + OPTIMIZER_BYTES_PER_ELEMENT * held / hw.hbm_bandwidth))
@@ -580,20 +572,13 @@ class _StageTime:
         return self.compute + self.tp_comm + self.pp_comm + self.dp_micro
 
 
-@lru_cache(maxsize=16)
-def _model_flops_per_token(fields: tuple) -> float:
-    """GPT.estimate_flops of the model (built on the meta device)."""
-    with torch.device("meta"):
-        return GPT(GPTConfig(**dict(fields)), grid=Grid()).estimate_flops()
-
-
 def predict(job: Job, layout: Layout, hw: Hardware = Hardware(), ds_config: str | None = None) -> Prediction:
     """Memory (the stage that needs the most) and step time of one layout; no validity check (see plan)."""
     settings = job_zero_settings(job, layout.zero, ds_config)
     memories = [predict_memory(job, layout, hw, settings, s) for s in range(layout.pp)]
     stage = max(range(layout.pp), key=lambda s: memories[s].total)
     time = predict_time(job, layout, hw, settings)
-    flops = _model_flops_per_token(tuple(vars(job.config).items()))
+    flops = flops_per_token(job.config)
     tokens_per_s = job.total_batch_size / time.total
     return Prediction(layout=layout, memory=memories[stage], stage=stage, time=time,
                       mfu=flops * tokens_per_s / (layout.world * hw.peak_flops), tokens_per_s=tokens_per_s,
@@ -634,7 +619,6 @@ class Plan:
 def layout_error(job: Job, layout: Layout, hw: Hardware, world: int | None = None) -> str | None:
     """Why megachat would refuse this layout on `world` GPUs (default layout.world): trainer.check_config's
     message, or the planner's own rule that tp stays inside a node; None when it is valid."""
-    from megachat.trainer import TrainConfig, check_config
     if layout.tp > hw.gpus_per_node or hw.gpus_per_node % layout.tp:
         return (f"--tp {layout.tp} does not fit in a node of {hw.gpus_per_node} GPUs: tensor parallelism all-reduces "
                 f"every layer's activations and must stay on one node's NVLink; use a tp dividing "
@@ -735,26 +719,8 @@ def model_storages(model) -> set[int]:
     return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
 
 
-_GRAD_ATTRS = ("averaged_gradients", "all_grad_tensors", "grads_in_partition", "fp32_groups_gradients_flat",
-               "grad_partitions_flat_buffer")
-_MASTER_ATTRS = ("single_partition_of_fp32_groups", "fp32_groups_flat_partition", "fp32_partitioned_groups_flat")
-
-
-def _tensors(obj, depth=0):
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif depth < 3 and isinstance(obj, dict):
-        for v in obj.values():
-            yield from _tensors(v, depth + 1)
-    elif depth < 3 and isinstance(obj, (list, tuple)):
-        for v in obj:
-            yield from _tensors(v, depth + 1)
-
-
 def _live_tensors() -> list[torch.Tensor]:
     """Every tensor (not on the meta device) the garbage collector reaches now, after a collection."""
-    import gc
-    import warnings
     gc.collect()
     with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
         warnings.simplefilter("ignore")
@@ -774,9 +740,8 @@ def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[s
     parameters, alive between their all-gather and their release) and other: every further tensor the garbage
     collector can reach (batches, activations kept from Python, anything held by mistake). The model's own buffers
     (the RoPE tables) and the storages in `exclude` (live_storages() before the trainer was built) are left out."""
-    from megachat.optim import _unwrap
     wrapper = engine.optimizer
-    opt, _ = _unwrap(wrapper)
+    opt = hybrid_optimizer(wrapper)
     counted = {t.untyped_storage().data_ptr() for t in model.buffers() if not t.is_meta} | set(exclude)
     out = {"weights": 0, "grads": 0, "optimizer": 0, "buffers": 0, "gathered": 0, "other": 0}
 
@@ -790,18 +755,14 @@ def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[s
                 out[kind] += s.nbytes()
 
     params = [p for p in model.parameters() if not p.is_meta]
-    partitioned = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
-    add("weights", [p.ds_tensor if hasattr(p, "ds_tensor") else p for p in params])
-    add("weights", [p.data for p in params if getattr(p, "ds_persist", False)])
-    add("gathered", [p.data for p in partitioned])
-    for bucket in getattr(wrapper, "ipg_buckets", {}).values():  # before grads: gradients may be views into a bucket
-        add("buffers", _tensors(bucket.buffer))
+    add("weights", [dsi.zero3_partition(p) if dsi.zero3_partition(p) is not None else p for p in params])
+    add("weights", [p.data for p in params if dsi.zero3_persistent(p)])
+    add("gathered", [p.data for p in dsi.zero3_gathered(params)])
+    add("buffers", dsi.bucket_tensors(wrapper))  # before grads: gradients may be views into a bucket
     add("grads", [p.grad for p in params])
-    for name in _GRAD_ATTRS:
-        add("grads", _tensors(getattr(wrapper, name, None)))
-    for name in _MASTER_ATTRS:
-        add("optimizer", _tensors(getattr(wrapper, name, None)))
-    add("optimizer", _tensors({id(k): v for k, v in opt.state.items()}))
+    add("grads", dsi.gradient_tensors(wrapper))
+    add("optimizer", dsi.master_tensors(wrapper))
+    add("optimizer", [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)])
     found = _live_tensors()
     add("other", found)
     add("other", [t.grad for t in found if t.is_leaf and t.grad is not None])
@@ -815,7 +776,7 @@ def measure_model_states(trainer, batches, exclude: set[int] = frozenset()) -> d
     the step; ZeRO-3's gathered parameters also after every module's forward and at every gradient's arrival."""
     engine, model, seen = trainer.ds_engine, trainer.model, []
     params = [p for p in model.parameters() if not p.is_meta]
-    partitioned = [p for p in params if hasattr(p, "ds_tensor") and not getattr(p, "ds_persist", False)]
+    partitioned = dsi.zero3_gathered(params)
     gathered = [0]
 
     def census():

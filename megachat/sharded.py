@@ -35,8 +35,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from safetensors import safe_open
 
 from megachat.fileio import atomic_write_json, write_error
+from megachat.model import nanochat_shapes
+from megachat.optim import held_state
+from megachat.zero_partitions import partition_dim
 
 FORMAT = "megachat-sharded/1"
 INDEX = "index.json"
@@ -146,16 +150,41 @@ def file_damage(path: str, nbytes: int, crc32: int) -> str | None:
     return None if crc == crc32 else f"{path}: its bytes fail the CRC-32 the index records"
 
 
-def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool) -> None:
-    """Write this rank's slices of the training state under DeepSpeed `engine` into `directory` (collective over the
-    world; see the module docstring). optimizer=False writes the weights only (a run's final weights). On return
-    every rank's file is fsynced and index.json names them. A directory that already holds a complete state (a
-    run's model/ written again) is replaced only once the new one is complete: the new state is written beside it
-    (DIRECTORY.new) and swapped in. A write that fails on any rank (a full disk, an I/O error) raises OSError on
-    every rank, naming the path, the bytes needed and free; the unfinished files are removed and a complete state
-    that was there stays."""
-    from megachat.model import nanochat_shapes
-    from megachat.optim import held_state
+def _start(directory: str) -> None:
+    os.makedirs(directory, exist_ok=True)
+    if os.path.exists(os.path.join(directory, INDEX)):
+        os.remove(os.path.join(directory, INDEX))  # a state half rewritten must not pass for a whole one
+
+
+def stage(engine, shapes: dict, *, optimizer: bool, copy: bool = False) -> dict:
+    """This rank's pieces of the training state under DeepSpeed `engine`: {key in the file: (name, state, region,
+    [rows, cols] tensor)}, views of the memory they are in, or with copy=True a copy in host memory (pinned on
+    CUDA) that training may run on beside (an asynchronous save)."""
+    pieces = {}
+    for run in held_state(engine, once=True):
+        length = run.tensors["weight"].numel()
+        for region in regions(run.shard_shape, run.partition_dim, run.tp_rank, shapes[run.name], run.start, length):
+            for state, flat in run.tensors.items():
+                if optimizer or state == "weight":
+                    view = region.of(flat)
+                    if copy:
+                        host = torch.empty(view.shape, dtype=view.dtype, pin_memory=view.is_cuda)
+                        view = host.copy_(view)
+                    pieces[f"{run.name}:{state}@{region.row},{region.col}"] = (run.name, state, region, view)
+    return pieces
+
+
+def save(directory: str, engine, model_config, step: int, layout: dict, *, optimizer: bool,
+         shapes: dict | None = None, staged: dict | None = None, group=None) -> None:
+    """Write this rank's slices of the training state under DeepSpeed `engine` into `directory` (collective over
+    `group`, default the world; see the module docstring). optimizer=False writes the weights only (a run's final
+    weights). shapes: {name: full shape} of a model other than nanochat's GPT of `model_config` (tests' stand-ins;
+    model_config None). staged: `stage`'s copy to write instead of the live state (an asynchronous save, run in a
+    thread on a group of its own). On return every rank's file is fsynced and index.json names them. A directory
+    that already holds a complete state (a run's model/ written again) is replaced only once the new one is
+    complete: the new state is written beside it (DIRECTORY.new) and swapped in. A write that fails on any rank (a
+    full disk, an I/O error) raises OSError on every rank, naming the path, the bytes needed and free; the
+    unfinished files are removed and a complete state that was there stays."""
     rank, world = dist.get_rank(), dist.get_world_size()
     target = [directory]
     if rank == 0:
@@ -166,19 +195,12 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
             os.makedirs(target[0], exist_ok=True)
         except OSError as e:
             target[0] = OSError(e.errno, f"cannot create {target[0]}: {e.strerror}")
-    dist.broadcast_object_list(target, src=0)
+    dist.broadcast_object_list(target, src=0, group=group)
     if isinstance(target[0], OSError):
         raise target[0]
     target = target[0]
-    shapes = nanochat_shapes(model_config)
-    runs, _ = held_state(engine, once=True)
-    pieces = {}  # key in the file -> (name, state, region, [rows, cols] view)
-    for run in runs:
-        length = run.tensors["weight"].numel()
-        for region in regions(run.shard_shape, run.partition_dim, run.tp_rank, shapes[run.name], run.start, length):
-            for state, flat in run.tensors.items():
-                if optimizer or state == "weight":
-                    pieces[f"{run.name}:{state}@{region.row},{region.col}"] = (run.name, state, region, region.of(flat))
+    shapes = nanochat_shapes(model_config) if shapes is None else shapes
+    pieces = stage(engine, shapes, optimizer=optimizer) if staged is None else staged
     file = f"rank-{rank:05d}.safetensors"
     path, writer, error, crc, nbytes = os.path.join(target, file), None, None, 0, 0
     specs = {key: (view.dtype, tuple(view.shape)) for key, (*_, view) in pieces.items()}
@@ -198,14 +220,14 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
             "regions": [(name, state, key, r.row, r.col, r.rows, r.cols)
                         for key, (name, state, r, _) in pieces.items()]}
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object(mine, gathered, dst=0)
+    dist.gather_object(mine, gathered, dst=0, group=group)
     problem = [None]
     if rank == 0:
         problem[0] = next((p["error"] for p in gathered if p["error"]), None)
         if problem[0] is None:
             try:
                 problem[0] = _write_index(target, gathered, shapes, {
-                    "format": FORMAT, "step": step, "optimizer": optimizer, "config": vars(model_config),
+                    "format": FORMAT, "step": step, "optimizer": optimizer, "config": vars(model_config) if model_config is not None else {},
                     "layout": layout})
             except OSError as e:
                 problem[0] = str(e)
@@ -224,9 +246,34 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
                 shutil.rmtree(old, ignore_errors=True)
         elif problem[0] is not None and target != directory:
             shutil.rmtree(target, ignore_errors=True)
-    dist.broadcast_object_list(problem, src=0)  # every rank returns, or every rank raises
+    dist.broadcast_object_list(problem, src=0, group=group)  # every rank returns, or every rank raises
     if problem[0]:
         raise OSError(f"sharded save into {directory}: {problem[0]}")
+
+
+def save_full(directory: str, weights: dict[str, torch.Tensor], model_config, step: int = 0) -> None:
+    """Full weights {nanochat name: tensor} of a model of `model_config` written by this one process as a sharded
+    state of weights only (one file): a run's model/ made outside training (importers, tests)."""
+    shapes = nanochat_shapes(model_config)
+    if set(weights) != set(shapes):
+        raise ValueError(f"weights for {directory} lack {sorted(set(shapes) - set(weights))[:3]} or have extra "
+                         f"{sorted(set(weights) - set(shapes))[:3]}: give every tensor of the model, nothing else")
+    _start(directory)
+    file = "rank-00000.safetensors"
+    keys = {name: f"{name}:weight@0,0" for name in shapes}
+    writer = SafetensorsWriter(os.path.join(directory, file),
+                               {keys[n]: (torch.float32, tuple(shape)) for n, shape in shapes.items()},
+                               metadata={"format": FORMAT, "rank": "0"})
+    for name in shapes:
+        writer.write(keys[name], weights[name].float())
+    crc, nbytes = writer.close()
+    part = {"file": file, "crc32": crc, "bytes": nbytes,
+            "regions": [(n, "weight", keys[n], 0, 0, *shape) for n, shape in shapes.items()]}
+    problem = _write_index(directory, [part], shapes, {
+        "format": FORMAT, "step": step, "optimizer": False, "config": vars(model_config),
+        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": 0}})
+    if problem:
+        raise ValueError(f"sharded save into {directory}: {problem}")
 
 
 def _write_index(directory: str, per_rank: list[dict], shapes: dict, head: dict) -> str | None:
@@ -284,7 +331,6 @@ class ShardedState:
 
     def check_model(self, config) -> None:
         """Raise ValueError unless this state holds the tensors of a model of `config` (a GPTConfig)."""
-        from megachat.model import nanochat_shapes
         if {n: list(s) for n, s in nanochat_shapes(config).items()} != {n: t["shape"] for n, t in self.tensors.items()}:
             raise ValueError(f"{self.directory} holds a model {self.config}, not {vars(config)}: load it into the "
                              f"model it was saved from")
@@ -311,7 +357,6 @@ class ShardedState:
             if covered != want.rows * want.cols:
                 raise ValueError(f"{self.directory} lacks elements of {name} ({state}) in rows {want.row}.."
                                  f"{want.row + want.rows - 1}: its index is incomplete; use another checkpoint")
-        from safetensors import safe_open
         for file, reads in by_file.items():
             with safe_open(os.path.join(self.directory, file), framework="pt") as f:
                 for key, src, dst in reads:
@@ -332,11 +377,13 @@ class ShardedState:
     def load_model(self, model) -> None:
         """This rank's tp shards of every materialized parameter of `model` (a megachat GPT, before DeepSpeed casts
         or partitions it); vocab padding rows are left as they are."""
-        from megachat.zero_partitions import partition_dim
-        self.check_model(model.config)
+        if getattr(model, "config", None) is not None:  # a megachat GPT (tests' stand-ins have none)
+            self.check_model(model.config)
         grid = model.grid
         for name, p in model.named_parameters():
             if not p.is_meta:
+                if name not in self.tensors:
+                    raise ValueError(f"{self.directory} has no tensor {name}: it was saved from another model")
                 flat = p.detach().view(-1)
                 mine = regions(tuple(p.shape), partition_dim(p, grid.tp), grid.tp_rank, self.tensors[name]["shape"],
                                0, p.numel())
@@ -345,9 +392,8 @@ class ShardedState:
     @torch.no_grad()
     def load_optimizer(self, engine) -> None:
         """This rank's pieces of the master weights and of the optimizer state into DeepSpeed `engine` (after
-        deepspeed.initialize, before the next step), and the optimizer's step count."""
-        from megachat.optim import held_state, set_optimizer_step
-        runs, _ = held_state(engine, once=False)
+        deepspeed.initialize, before the next step); the step is the trainer's (self.step)."""
+        runs = held_state(engine, once=False)
         targets = defaultdict(list)
         for run in runs:
             length = run.tensors["weight"].numel()
@@ -359,4 +405,3 @@ class ShardedState:
                     targets[(run.name, state)].append((r, r.of(flat)))
         for (name, state), wanted in targets.items():
             self.read(name, state, wanted)
-        set_optimizer_step(engine, self.step)

@@ -5,37 +5,50 @@ grid, its train step, evaluation, checkpoints and resume.
 - `build_trainer(cfg, run_dir, resume)`: checks the layout before any process group work, builds the grid, the
   model (`model.build_model`, from the init, from `weights`, or from a checkpoint saved under another layout), the
   optimizer (`optim.HybridOptimizer`) and DeepSpeed's engine: pp > 1 -> `pipeline.pipeline_module` under the
-  PipelineEngine (ZeRO-0/1); pp = 1 -> the plain engine with `mpu=grid` (ZeRO-0..3). With resume it decides
-  how to continue: same layout -> DeepSpeed's own files; another layout -> each rank reads its slices of the
-  layout-free sharded state (megachat.sharded).
+  PipelineEngine (ZeRO-0/1); pp = 1 -> the plain engine with `mpu=grid` (ZeRO-0..3). With resume each rank
+  reads its slices of the checkpoint's layout-free state (megachat.sharded), whatever layout saved it.
 - `Trainer.train_step(micro_batches)`: one optimizer step over this rank's micro-batches (x, y) [B, T], y = -1
   where a token is not trained; returns the loss averaged over the whole global batch (the same on every rank),
   the gradient norm, the schedule and the throughput.
 - `Trainer.evaluate_bpb(batches, token_bytes)`: bits per byte through evaluation's forward (GridForward).
-- `Trainer.save(step)`, `Trainer.save_weights(run_dir)`: checkpoints (megachat.checkpoint) and the final weights
-  (RUN_DIR/model/), every rank writing its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
+- `Trainer.save(step)`, `Trainer.save_weights(run_dir)`: checkpoints (megachat.checkpoint; background=True: written
+  by a thread from a host copy while training goes on) and the final weights (RUN_DIR/model/), every rank writing
+  its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
   (tests, small models).
 
-DeepSpeed is imported here and in megachat/pipeline.py only.
+DeepSpeed's public API is used here and in megachat/pipeline.py; its internals only in megachat/deepspeed_internals.py.
+deepspeed is imported in the functions that use it: importing it takes seconds, which the planner and the tools
+that only read TrainConfig should not pay.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
 import os
+import platform
+import signal
+import socket
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from megachat import checkpoint
-from megachat.model import GPT, Block, GPTConfig, build_model, full_state_dict
+from megachat import checkpoint, deepspeed_internals, sharded
+from megachat.evaluation.loss_eval import evaluate_bpb
+from megachat.evaluation.model_eval import GridForward
+from megachat.fileio import atomic_write_json
+from megachat.model import GPT, Block, GPTConfig, build_model, flops_per_token, full_state_dict, nanochat_shapes
+from megachat.model import num_params as model_num_params
 from megachat.monitor import memory_gib, peak_flops
-from megachat.parallel import Grid, check_layout, device, init_grid, without_deepspeed_shm_allreduce
-from megachat.tensor_parallel import FP8_INSTALL, use_fp8
+from megachat.optim import LEARNING_RATES, HybridOptimizer, learning_rates, lr_multiplier, muon_momentum, optimizer_stats
+from megachat.parallel import Grid, check_layout, device, init_grid
+from megachat.pipeline import pipeline_module, stage_layers
+from megachat.tensor_parallel import FP8_INSTALL, padded_vocab_size, use_fp8
 from megachat.watchdog import Watchdog
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs" / "ds"
@@ -81,7 +94,6 @@ class TrainConfig:
 def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> None:
     """The flags every training script shares (layout, precision, seed, evaluation and checkpoint cadence, run
     directory, resume) on argparse parser `p`."""
-    import argparse
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--zero", type=int, default=1, help="ZeRO stage 0-3 (bf16 needs >= 1; pp > 1 allows 0/1)")
@@ -91,6 +103,9 @@ def add_trainer_args(p, device_batch_size: int = 32, eval_every: int = 250) -> N
     p.add_argument("--eval-every", type=int, default=eval_every, help="evaluate every N steps (and at start and end)")
     p.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (always at the end)")
     p.add_argument("--keep-checkpoints", type=int, default=3, help="keep the newest K checkpoints")
+    p.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background: a copy of the state in host memory, written while "
+                        "training goes on; `latest` switches once every rank's files are on disk")
     p.add_argument("--resume", nargs="?", const="always", choices=["always", "auto"], default=None,
                    help="continue from RUN_DIR/checkpoints/latest; 'auto': when there is one, else start fresh "
                         "(a requeue loop needs no logic)")
@@ -127,7 +142,8 @@ def config_options(args) -> dict:
 def loop_options(args) -> dict:
     """Trainer.fit's cadence and limits from add_trainer_args' flags."""
     return dict(eval_every=args.eval_every, save_every=args.save_every, keep=args.keep_checkpoints,
-                max_bad_steps=args.max_bad_steps, collective_timeout=args.collective_timeout)
+                max_bad_steps=args.max_bad_steps, collective_timeout=args.collective_timeout,
+                async_save=args.async_save)
 
 
 def config_from_run(run_cfg: dict, **settings) -> TrainConfig:
@@ -172,7 +188,6 @@ def check_config(cfg: TrainConfig, world: int) -> int:
     if cfg.total_batch_size % cfg.seq_len:
         raise ValueError(f"--total-batch-size {cfg.total_batch_size} is not a multiple of --max-seq-len "
                          f"{cfg.seq_len}: the global batch is a whole number of sequences")
-    from megachat.tensor_parallel import padded_vocab_size
     mc = cfg.model_config()
     return check_layout(world, cfg.tp, cfg.pp, zero_stage=cfg.zero, n_layer=mc.n_layer, n_head=mc.n_head,
                         n_kv_head=mc.n_kv_head, vocab_size=padded_vocab_size(mc.vocab_size, cfg.tp),
@@ -182,11 +197,16 @@ def check_config(cfg: TrainConfig, world: int) -> int:
 
 def check_ds_config(conf: dict, cfg: TrainConfig, path) -> None:
     """What a user's DeepSpeed JSON must leave to megachat: the optimizer and schedule (Muon + AdamW is passed to
-    DeepSpeed as a client optimizer) and the precision, which --dtype sets (the model is built in it)."""
+    DeepSpeed as a client optimizer), gradient clipping (megachat clips by the true global norm over tp / pp / dp:
+    TrainConfig.grad_clip) and the precision, which --dtype sets (the model is built in it)."""
     for key in ("optimizer", "scheduler"):
         if key in conf:
             raise ValueError(f"DeepSpeed config {path} sets {key!r}, but megachat passes its own optimizer and "
                              f"schedule (Muon + AdamW); remove the {key!r} section")
+    if "gradient_clipping" in conf:
+        raise ValueError(f"DeepSpeed config {path} sets gradient_clipping {conf['gradient_clipping']}, but megachat "
+                         f"clips by the global gradient norm over the whole grid itself (grad_clip "
+                         f"{cfg.grad_clip} in this run's TrainConfig); remove gradient_clipping from the file")
     if conf.get("fp16", {}).get("enabled"):
         raise ValueError(f"DeepSpeed config {path} enables fp16, which megachat does not train in; remove the fp16 "
                          f"section and use --dtype bf16 or fp32")
@@ -207,7 +227,7 @@ def ds_config(cfg: TrainConfig, dp: int) -> dict:
     check_ds_config(conf, cfg, path)
     conf.update(train_batch_size=cfg.global_batch, train_micro_batch_size_per_gpu=cfg.device_batch_size,
                 gradient_accumulation_steps=cfg.global_batch // (cfg.device_batch_size * dp),
-                gradient_clipping=0.0)  # HybridOptimizer clips inside its step by the true global norm
+                gradient_clipping=0.0)  # DeepSpeed's own clipping off: megachat's step clips (check_ds_config)
     zero = conf.setdefault("zero_optimization", {})
     zero["stage"] = cfg.zero
     if cfg.sequence_parallel:  # each tp rank sends its own sequence shard: not the same tensor split tp ways
@@ -246,29 +266,6 @@ def largest_layer(cfg: TrainConfig) -> int:
                    for layer in GPT(cfg.model_config(), grid=Grid()).layers())
 
 
-def share_fp32_master(ds_optimizer) -> None:
-    """fp32 training at ZeRO >= 1: make DeepSpeed's fp32 master partition the weights' own partition instead of a
-    copy. DeepSpeed copies the master into the weights after every step, so the two are always equal and the copy
-    costs 4 bytes per held element (a third of ZeRO-3's model states). ZeRO-3 means to share it (stage3.py's
-    _create_fp32_partitions, "we don't need another copy of the weights") but compares a torch.device with the
-    device's name, which is never equal, so it copies; ZeRO-1/2 always copy. The master tensor objects stay (the
-    optimizer's param group and state are keyed by them); only their storage becomes the weights'."""
-    if hasattr(ds_optimizer, "fp32_partitioned_groups_flat"):  # ZeRO-3: the flat of each sub group's partitions
-        pairs = list(zip(ds_optimizer.fp32_partitioned_groups_flat, ds_optimizer.fp16_partitioned_groups_flat))
-    elif hasattr(ds_optimizer, "single_partition_of_fp32_groups"):  # ZeRO-1/2: this rank's slice of the flat
-        pairs = [(master, ds_optimizer.parallel_partitioned_bit16_groups[i][
-                      dist.get_rank(group=ds_optimizer.real_dp_process_group[i])])
-                 for i, master in enumerate(ds_optimizer.single_partition_of_fp32_groups)]
-    else:
-        return
-    if not all(m.dtype == w.dtype and m.shape == w.shape and m.device == w.device for m, w in pairs):
-        return
-    for master, weights in pairs:
-        master.data = weights.data
-    if hasattr(ds_optimizer, "single_partition_of_fp32_groups"):
-        ds_optimizer._link_all_hp_params()  # its per-parameter views (safe_get_full_fp32_param) into the new storage
-
-
 def newton_schulz_dtype(cfg: TrainConfig) -> torch.dtype:
     """Muon's Newton-Schulz compute dtype: bf16 for every run, as nanochat (whose Muon always runs it in bf16), unless
     cfg.ns_dtype is "fp32" (what the layout-equivalence tests compare exactly; 3.5x the optimizer's time on a CPU)."""
@@ -276,14 +273,13 @@ def newton_schulz_dtype(cfg: TrainConfig) -> torch.dtype:
 
 
 def model_flops_per_token(cfg: TrainConfig) -> float:
-    """Model FLOPs per token of the whole (unsharded) model: 6 * (params - embedding) + attention."""
-    with torch.device("meta"):
-        return float(GPT(cfg.model_config(), grid=Grid()).estimate_flops())
+    """Model FLOPs per token of the whole (unsharded) model (model.flops_per_token)."""
+    return float(flops_per_token(cfg.model_config()))
 
 
 def num_params(cfg: TrainConfig) -> int:
-    with torch.device("meta"):
-        return GPT(cfg.model_config(), grid=Grid()).num_params()
+    """Parameters of the whole (unsharded) model."""
+    return model_num_params(cfg.model_config())
 
 
 @dataclass
@@ -294,8 +290,12 @@ class Trainer:
     ds_engine: object  # DeepSpeed's DeepSpeedEngine or PipelineEngine (not megachat's inference engine)
     device: torch.device
     ckpt_dir: str | None = None
-    step: int = 0  # optimizer steps taken (after a resume: the checkpoint's)
+    step: int = 0  # optimizer steps taken (after a resume: the checkpoint's): the one step counter
     flops_per_token: float = 0.0  # model_flops_per_token(cfg)
+    optimizer: object = None  # the HybridOptimizer DeepSpeed steps (megachat.optim), which train_step schedules
+    save_group: object = None  # the process group of asynchronous saves (enable_async_save)
+    _writer: threading.Thread | None = None  # the asynchronous save being written
+    _writer_error: list = field(default_factory=list)
 
     @property
     def grad_accum(self) -> int:
@@ -313,9 +313,13 @@ class Trainer:
         across micro-batches and dp ranks, exactly as one process holding the global batch would weigh it (for
         packed pretraining data, the mean of the micro-batch means). Returns loss (the same on every rank),
         grad_norm (before clipping), lrm (the schedule's multiplier this step), lr (the block matrices' lr) and
-        the throughput. A non-finite loss raises FloatingPointError naming the checkpoint still in charge."""
-        from megachat.optim import learning_rates, lr_multiplier, optimizer_stats
+        the throughput. In order: this step's schedule onto the optimizer; forward and backward over the
+        micro-batches, DeepSpeed reducing the gradients over dp and, after the last micro-batch, running the optimizer
+        step (HybridOptimizer.step: the global gradient norm over tp / pp / dp and clipping, then Muon and AdamW);
+        then the schedule's step (self.step + 1)."""
         t0 = time.perf_counter()
+        lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
+        self.optimizer.set_schedule(self.step, lrm, muon_momentum(self.step))
         batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
         if len(batches) != self.grad_accum:
             raise ValueError(f"train_step got {len(batches)} micro-batches, the config needs {self.grad_accum} "
@@ -343,8 +347,7 @@ class Trainer:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         loss = loss.item()
-        lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
-        self.step += 1
+        self.step += 1  # the schedule's step
         stats = optimizer_stats(self.ds_engine)
         tokens_per_s = self.cfg.total_batch_size / dt
         flops_per_s = self.flops_per_token * tokens_per_s
@@ -361,7 +364,7 @@ class Trainer:
 
     def fit(self, batches, evaluate=None, *, monitor=None, eval_every: int = 0, save_every: int = 0,
             keep: int = 3, max_bad_steps: int = 10, spike_factor: float = 5.0,
-            collective_timeout: float | None = None) -> None:
+            collective_timeout: float | None = None, async_save: bool = False) -> None:
         """The loop of every phase, from self.step to cfg.num_iterations. batches(i): this rank's micro-batches of
         global batch i (0-based; a pure function of i, so a resume continues the same stream). evaluate(step):
         a dict of metrics, run at step 0 of a fresh start, every eval_every steps and at the end. A checkpoint
@@ -376,7 +379,6 @@ class Trainer:
           tools/inspect_data.py.
         - A lost rank (dead or stalled): megachat.watchdog ends every rank within collective_timeout (None: sized
           from the measured steps), naming the rank, the step and the checkpoint to resume from."""
-        import signal
         talk = dist.get_rank() == 0
         stop = []
         handlers = {sig: signal.signal(sig, lambda signum, frame: stop.append(signum))
@@ -390,6 +392,8 @@ class Trainer:
                 if talk and metrics:
                     print(f"step {step:6d} | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
 
+        if async_save:
+            self.enable_async_save()
         last, bad, recent = self.cfg.num_iterations, 0, []
         dog = Watchdog(os.path.dirname(self.ckpt_dir) if self.ckpt_dir else None, dist.get_rank(),
                        dist.get_world_size(), collective_timeout)
@@ -431,7 +435,8 @@ class Trainer:
                     run_eval(step)
                 if step != last and save_every > 0 and step % save_every == 0 and not bad:
                     dog.beat(step, slow=True)
-                    self.save(step, keep=keep)  # not during a run of bad steps: the last good one stays in charge
+                    # not during a run of bad steps: the last good one stays in charge
+                    self.save(step, keep=keep, background=async_save)
                 if step != last and self._stop_requested(stop):
                     self.save(step, keep=keep)
                     if talk:
@@ -462,12 +467,8 @@ class Trainer:
         data, parent run, ...), which scripts/report.py and the chat scripts read; RUN_DIR/env.json: where it ran."""
         if dist.get_rank() != 0:
             return
-        import platform
-        import socket
-
         import deepspeed
 
-        from megachat.fileio import atomic_write_json
         os.makedirs(run_dir, exist_ok=True)
         atomic_write_json(os.path.join(run_dir, "config.json"),
                           {"train": self.cfg.to_json(), "model": vars(self.cfg.model_config()), "dp": self.grid.dp,
@@ -483,6 +484,7 @@ class Trainer:
     def finish(self, run_dir: str, monitor=None) -> None:
         """The end of every phase: the final weights into RUN_DIR/model/, the monitor closed, the process group
         left together (collective)."""
+        self.wait_for_save()
         self.save_weights(run_dir)
         if monitor is not None:
             monitor.close()
@@ -493,26 +495,52 @@ class Trainer:
         """RUN_DIR/model/: the final fp32 weights under nanochat's names, every rank writing its own slices in
         parallel (megachat.sharded; collective). checkpoint.load_weights reads them, tools/export_checkpoint.py
         turns them into one safetensors file or a nanochat checkpoint."""
-        from megachat import sharded
         sharded.save(os.path.join(run_dir, checkpoint.WEIGHTS_DIR), self.ds_engine, self.cfg.model_config(),
                      self.step, self.layout, optimizer=False)
 
     def evaluate_bpb(self, batches, token_bytes: torch.Tensor) -> float:
         """Bits per byte over this rank's evaluation batches (x, y), summed over the grid: the same forward and
         formula as base_eval (evaluation.model_eval.GridForward, evaluation.loss_eval.evaluate_bpb)."""
-        from megachat.evaluation.loss_eval import evaluate_bpb
-        from megachat.evaluation.model_eval import GridForward
         fwd = GridForward(self.model, self.grid)
         return evaluate_bpb(fwd.token_loss, ((x.to(self.device), y.to(self.device)) for x, y in batches),
                             token_bytes)
 
-    def save(self, step: int, keep: int = 3) -> str:
-        """Checkpoint the state after `step` optimizer steps into ckpt_dir (collective): DeepSpeed's files for a
-        resume under this layout, and the layout-free state (step_NNNNNN/state/, each rank writing its own slices)
-        for any other."""
-        return checkpoint.save(self.ds_engine, self.ckpt_dir, step, keep=keep, model_config=self.cfg.model_config(),
-                               client_state={"step": step, "consumed_samples": step * self.cfg.global_batch,
-                                             "layout": self.layout, "config": self.cfg.to_json()})
+    def save(self, step: int, keep: int = 3, background: bool = False) -> str:
+        """Checkpoint the state after `step` optimizer steps into ckpt_dir (collective): the layout-free state
+        (step_NNNNNN/state/, each rank writing its own slices), which a resume under any layout reads. background
+        (after enable_async_save): copy this rank's state into host memory and return; a thread writes and fsyncs
+        it and switches `latest` last, on a process group of its own, while training goes on (wait_for_save)."""
+        self.wait_for_save()  # one save at a time, in order
+        meta = {"step": step, "consumed_samples": step * self.cfg.global_batch, "layout": self.layout,
+                "config": self.cfg.to_json()}
+        if not background:
+            return checkpoint.save(self.ds_engine, self.ckpt_dir, step, meta, self.cfg.model_config(), keep=keep)
+        staged = sharded.stage(self.ds_engine, nanochat_shapes(self.cfg.model_config()), optimizer=True, copy=True)
+        self.staged_bytes = sum(v.numel() * v.element_size() for *_, v in staged.values())
+
+        def write():
+            try:
+                checkpoint.save(self.ds_engine, self.ckpt_dir, step, meta, self.cfg.model_config(), keep=keep,
+                                staged=staged, group=self.save_group)
+            except BaseException as e:  # raised in the training thread by wait_for_save
+                self._writer_error.append(e)
+        self._writer = threading.Thread(target=write, name=f"save-{step}", daemon=True)
+        self._writer.start()
+        return checkpoint.tag_for(step)
+
+    def enable_async_save(self) -> None:
+        """Create the process group asynchronous saves communicate on (collective: every rank calls it), so that
+        their collectives never interleave with training's."""
+        if self.save_group is None:
+            self.save_group = dist.new_group(backend="gloo")
+
+    def wait_for_save(self) -> None:
+        """Wait until the asynchronous save in flight (if any) is on disk and `latest` names it; raise its error."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._writer_error:
+            raise self._writer_error.pop()
 
     def full_state_dict(self) -> dict | None:
         """Unsharded weights (the model's, as fp32) under nanochat's names on rank 0 (None elsewhere); collective
@@ -548,18 +576,15 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     (refused when there is none; "auto": when there is one, else start fresh); without it, a run_dir that already holds a run is refused (a fresh start would
     prune its checkpoints and overwrite its weights). weights: full weights (nanochat names) to start from."""
     import deepspeed
-
-    from megachat.optim import LEARNING_RATES, HybridOptimizer
-    from megachat.pipeline import pipeline_module, stage_layers
     world = dist.get_world_size() if dist.is_initialized() else 1
     dp = check_config(cfg, world)  # before any process-group work
     ckpt_dir = os.path.join(run_dir, "checkpoints") if run_dir else None
     layout = {"tp": cfg.tp, "pp": cfg.pp, "dp": dp, "zero": cfg.zero}
-    start, layout_free = 0, None
+    start, state = 0, None
     if resume == "auto":  # resume when there is something to resume, else a fresh start
         resume = bool(ckpt_dir and os.path.isdir(ckpt_dir) and checkpoint.latest_tag(ckpt_dir))
     if run_dir and not resume:
-        earlier = [f for f in ("checkpoints/latest", "model/index.json", "model.pt")
+        earlier = [f for f in ("checkpoints/latest", "model/index.json")
                    if os.path.exists(os.path.join(run_dir, f))]
         if earlier:
             raise FileExistsError(f"{run_dir} already holds a run ({', '.join(earlier)}): pass --resume to continue "
@@ -576,8 +601,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
             raise ValueError(f"checkpoint consumed {meta['consumed_samples']} samples in {start} steps, but this "
                              f"run's global batch is {cfg.global_batch} samples: resume with the same "
                              f"--total-batch-size and --max-seq-len")
-        if meta["layout"] != layout:  # another grid: each rank reads its slices of the layout-free state
-            layout_free = checkpoint.layout_free_state(ckpt_dir, tag)
+        state = checkpoint.layout_free_state(ckpt_dir, tag)
     grid = init_grid(cfg.tp, cfg.pp)
     dev = device()
     model = build_model(cfg.model_config(), grid, dev, weights=weights, seed=cfg.seed,
@@ -594,29 +618,25 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
         for layer in stage_layers(model, grid):  # this stage's blocks, compiled in place (same parameters)
             if isinstance(layer, Block):
                 layer.compile(dynamic=False)
-    if layout_free is not None:
-        layout_free.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
+    if state is not None:
+        state.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
     named = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
     rates = {f"{kind}_lr": lr * cfg.lr_scale for kind, lr in LEARNING_RATES.items()}
-    optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, num_iterations=cfg.num_iterations,
-                                **rates,
-                                warmdown_ratio=cfg.warmdown_ratio, max_grad_norm=cfg.grad_clip,
+    optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, **rates, max_grad_norm=cfg.grad_clip,
                                 ns_dtype=newton_schulz_dtype(cfg))
-    without_deepspeed_shm_allreduce()
+    deepspeed_internals.without_shm_allreduce()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts init_distributed's process group
     engine, _, _, _ = deepspeed.initialize(model=pipeline_module(model, grid) if cfg.pp > 1 else model,
                                            optimizer=optimizer, config=ds_config(cfg, dp),
                                            mpu=None if cfg.pp > 1 else grid)
-    if world == 1 and cfg.zero == 0:  # one process: DeepSpeed's gradient all-reduce would only copy every gradient
-        engine.enable_backward_allreduce = False  # into flat buckets and back (an all-reduce over one rank, / 1)
+    if world == 1 and cfg.zero == 0:
+        deepspeed_internals.skip_single_rank_allreduce(engine)
     if cfg.dtype == "fp32" and cfg.zero >= 1:
-        share_fp32_master(engine.optimizer)
-    trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, device=dev, ckpt_dir=ckpt_dir,
-                      step=start, flops_per_token=model_flops_per_token(cfg))
-    if layout_free is not None:
-        layout_free.load_optimizer(engine)  # this rank's pieces of the fp32 master weights and optimizer state
-        if dist.get_rank() == 0:
+        deepspeed_internals.share_fp32_master(engine.optimizer)
+    trainer = Trainer(cfg=cfg, grid=grid, model=model, ds_engine=engine, optimizer=optimizer, device=dev,
+                      ckpt_dir=ckpt_dir, step=start, flops_per_token=model_flops_per_token(cfg))
+    if state is not None:
+        state.load_optimizer(engine)  # this rank's pieces of the fp32 master weights and optimizer state
+        if dist.get_rank() == 0 and meta["layout"] != layout:
             print(f"resumed step {start} saved under {meta['layout']} in layout {layout}", flush=True)
-    elif resume:
-        checkpoint.load(engine, ckpt_dir, tag)
     return trainer

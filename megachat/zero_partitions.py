@@ -2,7 +2,7 @@
 exchange plan that brings each Muon matrix to its owner and each piece of its update back.
 
 DeepSpeed hands the optimizer (its "basic optimizer") one of three layouts; `build_plan` reads which at the
-first step:
+first step (deepspeed_internals.partition_layout):
 - the parameters themselves (fp32 ZeRO-0, replicated over dp), or DeepSpeed's fp32 copies of them (bf16 ZeRO-0
   with bf16 accumulation: FP16_UnfusedOptimizer);
 - one flat fp32 partition (BF16_Optimizer, ZeRO-1/2): the model's weights are views into one flat buffer of
@@ -13,11 +13,11 @@ What a rank holds is a list of `Piece`s; the optimizer keeps its state packed, o
 (Muon's, AdamW's), holding exactly those elements.
 
 Every matrix of a pipeline stage gets one owner among the stage's tp*dp ranks (`Grid.stage_group`), greedy by
-Newton-Schulz cost so that no rank does them all. `Plan.gather_owned` sends each element of the packed
+Newton-Schulz cost so that no rank does them all. `ExchangePlan.gather_owned` sends each element of the packed
 momentum-updated gradient to its matrix's owner (one all_to_all), which concatenates the tp shards (along
-`partition_dim`, in tp-rank order) into the whole matrix; `Plan.scatter_updates` returns to every rank exactly
+`partition_dim`, in tp-rank order) into the whole matrix; `ExchangePlan.scatter_updates` returns to every rank exactly
 the elements it holds (a second all_to_all). Each element reaches its owner once and each holder receives its
-part of the update once: the minimum for this scheme (`Plan.bytes_min`).
+part of the update once: the minimum for this scheme (`ExchangePlan.bytes_min`).
 
 `unshard_state` / `shard_state_into` move one parameter's packed state to and from its unsharded tensor, so
 that optimizer state saved under one tp / dp / ZeRO layout resumes under another; `written_share` says which part
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from megachat.deepspeed_internals import partition_layout
 from megachat.parallel import Grid
 
 ELEMENT_BYTES = 4  # the gradients and updates exchanged travel in fp32
@@ -94,7 +95,7 @@ class Matrix:
 
 
 @dataclass
-class Plan:
+class ExchangePlan:
     """What this rank holds under the layout DeepSpeed chose, and the exchange that brings matrices to owners."""
     grid: Grid
     local: list[torch.Tensor]  # the tensors DeepSpeed handed the optimizer (the parameters, or one flat partition)
@@ -181,57 +182,17 @@ def partition_dim(p: torch.Tensor, tp: int) -> int | None:
 
 
 def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: list[str],
-               local: list[torch.Tensor]) -> Plan:
+               local: list[torch.Tensor]) -> ExchangePlan:
     """The plan of this rank: `params` (named `names`, of kind "matrix" / "embedding" / "lm_head") are this
     rank's model parameters (tp shards), `local` the tensors DeepSpeed handed the optimizer for them."""
     tp, dp = grid.tp, grid.dp
     stage_size, stage_rank = tp * dp, grid.dp_rank * tp + grid.tp_rank
-    zero3 = any(hasattr(p, "ds_tensor") for p in params)
-    # DeepSpeed may swap the parameter objects (bf16 conversion) but keeps their order
-    replicated = not zero3 and len(local) == len(params) and all(a.shape == b.shape for a, b in zip(local, params))
-    if not replicated and (len(local) != 1 or local[0].dim() != 1):
-        raise RuntimeError(f"HybridOptimizer: DeepSpeed handed the optimizer {len(local)} tensors of "
-                           f"shapes {[tuple(t.shape) for t in local][:4]}; expected the model's "
-                           f"parameters or one flat partition (ZeRO-0/1/2/3, BF16_Optimizer)")
+    layout = partition_layout(names, params, local, dp)
+    replicated, shard_shapes, held = layout.kind == "replicated", layout.shard_shapes, layout.held
     if (grid.stage_group is not None and local[0].device.type == "cpu"
             and dist.get_backend(grid.stage_group) == "nccl"):
         raise ValueError("HybridOptimizer: DeepSpeed keeps the optimizer's tensors on the CPU (ZeRO "
                          "offload_optimizer), but Muon exchanges them over NCCL; remove offload_optimizer")
-    shard_shapes = [tuple(getattr(p, "ds_shape", p.shape)) for p in params]
-    numels = [math.prod(shape) for shape in shard_shapes]
-    partition_numel = local[0].numel()
-    if zero3:
-        # ZeRO-3 splits every parameter: rank d holds elements [d*ps, (d+1)*ps) of it (ps = ceil(n/dp)),
-        # and a sub group's flat partition is the concatenation of those pieces, in parameter order.
-        # (the ds_tensors' storage offsets are not final while DeepSpeed is still setting up: count)
-        z3_offsets = [sum(q.ds_tensor.numel() for q in params[:i]) for i in range(len(params))]
-        if sum(p.ds_tensor.numel() for p in params) != partition_numel:
-            raise ValueError(f"Muon + ZeRO-3: DeepSpeed split the parameters into several sub groups (flat "
-                             f"partition of {partition_numel} elements, parameters hold "
-                             f"{sum(p.ds_tensor.numel() for p in params)}); Muon needs them in one "
-                             f"step: raise zero_optimization.sub_group_size above the model's size (megachat.trainer.ds_config "
-                             f"does so for its runs)")
-    elif not replicated:
-        storage = params[0].untyped_storage()
-        for n, p in zip(names, params):
-            if (p.untyped_storage().data_ptr() != storage.data_ptr()
-                    or storage.nbytes() != dp * partition_numel * p.element_size()):
-                raise RuntimeError(f"HybridOptimizer: parameter {n!r} is not a view into one flat buffer of "
-                                   f"dp*partition = {dp}*{partition_numel} elements; this DeepSpeed layout is "
-                                   f"not supported")
-
-    def held(i: int, d: int) -> list[tuple[int, int, int]]:
-        """(start in parameter i, length, offset in dp rank d's local tensor) of what rank d holds of it."""
-        p, numel = params[i], numels[i]
-        if replicated:
-            return [(0, numel, 0)]
-        if zero3:
-            ps = p.ds_tensor.numel()
-            lo, hi = d * ps, min(numel, (d + 1) * ps)
-            return [(lo, hi - lo, z3_offsets[i])] if hi > lo else []
-        offset = p.storage_offset()
-        lo, hi = max(offset, d * partition_numel), min(offset + numel, (d + 1) * partition_numel)
-        return [(lo - offset, hi - lo, lo - d * partition_numel)] if hi > lo else []
 
     pieces, matrices = [], []
     packed_numel = {"matrix": 0, "adam": 0}
@@ -292,7 +253,7 @@ def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: 
         # gradient: what the owner does not hold must reach it; update: what others hold must reach them
         total_min += math.prod(m.full_shape) - sum(s.length for s in m.held[m.owner])
         total_min += sum(s.length for r in range(stage_size) if r != m.owner for s in m.held[r])
-    return Plan(grid=grid, local=local, pieces=pieces, matrix_pieces=matrix_pieces,
+    return ExchangePlan(grid=grid, local=local, pieces=pieces, matrix_pieces=matrix_pieces,
                 adam_pieces=[p for p in pieces if p.kind != "matrix"], matrix_numel=packed_numel["matrix"],
                 adam_numel=packed_numel["adam"], replicated=replicated, shard_shapes=shard_shapes,
                 partition_dims=[partition_dim(p, tp) for p in params], matrices=matrices, owned=owned,
@@ -300,7 +261,7 @@ def build_plan(grid: Grid, names: list[str], params: list[torch.Tensor], kinds: 
                 bytes_sent=sent * ELEMENT_BYTES, bytes_min=(total_min * ELEMENT_BYTES) // stage_size)
 
 
-def unshard_state(plan: Plan, param_index: int, packed: torch.Tensor) -> torch.Tensor:
+def unshard_state(plan: ExchangePlan, param_index: int, packed: torch.Tensor) -> torch.Tensor:
     """One parameter's state from this rank's packed fp32 buffer of its kind -> an fp32 CPU tensor of the
     unsharded parameter's shape. Collective over the dp and tp groups (every rank, the same parameter)."""
     grid, shape, pdim = plan.grid, plan.shard_shapes[param_index], plan.partition_dims[param_index]
@@ -317,7 +278,7 @@ def unshard_state(plan: Plan, param_index: int, packed: torch.Tensor) -> torch.T
     return t.cpu()
 
 
-def shard_state_into(plan: Plan, param_index: int, full: torch.Tensor, packed: torch.Tensor) -> None:
+def shard_state_into(plan: ExchangePlan, param_index: int, full: torch.Tensor, packed: torch.Tensor) -> None:
     """Write this rank's elements of one parameter's unsharded state `full` into its packed buffer `packed`.
     A `full` of another unsharded shape (the vocab padded for another tp) is cropped / zero-padded to this one."""
     grid, pdim = plan.grid, plan.partition_dims[param_index]
@@ -334,7 +295,7 @@ def shard_state_into(plan: Plan, param_index: int, full: torch.Tensor, packed: t
         p.of_packed(packed)[:] = p.of_param(flat)
 
 
-def written_share(plan: Plan, piece: Piece) -> tuple[int, int]:
+def written_share(plan: ExchangePlan, piece: Piece) -> tuple[int, int]:
     """(start within `piece`, length): the part of it this rank writes to a layout-free checkpoint. What several
     ranks hold alike (every dp rank at ZeRO-0; every tp rank for a weight that tp does not split) is split evenly
     among them, so that over the stage each element is written once and the bytes are spread."""

@@ -3,10 +3,9 @@
     deepspeed --num_gpus N scripts/base_eval.py --run RUN_DIR [--tp T --pp P] --eval bpb,core,sample \
         [--max-per-task K] [--eval-bundle DIR|ZIP|URL] [--data-dir CACHE]
 
-Weights: a full (layout-free) state dict under nanochat's names, --checkpoint FILE or RUN_DIR/model.pt (a
-`torch.save` of a state dict, or of {"state_dict": ..., "config": ...}), or a training checkpoint's
-layout-free RUN_DIR/checkpoints/TAG/full_state.pt (its "model" entry), so a model trained on one layout is
-evaluated on any other. Model settings come from RUN_DIR/config.json ("model"), the tokenizer from its
+Weights (layout-free, so a model trained on one layout is evaluated on any other): the run's RUN_DIR/model/, or
+--checkpoint PATH: a training checkpoint RUN_DIR/checkpoints/step_NNNNNN, an exported .safetensors file or a
+`torch.save` state dict under nanochat's names (checkpoint.load_weights). Model settings come from RUN_DIR/config.json ("model"), the tokenizer from its
 "tokenizer" entry or --tokenizer, the validation data from "val_data" or --val-data.
 Writes RUN_DIR/base_eval.csv and RUN_DIR/base_eval.md (rank 0) and TensorBoard scalars under
 RUN_DIR/tensorboard. CORE is always printed with its task count and the tasks it could not load.
@@ -29,7 +28,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of base_train.py (config.json, model/)")
     p.add_argument("--checkpoint", default=None,
-                   help="full state dict file (default RUN_DIR/model.pt), or RUN_DIR/checkpoints/TAG/full_state.pt")
+                   help="weights (default RUN_DIR/model/): a checkpoint RUN_DIR/checkpoints/step_NNNNNN, a "
+                        ".safetensors file or a state dict file")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: config.json's)")
     p.add_argument("--val-data", default=None, help="validation data prefix for bpb (default: config.json's)")
     p.add_argument("--tp", type=int, default=1)

@@ -1,14 +1,13 @@
-"""Checkpoint memory and speed: the sharded layout-free save (every rank writes its own slices, megachat.sharded)
-and a load under another layout, against each rank's training-step peak, and the one-writer path that megachat
-used before (the full state gathered on rank 0 with gather_object and torch.save'd there, kept here only to
-compare).
+"""Checkpoint size, memory and speed: a checkpoint (trainer.save: every rank writes its own slices of the layout-free
+state, megachat.sharded) against the state's own size and each rank's training-step peak, and its resume under the
+same layout and under another.
 
     python scripts/bench_checkpoint.py --nprocs 4 --depth 12 --load-tp 2 --out /tmp/bench_ckpt
 
-Two launches of `deepspeed --num_gpus NPROCS` on synthetic token ids (fp32, ZeRO-1, seq_len --seq-len, one
-sequence per rank and step): (1) dp NPROCS: --steps training steps, then the sharded save, then the old path;
-(2) tp LOAD_TP x dp NPROCS/LOAD_TP resuming the checkpoint of (1) through build_trainer (each rank reads its
-slices), then --steps training steps. Peak RSS per rank and phase is VmHWM, reset through /proc/self/clear_refs
+Three launches of `deepspeed --num_gpus NPROCS` on synthetic token ids (fp32, ZeRO-1, seq_len --seq-len, one
+sequence per rank and step): (1) dp NPROCS: --steps training steps, then a checkpoint; (2) dp NPROCS resuming it;
+(3) tp LOAD_TP x dp NPROCS/LOAD_TP resuming it through build_trainer (each rank reads its slices), then --steps
+training steps. Peak RSS per rank and phase is VmHWM, reset through /proc/self/clear_refs
 at the start of the phase. Prints a markdown table; each launch's per-rank numbers are in --out.
 """
 import argparse
@@ -43,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--load-tp", type=int, default=2, help="tp of the resuming launch (dp = nprocs / tp)")
     p.add_argument("--out", required=True)
-    p.add_argument("--phase", choices=["save", "load"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--phase", choices=["save", "resume", "load"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -67,51 +66,57 @@ def train(trainer, steps: int, args) -> int:
     return peak_rss()
 
 
-def one_writer_save(trainer, path: str) -> None:
-    """megachat's save before sharded checkpoints: weights and optimizer state gathered on rank 0 and written there."""
-    import torch
-    import torch.distributed as dist
-
-    from megachat.optim import full_optimizer_state
-
-    def gather(part):
-        out = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-        dist.gather_object(part, out, dst=0)
-        return None if out is None else {k: v for p in out for k, v in p.items()}
-    weights = trainer.full_state_dict()
-    state = full_optimizer_state(trainer.ds_engine)
-    params = gather(state["params"] if trainer.grid.tp_rank == 0 and trainer.grid.dp_rank == 0 else {})
-    if dist.get_rank() == 0:
-        torch.save({"model": weights, "optimizer": {"step": state["step"], "params": params}}, path)
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-    dist.barrier()
-
-
 def save_phase(args) -> dict:
     import torch.distributed as dist
 
-    from megachat import sharded
     from megachat.trainer import build_trainer
     run = os.path.join(args.out, "run")
     trainer = build_trainer(config(args, tp=1), run)
     rec = {"train_peak": train(trainer, args.steps, args)}
-    trainer.save(trainer.step)  # the checkpoint the load phase resumes (DeepSpeed's files + the sharded state)
-    directory = os.path.join(args.out, "sharded")
     dist.barrier()
     reset_peak()
     t0 = time.perf_counter()
-    sharded.save(directory, trainer.ds_engine, trainer.cfg.model_config(), trainer.step, trainer.layout,
-                 optimizer=True)
-    rec.update(sharded_seconds=time.perf_counter() - t0, sharded_peak=peak_rss(),
-               sharded_bytes=os.path.getsize(os.path.join(directory, f"rank-{dist.get_rank():05d}.safetensors")))
+    tag = trainer.save(trainer.step)  # the checkpoint the load phases resume
+    rec.update(checkpoint_seconds=time.perf_counter() - t0, save_peak=peak_rss())
+    state = Path(run, "checkpoints", tag, "state")
+    rec["rank_bytes"] = (state / f"rank-{dist.get_rank():05d}.safetensors").stat().st_size
+    rec["checkpoint_bytes"] = sum(f.stat().st_size for f in state.parent.rglob("*") if f.is_file())
+    # an asynchronous save: the staging copy, then training steps while the writer thread writes, against steps
+    # without a save
+    trainer.enable_async_save()
+    rec["plain_step"] = min(step_seconds(trainer, args) for _ in range(3))
     dist.barrier()
-    reset_peak()
     t0 = time.perf_counter()
-    one_writer_save(trainer, os.path.join(args.out, "full_state.pt"))
-    rec.update(one_writer_seconds=time.perf_counter() - t0, one_writer_peak=peak_rss(),
-               one_writer_bytes=os.path.getsize(os.path.join(args.out, "full_state.pt")) if dist.get_rank() == 0 else 0)
+    trainer.save(trainer.step, background=True)
+    rec.update(stage_seconds=time.perf_counter() - t0, staged_bytes=trainer.staged_bytes)
+    during = []
+    while trainer._writer is not None and trainer._writer.is_alive():
+        during.append(step_seconds(trainer, args))
+    rec["steps_during_save"], rec["step_during_save"] = len(during), max(during, default=0.0)
+    trainer.wait_for_save()
     return rec
+
+
+def step_seconds(trainer, args) -> float:
+    """Wall time of one training step on random ids."""
+    import torch
+    g = torch.Generator().manual_seed(trainer.step)
+    rows = torch.randint(0, args.vocab_size, (trainer.cfg.global_batch, args.seq_len + 1), generator=g)
+    mine = rows.chunk(trainer.grid.dp)[trainer.grid.dp_rank]
+    t0 = time.perf_counter()
+    trainer.train_step([(mb[:, :-1], mb[:, 1:]) for mb in mine.split(1)])
+    return time.perf_counter() - t0
+
+
+def resume_phase(args) -> dict:
+    """build_trainer's resume under the layout the checkpoint was saved with (dp NPROCS): its wall time."""
+    import torch.distributed as dist
+
+    from megachat.trainer import build_trainer
+    dist.barrier()
+    t0 = time.perf_counter()
+    build_trainer(config(args, tp=1), os.path.join(args.out, "run"), resume=True)
+    return {"resume_seconds": time.perf_counter() - t0}
 
 
 def load_phase(args) -> dict:
@@ -142,7 +147,7 @@ def worker(args) -> None:
 
     from megachat.parallel import init_distributed
     init_distributed()
-    rec = save_phase(args) if args.phase == "save" else load_phase(args)
+    rec = {"save": save_phase, "resume": resume_phase, "load": load_phase}[args.phase](args)
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, rec)
     if dist.get_rank() == 0:
@@ -163,6 +168,35 @@ def launch(args, phase: str) -> list[dict]:
     return json.loads(Path(args.out, f"{phase}.json").read_text())
 
 
+def state_bytes(config) -> int:
+    """The training state's own size: fp32 weights plus their optimizer state (Muon one buffer, AdamW two)."""
+    import torch
+
+    from megachat.model import nanochat_shapes
+    from megachat.optim import _STATE_KEYS, param_kind
+    return sum(r * c * 4 * (1 + len(_STATE_KEYS[param_kind(name, torch.empty(r, c, device="meta"))]))
+               for name, (r, c) in nanochat_shapes(config).items())
+
+
+def checkpoint_table(args, save: list[dict], resume: list[dict], load: list[dict]) -> str:
+    """One checkpoint's bytes against the state's own size, its save time, and the resume times."""
+    from megachat.model import GPTConfig
+    own = state_bytes(GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len))
+    written = save[0]["checkpoint_bytes"]
+    n = args.nprocs
+    return "\n".join([
+        f"| checkpoint of d{args.depth} dp{n} | bytes written | / state's own size | save | resume dp{n} | "
+        f"resume tp{args.load_tp} dp{n // args.load_tp} |", "| --- | --- | --- | --- | --- | --- |",
+        f"| trainer.save | {written / GB:.3f} GB | {written / own:.2f} ({own / GB:.3f} GB) | "
+        f"{max(s['checkpoint_seconds'] for s in save):.1f} s | {max(r['resume_seconds'] for r in resume):.1f} s | "
+        f"{max(lo['resume_seconds'] for lo in load):.1f} s |", "",
+        f"--async-save: staging copy {max(s['stage_seconds'] for s in save):.2f} s, "
+        f"{max(s['staged_bytes'] for s in save) / GB:.3f} GB of host memory on the rank that holds the most; "
+        f"training step while the save is written {max(s['step_during_save'] for s in save):.2f} s (slowest of "
+        f"{min(s['steps_during_save'] for s in save)}), without a save {max(s['plain_step'] for s in save):.2f} s "
+        f"(fastest of 3)"])
+
+
 def table(args, save: list[dict], load: list[dict]) -> str:
     from megachat.model import GPTConfig, nanochat_shapes
     shapes = nanochat_shapes(GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len))
@@ -171,21 +205,17 @@ def table(args, save: list[dict], load: list[dict]) -> str:
     lines = [f"d{args.depth} ({sum(r * c for r, c in shapes.values()) / 1e6:.0f} M params, vocab {args.vocab_size}), "
              f"fp32, ZeRO-1, seq_len {args.seq_len}; largest tensor {largest / GB:.2f} GB. Peak RSS in GB "
              f"(x the rank's training-step peak).", "",
-             f"| rank | train dp{n} | sharded save | one-writer save (before) | written: sharded / before | "
-             f"load as tp{args.load_tp} dp{n // args.load_tp} | train tp{args.load_tp} dp{n // args.load_tp} |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+             f"| rank | train dp{n} | save | written | load as tp{args.load_tp} dp{n // args.load_tp} | "
+             f"train tp{args.load_tp} dp{n // args.load_tp} |",
+             "| --- | --- | --- | --- | --- | --- |"]
     for r, (s, lo) in enumerate(zip(save, load)):
-        lines.append(f"| {r} | {s['train_peak'] / GB:.2f} | {s['sharded_peak'] / GB:.2f} "
-                     f"({s['sharded_peak'] / s['train_peak']:.2f}x) | {s['one_writer_peak'] / GB:.2f} "
-                     f"({s['one_writer_peak'] / s['train_peak']:.2f}x) | {s['sharded_bytes'] / GB:.3f} / "
-                     f"{s['one_writer_bytes'] / GB:.3f} GB | {lo['load_peak'] / GB:.2f} "
-                     f"({lo['load_peak'] / lo['train_peak']:.2f}x) | {lo['train_peak'] / GB:.2f} |")
-    written = [s["sharded_bytes"] for s in save]
-    lines += ["", f"Bytes written per rank, max / mean: sharded {max(written) / (sum(written) / n):.2f}, "
-                  f"before {n:.2f} (rank 0 wrote all {save[0]['one_writer_bytes'] / GB:.2f} GB). "
-                  f"Save wall time: sharded {max(s['sharded_seconds'] for s in save):.1f} s, before "
-                  f"{max(s['one_writer_seconds'] for s in save):.1f} s. Load (reading the slices, inside "
-                  f"build_trainer's resume of {max(lo['resume_seconds'] for lo in load):.1f} s): "
+        lines.append(f"| {r} | {s['train_peak'] / GB:.2f} | {s['save_peak'] / GB:.2f} "
+                     f"({s['save_peak'] / s['train_peak']:.2f}x) | {s['rank_bytes'] / GB:.3f} GB | "
+                     f"{lo['load_peak'] / GB:.2f} ({lo['load_peak'] / lo['train_peak']:.2f}x) | "
+                     f"{lo['train_peak'] / GB:.2f} |")
+    written = [s["rank_bytes"] for s in save]
+    lines += ["", f"Bytes written per rank, max / mean: {max(written) / (sum(written) / n):.2f}. Load (reading the "
+                  f"slices, inside build_trainer's resume of {max(lo['resume_seconds'] for lo in load):.1f} s): "
                   f"{max(lo['load_seconds'] for lo in load):.1f} s."]
     return "\n".join(lines)
 
@@ -200,8 +230,11 @@ def main(argv=None):
     if os.listdir(args.out):
         raise FileExistsError(f"--out {args.out} is not empty: give a new directory")
     save = launch(args, "save")
+    resume = launch(args, "resume")
     load = launch(args, "load")
     print(table(args, save, load))
+    print()
+    print(checkpoint_table(args, save, resume, load))
 
 
 if __name__ == "__main__":

@@ -34,22 +34,8 @@ print(sum(p.numel() for p in model.parameters()))
 
 def write_run(run_dir: str, config: GPTConfig, tokenizer_dir: str) -> None:
     """RUN_DIR/model/ as one rank's sharded state of the init's weights, RUN_DIR/config.json naming the tokenizer."""
-    directory = os.path.join(run_dir, "model")
-    os.makedirs(directory, exist_ok=True)
-    shapes = nanochat_shapes(config)
-    file = "rank-00000.safetensors"
-    writer = sharded.SafetensorsWriter(os.path.join(directory, file), {
-        f"{n}:weight@0,0": (torch.float32, s) for n, s in shapes.items()}, metadata={"format": sharded.FORMAT})
-    for name, shape in shapes.items():
-        writer.write(f"{name}:weight@0,0", init_full_weight(name, shape, seed=0))
-    crc, nbytes = writer.close()
-    part = {"file": file, "crc32": crc, "bytes": nbytes,
-            "regions": [(n, "weight", f"{n}:weight@0,0", 0, 0, *s) for n, s in shapes.items()]}
-    problem = sharded._write_index(directory, [part], shapes, {  # the index sharded.save writes, for one rank
-        "format": sharded.FORMAT, "step": 0, "optimizer": False, "config": vars(config),
-        "layout": {"tp": 1, "pp": 1, "dp": 1, "zero": 0}})
-    if problem:
-        raise RuntimeError(problem)
+    sharded.save_full(os.path.join(run_dir, "model"), {n: init_full_weight(n, s, seed=0) for n, s in
+                                                       nanochat_shapes(config).items()}, config)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"model": vars(config), "tokenizer": tokenizer_dir}, f)
 

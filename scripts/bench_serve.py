@@ -33,8 +33,9 @@ from pathlib import Path
 import httpx
 import torch
 
+from megachat import sharded
 from megachat.engine import Engine, Sampling
-from megachat.model import GPTConfig, build_model, nanochat_shapes
+from megachat.model import GPTConfig, nanochat_shapes
 from megachat.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,7 +53,7 @@ def write_run(root: Path, depth: int, vocab: int, seq_len: int) -> Path:
     weights = {n: torch.randn(s, generator=g) / (1.0 if "wte" in n else s[1] ** 0.5)
                for n, s in nanochat_shapes(cfg).items()}
     weights["lm_head.weight"][-9:] = 0  # the special tokens never win the argmax: every reply runs to max_tokens
-    torch.save(weights, root / "model.pt")
+    sharded.save_full(str(root / "model"), weights, cfg)
     model = {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
     (root / "config.json").write_text(json.dumps({"model": model, "tokenizer": str(root / "tokenizer")}))
     return root

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megachat.deepspeed_internals import time_pipeline_instructions
 from megachat.parallel import init_distributed
 from megachat.trainer import CONFIG_DIR, TrainConfig, build_trainer, model_flops_per_token
 from megachat.monitor import peak_flops
@@ -71,27 +72,6 @@ def timed_ds_config(zero: int, dtype: str) -> str:
     with os.fdopen(fd, "w") as f:
         json.dump(conf, f)
     return path
-
-
-def time_pipeline_instructions(engine, parts: dict) -> None:
-    """Accumulate the wall time (ms) of each pipeline instruction of `engine` into parts[column]."""
-    from deepspeed.runtime.pipe import schedule as S
-    column = {S.ForwardPass: "fwd", S.BackwardPass: "bwd", S.OptimizerStep: "optim", S.ReduceGrads: "comm",
-              S.ReduceTiedGrads: "comm", S.SendActivation: "comm", S.RecvActivation: "comm", S.SendGrad: "comm",
-              S.RecvGrad: "comm"}
-
-    def timed(fn, col):
-        def run(self, *args, **kwargs):
-            t0 = time.perf_counter()
-            out = fn(self, *args, **kwargs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            parts[col] += (time.perf_counter() - t0) * 1000
-            return out
-        return run
-
-    engine._INSTRUCTION_MAP = {k: timed(v, column[k]) if k in column else v
-                               for k, v in type(engine)._INSTRUCTION_MAP.items()}
 
 
 def matmul_flops_per_s(n: int = 1024, repeats: int = 10) -> float:
@@ -290,7 +270,8 @@ def main(argv=None):
         return data.micro_batches(step, cfg.global_batch, cfg.device_batch_size, trainer.grid.dp_rank, trainer.grid.dp)
     pipe_parts = {k: 0.0 for k in TIMERS}
     if cfg.pp > 1:
-        time_pipeline_instructions(trainer.ds_engine, pipe_parts)
+        time_pipeline_instructions(trainer.ds_engine, pipe_parts,
+                                   torch.cuda.synchronize if torch.cuda.is_available() else lambda: None)
 
     def read_timers():
         """ms per part of the last step. pp = 1: DeepSpeed snapshots and resets its timers at every engine.step()

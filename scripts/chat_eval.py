@@ -5,8 +5,8 @@ HumanEval and SpellingBee by generating with the inference engine.
         [--tasks ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee] [--max-per-task K] [--num-samples 1] \
         [--max-tokens 512] [--temperature 0] [--top-k 50] [--batch-size 8] [--data-dir CACHE]
 
-dp = N / T: each dp slice of T ranks runs its own model shards and engine on its share of the examples. Weights: a
-full (layout-free) state dict, --checkpoint FILE or RUN_DIR/model.pt; the model settings and tokenizer come from
+dp = N / T: each dp slice of T ranks runs its own model shards and engine on its share of the examples. Weights: the
+run's RUN_DIR/model/ or --checkpoint PATH (checkpoint.load_weights); the model settings and tokenizer come from
 RUN_DIR/config.json. Writes RUN_DIR/chat_eval.md and chat_eval.csv (rank 0) and TensorBoard scalars chat_eval/*
 under RUN_DIR/tensorboard. ChatCORE is computed only when all six tasks ran; otherwise the line says which are
 missing. `python scripts/chat_eval.py ...` (no launcher) is a single process.
@@ -31,7 +31,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
     p.add_argument("--checkpoint", default=None,
-                   help="full state dict file (default RUN_DIR/model.pt), or RUN_DIR/checkpoints/TAG/full_state.pt")
+                   help="weights (default RUN_DIR/model/): a checkpoint RUN_DIR/checkpoints/step_NNNNNN, a "
+                        ".safetensors file or a state dict file")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: config.json's)")
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--tasks", default=TASKS, help=f"comma list of {TASKS}")

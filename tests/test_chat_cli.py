@@ -16,6 +16,8 @@ from test_engine import model_on, random_weights
 
 from megachat.chat import prompt_ids
 from megachat.engine import Engine, Sampling
+from megachat.model import GPTConfig
+from megachat.sharded import save_full
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "chat_cli.py")
@@ -34,7 +36,7 @@ def run_dir(tmp_path_factory, tok):
     from test_engine import CONFIG
     root = tmp_path_factory.mktemp("chat_run")
     tok.save(str(root / "tok"))
-    torch.save(random_weights(), root / "model.pt")
+    save_full(str(root / "model"), random_weights(), GPTConfig(**CONFIG))
     (root / "config.json").write_text(json.dumps({"model": CONFIG, "tokenizer": str(root / "tok")}))
     return root
 

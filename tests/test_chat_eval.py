@@ -16,6 +16,7 @@ from megachat.evaluation.chat_tasks import (CHAT_BASELINES, CHATCORE_TASKS, DEFA
                                             eval_indices, evaluate_categorical, evaluate_chatcore, evaluate_generative,
                                             load_chat_task)
 from megachat.model import GPTConfig, nanochat_shapes
+from megachat.sharded import save_full
 from megachat.tasks import Task, humaneval
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
@@ -26,13 +27,13 @@ CONFIG = dict(sequence_len=128, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tok):
-    """A finished run's directory: config.json, the 512-id tokenizer, random weights in model.pt."""
+    """A finished run's directory: config.json, the 512-id tokenizer, random weights in model/."""
     root = tmp_path_factory.mktemp("chat_run")
     tok.save(str(root / "tok"))
     cfg = dict(CONFIG, vocab_size=tok.vocab_size)
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randn(s, generator=g) * 0.2 for k, s in nanochat_shapes(GPTConfig(**cfg)).items()},
-               root / "model.pt")
+    save_full(str(root / "model"), {k: torch.randn(s, generator=g) * 0.2
+                                    for k, s in nanochat_shapes(GPTConfig(**cfg)).items()}, GPTConfig(**cfg))
     (root / "config.json").write_text(json.dumps({"model": cfg, "tokenizer": str(root / "tok")}))
     return root
 

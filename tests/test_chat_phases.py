@@ -14,6 +14,7 @@ import torch
 from _dist import free_port
 
 from megachat.model import GPTConfig, nanochat_shapes
+from megachat.sharded import save_full
 from megachat.tasks.mixture import Part, TaskMixture, TaskSequence, render_batch
 from megachat.tasks.recipes import mid_mixture, sft_mixture
 
@@ -53,14 +54,14 @@ def assert_same(got, want, rel=1e-4):
 
 @pytest.fixture(scope="module")
 def base_run(tmp_path_factory, tok):
-    """A base run directory as base_train leaves it: config.json (model, tokenizer) and model.pt (random weights:
+    """A base run directory as base_train leaves it: config.json (model, tokenizer) and model/ (random weights:
     the init's zero lm_head would make every loss the same)."""
     out = tmp_path_factory.mktemp("base")
     tok.save(str(out / "tokenizer"))
     config = GPTConfig.from_depth(4, tok.vocab_size, SEQ)
     g = torch.Generator().manual_seed(0)
-    torch.save({n: torch.randn(s, generator=g) / (1.0 if "wte" in n else s[1] ** 0.5)
-                for n, s in nanochat_shapes(config).items()}, out / "model.pt")
+    save_full(str(out / "model"), {n: torch.randn(s, generator=g) / (1.0 if "wte" in n else s[1] ** 0.5)
+                                   for n, s in nanochat_shapes(config).items()}, config)
     (out / "config.json").write_text(json.dumps({"model": vars(config), "tokenizer": str(out / "tokenizer")}))
     return out
 

@@ -19,6 +19,7 @@ from _dist import free_port, run_gloo
 from megachat import rl
 from megachat.checkpoint import load_weights
 from megachat.model import GPTConfig, init_full_weight, nanochat_shapes
+from megachat.sharded import save_full
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -121,11 +122,11 @@ def bigram_weights(tok, config):
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, tok):
-    """A run directory as SFT leaves it: config.json {"model", "tokenizer"}, model.pt (the bigram model)."""
+    """A run directory as SFT leaves it: config.json {"model", "tokenizer"}, model/ (the bigram model)."""
     out = tmp_path_factory.mktemp("sft")
     tok.save(str(out / "tokenizer"))
     config = GPTConfig.from_depth(DEPTH, tok.vocab_size, 64)
-    torch.save(bigram_weights(tok, config), out / "model.pt")
+    save_full(str(out / "model"), bigram_weights(tok, config), config)
     (out / "config.json").write_text(json.dumps({"model": vars(config), "tokenizer": str(out / "tokenizer")}))
     return out
 
@@ -134,7 +135,7 @@ def test_rollouts_sample_the_live_model_and_score_its_answers(sft_run, tok):
     from megachat.engine import Engine, Sampling
     from megachat.model import build_model
     config = GPTConfig(**json.loads((sft_run / "config.json").read_text())["model"])
-    engine = Engine(build_model(config, weights=torch.load(sft_run / "model.pt")), tok)
+    engine = Engine(build_model(config, weights=load_weights(str(sft_run / "model"))), tok)
     train, held_out, where = rl.load_rl_tasks("SpellingBee", eval_questions=4)
     assert where.startswith("SpellingBee train (80,000 synthetic questions")
     sampling = Sampling(num_samples=8, max_tokens=24, temperature=1.0, seed=rl.sample_seed(42, 0))

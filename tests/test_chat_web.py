@@ -26,6 +26,7 @@ from megachat.chat import prompt_ids, stream_reply
 from megachat.chat_server import DEFAULT_SAMPLING, MAX_MESSAGE_CHARS, Worker, create_app, reply_pieces
 from megachat.engine import Engine, Sampling
 from megachat.model import GPTConfig, nanochat_shapes
+from megachat.sharded import save_full
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = str(ROOT / "scripts" / "chat_web.py")
@@ -36,12 +37,13 @@ TIMEOUT = 30  # seconds, for every HTTP call
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tok):
-    """RUN_DIR as load_run reads it: config.json {"model", "tokenizer"}, model.pt of random weights."""
+    """RUN_DIR as load_run reads it: config.json {"model", "tokenizer"}, model/ of random weights."""
     root = tmp_path_factory.mktemp("chat_run")
     tok.save(str(root / "tokenizer"))
     g = torch.Generator().manual_seed(0)  # every matrix random: the init's zero lm_head would tie every logit
-    torch.save({name: torch.randn(shape, generator=g) / (1.0 if "wte" in name else shape[1] ** 0.5)
-                for name, shape in nanochat_shapes(GPTConfig(**CONFIG)).items()}, root / "model.pt")
+    save_full(str(root / "model"), {name: torch.randn(shape, generator=g) / (1.0 if "wte" in name else shape[1] ** 0.5)
+                                    for name, shape in nanochat_shapes(GPTConfig(**CONFIG)).items()},
+              GPTConfig(**CONFIG))
     (root / "config.json").write_text(json.dumps({"model": CONFIG, "tokenizer": str(root / "tokenizer")}))
     return root
 

@@ -68,8 +68,7 @@ def _faults(rank, run_dir):
     trainer.train_step([(torch.randint(0, 512, (2, 16), generator=g), torch.randint(0, 512, (2, 16), generator=g))])
     ckpts = Path(run_dir) / "checkpoints"
     trainer.save(1)
-    # what a checkpoint writes, in order: DeepSpeed's files (where it still writes them), every rank's shard of the
-    # state, the index, megachat.json, then `latest`
+    # what a checkpoint writes, in order: every rank's shard of the state, the index, megachat.json, then `latest`
     tag = ckpts / "step_000001"
     shards = sorted((tag / "state").glob("rank-*.safetensors"))
     before_state = sum(pages(p) for p in tag.rglob("*") if p.is_file() and "state" not in p.parts
@@ -85,9 +84,9 @@ def _faults(rank, run_dir):
             ballast = fill(ckpts, leave)
         dist.barrier()
         with pytest.raises(OSError) as error:  # past the check of the space (judged by the previous checkpoint)
-            checkpoint.save(trainer.ds_engine, str(ckpts), 2, keep=3, model_config=cfg.model_config(),
-                            check_space=False, client_state={"step": 2, "consumed_samples": 2 * cfg.global_batch,
-                                                             "layout": trainer.layout, "config": cfg.to_json()})
+            checkpoint.save(trainer.ds_engine, str(ckpts), 2, {"step": 2, "consumed_samples": 2 * cfg.global_batch,
+                                                               "layout": trainer.layout, "config": cfg.to_json()},
+                            cfg.model_config(), keep=3, check_space=False)
         seen[point] = str(error.value)
         if rank == 0:
             ballast.unlink()

@@ -7,8 +7,10 @@ import sys
 import pytest
 import torch
 
+from megachat.checkpoint import load_weights
 from megachat.data import IndexedDatasetWriter
 from megachat.model import GPTConfig, nanochat_shapes
+from megachat.sharded import save_full
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 import base_eval  # noqa: E402
@@ -24,8 +26,8 @@ def run_dir(tmp_path_factory, texts, tok):
     writer.finalize()
     cfg = dict(sequence_len=128, vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
     g = torch.Generator().manual_seed(0)
-    torch.save({k: torch.randn(s, generator=g) * 0.2 for k, s in nanochat_shapes(GPTConfig(**cfg)).items()},
-               root / "model.pt")
+    save_full(str(root / "model"), {k: torch.randn(s, generator=g) * 0.2
+                                    for k, s in nanochat_shapes(GPTConfig(**cfg)).items()}, GPTConfig(**cfg))
     (root / "config.json").write_text(json.dumps({"model": cfg, "tokenizer": str(root / "tok"),
                                                   "val_data": str(root / "val")}))
     bundle = root / "bundle" / "eval_data" / "commonsense_reasoning"
@@ -52,24 +54,24 @@ def test_base_eval_writes_bpb_core_with_task_count_and_samples(run_dir, capsys):
 
 def test_base_eval_without_weights_says_where_they_should_be(run_dir, tmp_path):
     (tmp_path / "config.json").write_text((run_dir / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="model.pt"):
+    with pytest.raises(FileNotFoundError, match=f"no weights at {tmp_path / 'model'}"):
         base_eval.main(["--run", str(tmp_path), "--eval", "sample"])
 
 
 def test_base_eval_refuses_weights_whose_bytes_changed(run_dir, tmp_path):
-    data = bytearray((run_dir / "model.pt").read_bytes())
+    torch.save(load_weights(str(run_dir / "model")), tmp_path / "model_000001.pt")  # nanochat's form
+    data = bytearray((tmp_path / "model_000001.pt").read_bytes())
     data[len(data) // 2] ^= 0x10  # torch.load alone would return the flipped weights
     (tmp_path / "flipped.pt").write_bytes(bytes(data))
     with pytest.raises(RuntimeError, match="flipped.pt: record .* fails its CRC-32 check; the weights are damaged"):
         base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "flipped.pt"), "--eval", "sample"])
 
 
-def test_base_eval_reads_a_training_checkpoints_full_state_file(run_dir, tmp_path, capsys):
-    weights = torch.load(run_dir / "model.pt", weights_only=True)
-    torch.save({"model": weights, "optimizer": {"params": {}}}, tmp_path / "full_state.pt")
+def test_base_eval_reads_a_nanochat_state_dict_file(run_dir, tmp_path, capsys):
+    torch.save(load_weights(str(run_dir / "model")), tmp_path / "model_000001.pt")
     base_eval.main(["--run", str(run_dir), "--eval", "sample"])
     want = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
-    base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "full_state.pt"), "--eval", "sample"])
+    base_eval.main(["--run", str(run_dir), "--checkpoint", str(tmp_path / "model_000001.pt"), "--eval", "sample"])
     got = [line for line in capsys.readouterr().out.splitlines() if "->" in line]
     assert want and got == want
 

@@ -40,7 +40,13 @@ N_EMBD, STEPS, NUM_ITERATIONS = 12, 4, 4  # warmdown over the last 20% -> lr mul
 
 
 def _opt_kwargs(torch):
-    return dict(n_embd=N_EMBD, num_iterations=NUM_ITERATIONS, ns_dtype=torch.float32, momentum_warmup_steps=3)
+    return dict(n_embd=N_EMBD, ns_dtype=torch.float32)
+
+
+def _schedule(engine, step):
+    """The trainer's schedule for `step` onto the HybridOptimizer inside `engine` (momentum warms up over 3 steps)."""
+    from megachat.optim import hybrid_optimizer, lr_multiplier, muon_momentum
+    hybrid_optimizer(engine).set_schedule(step, lr_multiplier(step, NUM_ITERATIONS), muon_momentum(step, warmup_steps=3))
 
 
 def _shard(t, pdim, grid):
@@ -112,7 +118,7 @@ def _stage_model(torch, grid, full=None):
     class Stage(nn.Module):
         def __init__(self):
             super().__init__()
-            self.leaves = []
+            self.grid, self.leaves = grid, []
             for name, shape, pdim, stage in SPECS:
                 if stage != grid.pp_rank and grid.pp > 1:
                     continue
@@ -150,6 +156,8 @@ def _zero_config(stage: int) -> dict:
 
 def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
     import deepspeed
+
+    from megachat import sharded
     from megachat.optim import HybridOptimizer, optimizer_stats
     from megachat.parallel import init_grid
     grid = init_grid(tp, pp)
@@ -164,6 +172,7 @@ def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=grid)
 
     def one_step(step):
+        _schedule(engine, step)
         loss = engine(torch.tensor([step, grid.dp_rank]))
         engine.backward(loss)
         engine.step()
@@ -175,14 +184,16 @@ def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
         half = steps // 2
         for step in range(half):
             one_step(step)
-        engine.save_checkpoint(ckpt, tag="t")
+        sharded.save(ckpt, engine, None, half, {}, optimizer=True, shapes={n: s for n, s, _, _ in SPECS})
         for step in range(half, steps):
             one_step(step)
         straight = _weights(engine)
         model2 = _stage_model(torch, grid)
+        state = sharded.ShardedState(ckpt)
+        state.load_model(model2)  # the trainer's resume: tp shards before DeepSpeed, the rest after
         opt2 = HybridOptimizer(model2.named_parameters(), grid, **_opt_kwargs(torch))
         engine, *_ = deepspeed.initialize(model=model2, optimizer=opt2, config=cfg, mpu=grid)
-        engine.load_checkpoint(ckpt, tag="t")
+        state.load_optimizer(engine)
         for step in range(half, steps):
             one_step(step)
         resumed = _weights(engine)
@@ -220,6 +231,7 @@ def _reshard(torch, first, second, steps):
         if state is not None:
             load_full_optimizer_state(engine, state)
         for step in todo:
+            _schedule(engine, step)
             loss = engine(torch.tensor([step, grid.dp_rank]))
             engine.backward(loss)
             engine.step()

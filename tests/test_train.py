@@ -179,12 +179,11 @@ def test_checkpoints_keep_the_newest_and_latest_names_a_complete_one(reference):
     ckpts = reference / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_000006"
     assert sorted(p.name for p in ckpts.iterdir() if p.is_dir()) == ["step_000004", "step_000006"]
-    assert list((ckpts / "step_000006").glob("*model_states.pt"))
     assert not list(ckpts.glob("*.tmp*"))
-    # the layout-free state: one file per rank and the index naming them, no rank-0 full_state.pt
+    # one format: the layout-free state (one file per rank and the index naming them) and megachat.json
+    assert sorted(p.name for p in (ckpts / "step_000006").iterdir()) == ["megachat.json", "state"]
     assert sorted(p.name for p in (ckpts / "step_000006" / "state").iterdir()) == ["index.json",
                                                                                    "rank-00000.safetensors"]
-    assert not list(ckpts.rglob("full_state.pt"))
 
 
 def test_run_dir_holds_config_metrics_and_tensorboard_events(reference):
@@ -224,15 +223,32 @@ def test_bf16_on_real_text_lowers_loss_and_val_bpb(corpus, tmp_path):
     assert "sample |" in proc.stdout
 
 
+def poison(state_dir: Path, name: str) -> None:
+    """Set every element of weight `name` in the sharded state at state_dir to NaN, its index updated to match (a
+    state that passes verify: training made the NaN, not the disk)."""
+    import zlib
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    index = json.loads((state_dir / "index.json").read_text())
+    for file in index["files"]:
+        path = state_dir / file
+        with safe_open(str(path), framework="pt") as f:
+            tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        for key, t in tensors.items():
+            if key.startswith(name + ":weight@"):
+                t.fill_(float("nan"))
+        save_file(tensors, str(path), metadata=metadata)
+        data = path.read_bytes()
+        index["files"][file] = {"bytes": len(data), "crc32": zlib.crc32(data)}
+    (state_dir / "index.json").write_text(json.dumps(index))
+
+
 def test_nan_loss_stops_with_the_step_and_leaves_the_checkpoint_in_charge(corpus, reference, tmp_path):
-    import torch
     ckpt = tmp_path / "checkpoints" / "step_000004"
     shutil.copytree(reference / "checkpoints" / "step_000004", ckpt)
     (tmp_path / "checkpoints" / "latest").write_text("step_000004")
-    path = ckpt / "mp_rank_00_model_states.pt"
-    state = torch.load(path, weights_only=False)
-    state["module"]["transformer.h.0.mlp.c_fc.weight"].fill_(float("nan"))
-    torch.save(state, path)
+    poison(ckpt / "state", "transformer.h.0.mlp.c_fc.weight")
     proc = train(corpus, tmp_path, 1, *TINY, "--save-every", "1", "--resume", "--max-bad-steps", "2", check=False)
     assert proc.returncode != 0
     assert "step      5/6 | loss nan" in proc.stdout and "skipped: non-finite loss or gradient" in proc.stdout
@@ -256,27 +272,29 @@ def damage(path: Path, how: str) -> None:
 def test_a_damaged_checkpoint_stops_the_resume_naming_the_file_and_the_previous_checkpoint(corpus, reference,
                                                                                           tmp_path, how):
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
-    bad = tmp_path / "checkpoints" / "step_000006" / "mp_rank_00_model_states.pt"
+    bad = tmp_path / "checkpoints" / "step_000006" / "state" / "rank-00000.safetensors"
     damage(bad, how)
     proc = train(corpus, tmp_path, 1, *tiny(corpus), "--resume", check=False, timeout=120)
     assert proc.returncode != 0
-    assert f"checkpoint {bad.parent} is damaged: {bad}: " in proc.stdout
+    assert f"checkpoint {bad.parent.parent} is damaged: {bad}: " in proc.stdout
     assert f"resume from the previous checkpoint: echo step_000004 > {tmp_path / 'checkpoints' / 'latest'}" \
         in proc.stdout
     assert "step      1" not in proc.stdout
 
 
 def test_a_damaged_file_that_another_rank_checks_stops_every_rank(corpus, dp2_zero1, tmp_path):
-    # rank 1 checks every second file of verify's list (the sorted .pt files, then the sharded state's): the ZeRO
-    # shard of dp rank 0 falls to it, and rank 0 must stop too (not wait in a collective)
+    # rank 1 checks every second file of verify's list (the sharded state's files in the index's order): rank 1's
+    # file falls to it, and rank 0 must stop too (not wait in a collective)
     shutil.copytree(dp2_zero1, tmp_path, dirs_exist_ok=True)
-    files = sorted((tmp_path / "checkpoints" / "step_000006").glob("*.pt"))
-    assert len(files) == 3 and files[1].name.startswith("zero_pp_rank_0"), files
+    files = sorted((tmp_path / "checkpoints" / "step_000006" / "state").glob("*.safetensors"))
+    assert [f.name for f in files] == ["rank-00000.safetensors", "rank-00001.safetensors"], files
+    size = files[1].stat().st_size
     damage(files[1], "truncate")
     proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--resume", check=False, timeout=120)
     assert proc.returncode != 0
     # both ranks stop with the same message, printed once
-    assert proc.stdout.count(f"is damaged: {files[1]}: not a complete torch.save file") == 1, proc.stdout[-3000:]
+    assert proc.stdout.count(f"is damaged: {files[1]}: {size // 2} bytes, the index records {size}") == 1, \
+        proc.stdout[-3000:]
     assert "echo step_000003 > " in proc.stdout
 
 
@@ -333,6 +351,48 @@ def test_sigterm_saves_and_exits_and_resume_auto_continues_the_curve(corpus, dp2
     proc = train(corpus, tmp_path, 2, *tiny(corpus), "--zero", "1", "--eval-every", "1", "--resume", "auto")
     assert f"start at step {stopped}" in proc.stdout
     assert_same_curve(curve(tmp_path), curve(dp2_zero1), rel=1e-6)
+
+
+def test_async_save_writes_the_synchronous_checkpoint_and_a_kill_leaves_a_complete_one_in_charge(corpus, dp2_zero1,
+                                                                                                tmp_path):
+    # --async-save: each rank's state is copied to host memory and written by a thread while training goes on; the
+    # step-3 checkpoint is byte for byte the synchronous one of dp2_zero1, and the curve is the same
+    done = tmp_path / "async"
+    train(corpus, done, 2, *tiny(corpus), "--zero", "1", "--save-every", "3", "--async-save")
+    assert_same_curve(curve(done), curve(dp2_zero1), rel=1e-6)
+    want = dp2_zero1 / "checkpoints" / "step_000003"
+    got = done / "checkpoints" / "step_000003"
+    assert sorted(p.name for p in (got / "state").iterdir()) == sorted(p.name for p in (want / "state").iterdir())
+    for f in (want / "state").iterdir():
+        assert (got / "state" / f.name).read_bytes() == f.read_bytes(), f.name
+    # kill -9 of every process while saves are in flight (one after every step): `latest` names a complete
+    # checkpoint, and the resume from it continues the curve
+    import signal
+
+    from megachat import checkpoint
+    killed = tmp_path / "killed"
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "scripts" / "base_train.py"), "--data", corpus["train"], "--tokenizer", corpus["tokenizer"],
+           "--out", str(killed), *tiny(corpus), "--zero", "1", "--save-every", "1", "--async-save", "--resume", "auto"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("step      4/6"):
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    ckpts = killed / "checkpoints"
+    tag = checkpoint.latest_tag(str(ckpts))
+    assert tag in ("step_000002", "step_000003", "step_000004"), tag
+    checkpoint.verify(str(ckpts), tag)
+    proc = train(corpus, killed, 2, *tiny(corpus), "--zero", "1", "--save-every", "1", "--async-save",
+                 "--resume", "auto")
+    assert f"start at step {int(tag[5:])}" in proc.stdout
+    assert_same_curve(curve(killed), curve(dp2_zero1), rel=1e-6)
 
 
 CHECKPOINTING = [("tp2", 2, ["--tp", "2"], "full"), ("pp2", 2, ["--pp", "2"], "selective")]

@@ -64,6 +64,7 @@ def test_ds_config_fills_the_batch_from_the_cli_and_clips_in_muon():
     ('{"zero_optimization": {"stage": 1}', "is not valid JSON"),
     ('{"optimizer": {"type": "Adam", "params": {"lr": 1e-3}}}', "sets 'optimizer'"),
     ('{"scheduler": {"type": "WarmupLR"}}', "sets 'scheduler'"),
+    ('{"gradient_clipping": 1.0}', "sets gradient_clipping 1.0, but megachat clips by the global gradient norm"),
     ('{"fp16": {"enabled": true}}', "enables fp16"),
     ('{"bf16": {"enabled": true}}', "enables bf16 but --dtype is fp32"),
 ])
@@ -128,7 +129,7 @@ def fit_worker(rank, losses, skipped, signal_at):
         def log(self, step, **metrics):
             logged.append((step, metrics))
 
-    trainer.train_step, trainer.save = train_step, lambda step, keep: saved.append(step)
+    trainer.train_step, trainer.save = train_step, lambda step, keep, background=False: saved.append(step)
     try:
         trainer.fit(lambda i: None, monitor=Monitor(), save_every=2, max_bad_steps=2)
         outcome = "finished"

@@ -13,7 +13,7 @@ Muon's block matrices and A in AdamW's wte / lm_head, per data-parallel rank of 
 | ZeRO-2 | w N | 4 N / dp (fp32 with several micro-batches: 8 N / dp) | same |
 | ZeRO-3 | w N / dp | 4 N / dp | same |
 
-(in fp32 DeepSpeed's master partition is the weights' own: megachat.trainer.share_fp32_master; DeepSpeed 0.19's
+(in fp32 DeepSpeed's master partition is the weights' own: megachat.deepspeed_internals.share_fp32_master; DeepSpeed 0.19's
 fp32 ZeRO-2 keeps the partition accumulated over earlier micro-batches beside the one each backward reduces into).
 Each measured
 kind must be within 5 % of this formula and of megachat.planner.model_state_bytes, DeepSpeed's buckets equal to

@@ -29,8 +29,7 @@ def source_state(path: str):
     try:
         return sharded_state(path)
     except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; give a run directory or RUN_DIR/checkpoints/step_NNNNNN (runs that wrote "
-                                f"model.pt have their weights in one file already)") from None
+        raise FileNotFoundError(f"{e}; give a run directory or RUN_DIR/checkpoints/step_NNNNNN") from None
 
 
 def run_tokenizer(args) -> str:
