@@ -127,7 +127,7 @@ def partition_layout(names: list[str], params: list[torch.Tensor], local: list[t
             raise ValueError(f"Muon + ZeRO-3: DeepSpeed split the parameters into several sub groups (flat "
                              f"partition of {partition_numel} elements, parameters hold {sum(sizes)}); Muon needs "
                              f"them in one step: raise zero_optimization.sub_group_size above the model's size "
-                             f"(megachat.trainer.ds_config does so for its runs)")
+                             f"(megachat.build.ds_config does so for its runs)")
         offsets = [sum(sizes[:i]) for i in range(len(params))]
 
         def held3(i, d):

@@ -1,6 +1,6 @@
 """megachat.engine: the inference engine (as nanochat names it): continuous batching over a KV cache, with sampling
-and the calculator tool, on one process or tensor-parallel (pp = 1). DeepSpeed's training engine lives in
-megachat/trainer.py.
+and the calculator tool, on one process or tensor-parallel (pp = 1). DeepSpeed's training engine is built in
+megachat/build.py and run by megachat/trainer.py.
 
 - `KVCache`: keys and values of this rank's KV heads (GQA: the local n_kv_head, not n_head) in `batch` slots of up
   to `max_len` tokens, [n_layer, batch, max_len, kv_heads, head_dim]. Each slot holds one sequence from column 0

@@ -47,9 +47,9 @@ correction), set with set_schedule; full_optimizer_state() / load_full_optimizer
 state into unsharded per-parameter tensors on every rank and back (small models, tests).
 
 DeepSpeed config the trainer needs with it: "gradient_clipping": 0 (clipping happens here, with the true
-global norm; trainer.check_ds_config refuses a user's value), "zero_allow_untested_optimizer": true for ZeRO >= 1, no "optimizer" / "scheduler" sections
+global norm; train_config.check_ds_config refuses a user's value), "zero_allow_untested_optimizer": true for ZeRO >= 1, no "optimizer" / "scheduler" sections
 (the trainer owns the schedule), no fp16. ZeRO-3 also needs a sub_group_size above the
-stage's parameter count, so that DeepSpeed calls step() once with every parameter (trainer.ds_config sets it).
+stage's parameter count, so that DeepSpeed calls step() once with every parameter (build.ds_config sets it).
 The class name avoids the word "muon": DeepSpeed's ZeRO-1/2 switch to their own Muon path for optimizers
 whose class name contains it.
 """

@@ -1,8 +1,8 @@
 """megachat.planner: which tp x pp x dp x ZeRO layout fits in GPU memory and how fast it trains, predicted from
 megachat's own implementation; tools/plan.py is its command line, docs/scaling.md states the model, its sources
-and the measurement that checks it (tests/test_planner.py).
+and the measurement that checks it (megachat.measure, tests/test_planner.py).
 
-Validity is megachat's own: a layout is valid exactly when `trainer.check_config` accepts it (heads, KV heads,
+Validity is megachat's own: a layout is valid exactly when `train_config.check_config` accepts it (heads, KV heads,
 padded vocab, layers, batch, ZeRO-2/3 with pp > 1, bf16 at ZeRO-0), plus the planner's one rule of its own, that
 tp stays inside a node. Everything below is per GPU, for the pipeline stage and data-parallel rank that need the
 most.
@@ -57,25 +57,22 @@ MFU = model FLOPs per token x tokens per step / (step time x world x peak), as m
 """
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import math
-import warnings
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from megachat import deepspeed_internals as dsi
+from megachat.build import CONFIG_DIR, zero_buckets
 from megachat.model import GPT, GPTConfig, flops_per_token, nanochat_shapes
-from megachat.optim import hybrid_optimizer, param_kind
+from megachat.optim import param_kind
 from megachat.parallel import Grid
 from megachat.pipeline import stage_bounds
 from megachat.tensor_parallel import padded_vocab_size
-from megachat.trainer import CONFIG_DIR, TrainConfig, check_config, zero_buckets
+from megachat.train_config import TrainConfig, check_config
 
 GiB = 2 ** 30
 NS_STEPS = 5  # Newton-Schulz iterations (megachat.optim's default)
@@ -313,8 +310,8 @@ class ZeroSettings:
 @lru_cache(maxsize=32)
 def zero_settings(zero: int, dtype: str, ds_config: str | None = None, model_numel: int | None = None,
                   layer_numel: int | None = None) -> ZeroSettings:
-    """Read the DeepSpeed JSON the trainer would use and fill in what megachat.trainer.ds_config sizes from the model
-    (trainer.zero_buckets, given the unsharded model's and its largest layer's elements), then DeepSpeed's defaults."""
+    """Read the DeepSpeed JSON the trainer would use and fill in what megachat.build.ds_config sizes from the model
+    (build.zero_buckets, given the unsharded model's and its largest layer's elements), then DeepSpeed's defaults."""
     path = Path(ds_config) if ds_config else CONFIG_DIR / f"zero{zero}_{dtype}.json"
     z = json.loads(path.read_text()).get("zero_optimization", {})
     if zero >= 1 and model_numel is not None:
@@ -330,7 +327,7 @@ def zero_settings(zero: int, dtype: str, ds_config: str | None = None, model_num
 
 
 def job_zero_settings(job: Job, zero: int, ds_config: str | None = None) -> ZeroSettings:
-    """zero_settings for this job's model, as megachat.trainer.ds_config sizes them."""
+    """zero_settings for this job's model, as megachat.build.ds_config sizes them."""
     layers = layer_params(job.config, 1)
     return zero_settings(zero, job.dtype, ds_config, sum(sum(layer.numels) for layer in layers),
                          max(sum(layer.numels) for layer in layers))
@@ -380,7 +377,8 @@ def model_state_bytes(layers, dp: int, zero: int, dtype: str, settings: ZeroSett
     if zero == 0:  # fp32 only (check_config refuses bf16 at ZeRO-0): the engine's .grad and the client optimizer
         out.update(weights=w * N, grads=4 * N)
         return out
-    if dtype != "fp32":  # DeepSpeed's fp32 master partition; in fp32 it is the weights' own (trainer.share_fp32_master)
+    # DeepSpeed's fp32 master partition; in fp32 it is the weights' own (deepspeed_internals.share_fp32_master)
+    if dtype != "fp32":
         out["optimizer"] += 4 * part
     if zero == 3:
         persistent = sum(n for n in numels if n < settings.param_persistence_threshold)
@@ -617,7 +615,7 @@ class Plan:
 
 
 def layout_error(job: Job, layout: Layout, hw: Hardware, world: int | None = None) -> str | None:
-    """Why megachat would refuse this layout on `world` GPUs (default layout.world): trainer.check_config's
+    """Why megachat would refuse this layout on `world` GPUs (default layout.world): train_config.check_config's
     message, or the planner's own rule that tp stays inside a node; None when it is valid."""
     if layout.tp > hw.gpus_per_node or hw.gpus_per_node % layout.tp:
         return (f"--tp {layout.tp} does not fit in a node of {hw.gpus_per_node} GPUs: tensor parallelism all-reduces "
@@ -691,117 +689,3 @@ def memory_reason(pred: Prediction, hw: Hardware) -> str:
     return (f"needs {m.total / GiB:.1f} GiB > {hw.memory / GiB:.0f} GiB on stage {pred.stage} (weights "
             f"{m.weights / GiB:.1f}, grads {m.grads / GiB:.1f}, optimizer {m.optimizer / GiB:.1f}, activations "
             f"{m.activations / GiB:.1f}, workspace {m.workspace / GiB:.1f})")
-
-
-# --- measurement: what the planner is checked against (tests/test_planner.py) ------------------------------------
-
-@contextmanager
-def saved_tensor_bytes(exclude: set[int]):
-    """Inside the block, record every tensor autograd saves for backward; yields a dict whose "bytes" is the sum
-    of the unique storages saved (each counted once, whole), storages whose data_ptr is in `exclude` (parameters,
-    buffers) left out."""
-    seen: dict[int, int] = {}
-    result = {"bytes": 0, "count": 0}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude and s.data_ptr() not in seen:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield result
-    result["bytes"], result["count"] = sum(seen.values()), len(seen)
-
-
-def model_storages(model) -> set[int]:
-    """data_ptrs of a model's parameter and buffer storages (what saved_tensor_bytes leaves out)."""
-    return {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()] if not t.is_meta}
-
-
-def _live_tensors() -> list[torch.Tensor]:
-    """Every tensor (not on the meta device) the garbage collector reaches now, after a collection."""
-    gc.collect()
-    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
-        warnings.simplefilter("ignore")
-        return [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and not o.is_meta]
-
-
-def live_storages() -> set[int]:
-    """data_ptrs of every tensor storage the garbage collector reaches now (for model_state_census's `exclude`)."""
-    return {t.untyped_storage().data_ptr() for t in _live_tensors()}
-
-
-def model_state_census(engine, model, exclude: set[int] = frozenset()) -> dict[str, int]:
-    """Bytes this rank holds now, counted tensor by tensor, each storage once (views share it), by what it is:
-    weights (the parameters, or their ZeRO-3 partitions and persistent whole copies), grads (.grad and DeepSpeed's
-    gradient partitions), optimizer (DeepSpeed's fp32 master partition where it is not the weights' own and
-    HybridOptimizer's state), buffers (DeepSpeed's gradient buckets), gathered (ZeRO-3's whole copies of partitioned
-    parameters, alive between their all-gather and their release) and other: every further tensor the garbage
-    collector can reach (batches, activations kept from Python, anything held by mistake). The model's own buffers
-    (the RoPE tables) and the storages in `exclude` (live_storages() before the trainer was built) are left out."""
-    wrapper = engine.optimizer
-    opt = hybrid_optimizer(wrapper)
-    counted = {t.untyped_storage().data_ptr() for t in model.buffers() if not t.is_meta} | set(exclude)
-    out = {"weights": 0, "grads": 0, "optimizer": 0, "buffers": 0, "gathered": 0, "other": 0}
-
-    def add(kind, tensors):
-        for t in tensors:
-            if t is None or t.is_meta or t.numel() == 0:
-                continue
-            s = t.untyped_storage()
-            if s.data_ptr() not in counted:
-                counted.add(s.data_ptr())
-                out[kind] += s.nbytes()
-
-    params = [p for p in model.parameters() if not p.is_meta]
-    add("weights", [dsi.zero3_partition(p) if dsi.zero3_partition(p) is not None else p for p in params])
-    add("weights", [p.data for p in params if dsi.zero3_persistent(p)])
-    add("gathered", [p.data for p in dsi.zero3_gathered(params)])
-    add("buffers", dsi.bucket_tensors(wrapper))  # before grads: gradients may be views into a bucket
-    add("grads", [p.grad for p in params])
-    add("grads", dsi.gradient_tensors(wrapper))
-    add("optimizer", dsi.master_tensors(wrapper))
-    add("optimizer", [t for state in opt.state.values() for t in state.values() if torch.is_tensor(t)])
-    found = _live_tensors()
-    add("other", found)
-    add("other", [t.grad for t in found if t.is_leaf and t.grad is not None])
-    return out
-
-
-def measure_model_states(trainer, batches, exclude: set[int] = frozenset()) -> dict[str, int]:
-    """The most this rank holds of each model_state_census kind during one trainer.train_step(batches) (call it after
-    a first step, so that the optimizer's state exists): counted at the end of every backward (pp = 1), inside
-    backward once the first parameter's gradient has arrived (its last), just before the optimizer step and after
-    the step; ZeRO-3's gathered parameters also after every module's forward and at every gradient's arrival."""
-    engine, model, seen = trainer.ds_engine, trainer.model, []
-    params = [p for p in model.parameters() if not p.is_meta]
-    partitioned = dsi.zero3_gathered(params)
-    gathered = [0]
-
-    def census():
-        seen.append(model_state_census(engine, model, exclude))
-
-    def count_gathered(*_):
-        gathered[0] = max(gathered[0], sum({p.data.untyped_storage().data_ptr(): p.data.untyped_storage().nbytes()
-                                            for p in partitioned if p.data.numel()}.values()))
-
-    wrapper = engine.optimizer
-    step, backward = wrapper.step, engine.backward
-    hooks = [params[0].register_post_accumulate_grad_hook(lambda p: census())]  # its gradient arrives last
-    if partitioned:
-        hooks += [m.register_forward_hook(count_gathered) for m in model.modules()]
-        hooks += [p.register_post_accumulate_grad_hook(count_gathered) for p in params[1:]]
-    wrapper.step = lambda *a, **k: (census(), step(*a, **k))[1]
-    if trainer.cfg.pp == 1:
-        engine.backward = lambda *a, **k: (backward(*a, **k), census())[0]
-    try:
-        trainer.train_step(batches)
-        census()
-    finally:
-        wrapper.step, engine.backward = step, backward
-        for h in hooks:
-            h.remove()
-    most = {k: max(c[k] for c in seen) for k in seen[0]}
-    most["gathered"] = max(most["gathered"], gathered[0])
-    return most

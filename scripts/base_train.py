@@ -16,10 +16,11 @@ import os
 import torch
 import torch.distributed as dist
 
+from megachat.build import build_trainer
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
-from megachat.trainer import (TrainConfig, add_trainer_args, build_trainer, config_from_run, config_options,
-                              loop_options, model_flops_per_token, num_params)
+from megachat.train_config import (TrainConfig, add_trainer_args, config_from_run, config_options, loop_options,
+                                   model_flops_per_token, num_params)
 
 
 def parse_args(argv=None):

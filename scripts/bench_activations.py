@@ -20,9 +20,10 @@ if not torch.cuda.is_available():  # before megachat.kernels imports triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.distributed as dist  # noqa: E402
 
+from megachat.measure import model_storages, saved_tensor_bytes
 from megachat.model import GPTConfig, build_model
 from megachat.parallel import Grid, init_distributed, init_grid
-from megachat.planner import CHECKPOINTING, activation_bytes, model_storages, saved_tensor_bytes
+from megachat.planner import CHECKPOINTING, activation_bytes
 
 MiB = 2 ** 20
 

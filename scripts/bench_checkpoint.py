@@ -48,7 +48,7 @@ def parse_args(argv=None):
 
 
 def config(args, tp: int):
-    from megachat.trainer import TrainConfig
+    from megachat.train_config import TrainConfig
     return TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.seq_len, device_batch_size=1,
                        total_batch_size=args.seq_len * args.nprocs, num_iterations=1000, tp=tp, zero=1,
                        dtype="fp32")
@@ -69,7 +69,7 @@ def train(trainer, steps: int, args) -> int:
 def save_phase(args) -> dict:
     import torch.distributed as dist
 
-    from megachat.trainer import build_trainer
+    from megachat.build import build_trainer
     run = os.path.join(args.out, "run")
     trainer = build_trainer(config(args, tp=1), run)
     rec = {"train_peak": train(trainer, args.steps, args)}
@@ -112,7 +112,7 @@ def resume_phase(args) -> dict:
     """build_trainer's resume under the layout the checkpoint was saved with (dp NPROCS): its wall time."""
     import torch.distributed as dist
 
-    from megachat.trainer import build_trainer
+    from megachat.build import build_trainer
     dist.barrier()
     t0 = time.perf_counter()
     build_trainer(config(args, tp=1), os.path.join(args.out, "run"), resume=True)
@@ -121,7 +121,7 @@ def resume_phase(args) -> dict:
 
 def load_phase(args) -> dict:
     from megachat import sharded
-    from megachat.trainer import build_trainer
+    from megachat.build import build_trainer
     rec = {"load_peak": 0, "load_seconds": 0.0}
 
     def measured(method):  # the reading inside build_trainer's resume: its peak RSS and time

@@ -2,9 +2,9 @@
 
     deepspeed --num_gpus 4 scripts/bench_memory.py --depth 12 --vocab-size 4096 --zero 1 2 3 --dtype fp32
 
-For every (dtype, ZeRO stage): builds the trainer (megachat.trainer.build_trainer, DeepSpeed's real optimizers),
+For every (dtype, ZeRO stage): builds the trainer (megachat.build.build_trainer, DeepSpeed's real optimizers),
 takes one step on synthetic tokens, then counts during a second step the most each rank holds
-(megachat.planner.measure_model_states: weights, gradients, optimizer state, DeepSpeed's gradient buckets, ZeRO-3's
+(megachat.measure.measure_model_states: weights, gradients, optimizer state, DeepSpeed's gradient buckets, ZeRO-3's
 gathered parameters, and every other tensor the garbage collector reaches) and prints the largest over ranks as a
 markdown table, with megachat.planner.model_state_bytes' prediction for the same rank (MB = 1e6 bytes). Last, each
 rank's peak RSS over the whole launch (the process: Python, torch, DeepSpeed and every trainer built), min-max over
@@ -16,10 +16,11 @@ import resource
 import torch
 import torch.distributed as dist
 
+from megachat.build import build_trainer
+from megachat.measure import live_storages, measure_model_states
 from megachat.parallel import init_distributed
-from megachat.planner import (Job, job_zero_settings, layer_params, live_storages, measure_model_states,
-                              model_state_bytes, predict_gathered_bytes)
-from megachat.trainer import TrainConfig, build_trainer
+from megachat.planner import Job, job_zero_settings, layer_params, model_state_bytes, predict_gathered_bytes
+from megachat.train_config import TrainConfig
 
 KINDS = ("weights", "grads", "optimizer", "buffers", "gathered", "other")
 

@@ -37,10 +37,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megachat.build import CONFIG_DIR, build_trainer
 from megachat.deepspeed_internals import time_pipeline_instructions
-from megachat.parallel import init_distributed
-from megachat.trainer import CONFIG_DIR, TrainConfig, build_trainer, model_flops_per_token
 from megachat.monitor import peak_flops
+from megachat.parallel import init_distributed
+from megachat.train_config import TrainConfig, model_flops_per_token
 
 TIMERS = {"fwd": ["fwd_microstep"], "bwd": ["bwd_inner_microstep"], "optim": ["step_microstep"],
           "comm": ["bwd_allreduce_microstep", "pipe_send_output", "pipe_recv_input", "pipe_send_grad",

@@ -20,9 +20,10 @@ import os
 
 import torch.distributed as dist
 
+from megachat.build import build_trainer
 from megachat.monitor import Monitor
 from megachat.parallel import check_layout, init_distributed
-from megachat.trainer import add_trainer_args, build_trainer, config_from_run, config_options, loop_options
+from megachat.train_config import add_trainer_args, config_from_run, config_options, loop_options
 
 
 def parse_args(argv=None):

@@ -181,7 +181,8 @@ def random_model_weights(config):
 def rl_step_worker(rank, rollouts, zero):
     import torch.distributed as dist
 
-    from megachat.trainer import TrainConfig, build_trainer
+    from megachat.build import build_trainer
+    from megachat.train_config import TrainConfig
     cfg = TrainConfig(depth=DEPTH, vocab_size=512, seq_len=SEQ, device_batch_size=2,
                       total_batch_size=Q * SAMPLES * SEQ, num_iterations=4, zero=zero, dtype="fp32",
                       ns_dtype="fp32", lr_scale=0.05, warmdown_ratio=1.0, grad_clip=0.0)

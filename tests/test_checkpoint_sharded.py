@@ -63,7 +63,7 @@ def test_runs_of_every_tp_shard_tile_the_full_tensor_once():
 # ---- one launch: train, save, resume under three other layouts, save again ----
 
 def _config(**layout):
-    from megachat.trainer import TrainConfig
+    from megachat.train_config import TrainConfig
     return TrainConfig(depth=4, vocab_size=VOCAB, seq_len=SEQ, device_batch_size=2, total_batch_size=4 * SEQ,
                        num_iterations=4, n_kv_head=1, **{"dtype": "bf16", "zero": 1, **layout})
 
@@ -79,7 +79,7 @@ def _worker(rank, out):
     import torch.distributed as dist
 
     from megachat import sharded
-    from megachat.trainer import build_trainer
+    from megachat.build import build_trainer
     run = os.path.join(out, "run")
     first = build_trainer(_config(), run)  # dp2, bf16, ZeRO-1
     losses = [first.train_step(_batches(first, step))["loss"] for step in range(2)]

@@ -58,8 +58,9 @@ def fill(mount: Path, leave: int) -> Path:
 
 def _faults(rank, run_dir):
     from megachat import checkpoint
+    from megachat.build import build_trainer
     from megachat.parallel import without_deepspeed_shm_allreduce
-    from megachat.trainer import TrainConfig, build_trainer
+    from megachat.train_config import TrainConfig
     without_deepspeed_shm_allreduce()
     cfg = TrainConfig(depth=1, vocab_size=512, seq_len=16, device_batch_size=2, total_batch_size=64,
                       num_iterations=4, zero=1, dtype="fp32")
@@ -181,8 +182,9 @@ def _weights(directory: Path) -> Path:
 
 
 def _write_weights(rank, run_dir):
+    from megachat.build import build_trainer
     from megachat.parallel import without_deepspeed_shm_allreduce
-    from megachat.trainer import TrainConfig, build_trainer
+    from megachat.train_config import TrainConfig
     without_deepspeed_shm_allreduce()
     cfg = TrainConfig(depth=1, vocab_size=512, seq_len=16, device_batch_size=2, total_batch_size=32,
                       num_iterations=4, zero=0, dtype="fp32")

@@ -9,7 +9,7 @@ Measured, on real gloo ranks (tests/_dist.run_gloo), for a depth-4 model (vocabu
   parallelism), and per pipeline stage at pp 2;
 - model states: after a first optimizer step under build_trainer (DeepSpeed's real optimizers), the most each
   rank holds of weights, gradients, optimizer state (fp32 master + Muon momentum + AdamW moments) and DeepSpeed's
-  gradient buckets during the second step (megachat.planner.measure_model_states, the same measure as
+  gradient buckets during the second step (megachat.measure.measure_model_states, the same measure as
   tests/test_zero_memory.py and scripts/bench_memory.py): fp32 ZeRO-1 in one
   process, at tp 2 and at dp 2, fp32 ZeRO-3 at dp 2 (depth 4's block matrices are below DeepSpeed's
   stage3_param_persistence_threshold, so they stay whole beside their partitions: both paths of the model run);
@@ -48,10 +48,10 @@ def _activations(torch, tp, pp, dtype, sp):
     """[(label, quantity, measured, planned)] of one layout's saved activations on this rank: per layer kind (the
     head unfused and, where megachat has it, fused with the loss; a block under each activation checkpointing
     mode megachat has), or per pipeline stage as the pipeline trains it."""
+    from megachat.measure import model_storages, saved_tensor_bytes
     from megachat.model import GPTConfig, build_model
     from megachat.parallel import Grid, init_grid
-    from megachat.planner import (Job, Layout, activation_bytes, model_storages, saved_tensor_bytes,
-                                  stage_activation_bytes, stage_bounds)
+    from megachat.planner import Job, Layout, activation_bytes, stage_activation_bytes, stage_bounds
     grid = init_grid(tp, pp) if tp * pp > 1 else Grid()
     config = GPTConfig.from_depth(DEPTH, VOCAB, SEQ)
     model = build_model(config, grid, dtype=torch.bfloat16 if dtype == "bf16" else None)
@@ -107,8 +107,10 @@ def _model_states(torch, tp, pp, zero, dtype):
     """[(label, quantity, measured, planned)] of one layout's model states on this rank."""
     import torch.distributed as dist
 
-    from megachat.planner import Job, job_zero_settings, measure_model_states, model_state_bytes, stage_layers
-    from megachat.trainer import TrainConfig, build_trainer
+    from megachat.build import build_trainer
+    from megachat.measure import measure_model_states
+    from megachat.planner import Job, job_zero_settings, model_state_bytes, stage_layers
+    from megachat.train_config import TrainConfig
     dp = dist.get_world_size() // (tp * pp)
     cfg = TrainConfig(depth=DEPTH, vocab_size=VOCAB, seq_len=SEQ, device_batch_size=MICRO,
                       total_batch_size=MICRO * SEQ * dp * 2, num_iterations=4, tp=tp, pp=pp, zero=zero, dtype=dtype)
@@ -169,7 +171,7 @@ def test_planned_activation_and_model_state_bytes_are_within_10_percent_of_measu
 def test_every_layout_the_planner_ranks_is_one_the_trainer_accepts():
     from megachat.model import GPTConfig
     from megachat.planner import Hardware, Job, plan
-    from megachat.trainer import TrainConfig, check_config
+    from megachat.train_config import TrainConfig, check_config
     job = Job(GPTConfig.from_depth(20, 65536, 2048), total_batch_size=524288)
     result = plan(job, nodes=1)
     assert result.fits and result.rejected
@@ -207,16 +209,16 @@ def test_the_bubble_follows_p_minus_1_over_m_plus_p_minus_1_and_fusing_the_head_
 def test_zero3_states_shrink_with_dp_and_its_gathered_parameters_follow_the_deepspeed_json(tmp_path):
     import json
 
+    from megachat.build import CONFIG_DIR
     from megachat.model import GPTConfig
     from megachat.planner import Hardware, Job, Layout, predict
-    from megachat.trainer import CONFIG_DIR
     # unfused head: the backward's transients (the logits' gradient, the gathered parameters) are the workspace's peak
     job = Job(GPTConfig.from_depth(20, 65536, 2048), total_batch_size=524288, fused_head_loss=False)
     layout = Layout(tp=1, pp=1, dp=8, zero=3, micro_batch=16)
     z1 = predict(job, Layout(tp=1, pp=1, dp=8, zero=1, micro_batch=16), Hardware()).memory
     z3 = predict(job, layout, Hardware()).memory
     assert z3.weights + z3.grads + z3.optimizer < (z1.weights + z1.grads + z1.optimizer) / 3
-    # megachat sizes ZeRO-3's gathering from the model (trainer.zero_buckets: at most two layers live, one being
+    # megachat sizes ZeRO-3's gathering from the model (build.zero_buckets: at most two layers live, one being
     # fetched); DeepSpeed's defaults (1e9 live parameters, reuse distance 1e9) keep all of d20 gathered, in bf16
     from megachat.planner import layer_params
     conf = json.loads((CONFIG_DIR / "zero3_bf16.json").read_text())

@@ -1,14 +1,15 @@
-"""megachat.trainer's configuration checks without processes: every bad layout is refused by check_config (which runs before any process
-group is created) with a message naming the value and the fix; the DeepSpeed config gets the batch filled in."""
+"""megachat.train_config's checks without processes: every bad layout is refused by check_config (which runs before
+any process group is created) with a message naming the value and the fix; the DeepSpeed config (build.ds_config)
+gets the batch filled in."""
 import argparse
 
 import pytest
 
 import torch
 
+from megachat.build import ds_config
 from megachat.tensor_parallel import FP8_INSTALL, use_fp8
-from megachat.trainer import (TrainConfig, add_trainer_args, check_config, config_options, ds_config,
-                              newton_schulz_dtype)
+from megachat.train_config import TrainConfig, add_trainer_args, check_config, config_options, newton_schulz_dtype
 
 
 def cfg(**kw):
@@ -93,7 +94,7 @@ def test_the_horizon_comes_from_iterations_else_flops_else_the_data_ratio():
     from pathlib import Path
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from base_train import horizon, parse_args
-    from megachat.trainer import model_flops_per_token, num_params
+    from megachat.train_config import model_flops_per_token, num_params
     c = cfg(total_batch_size=256)
     flops, params = model_flops_per_token(c), num_params(c)
     base = ["--data", "d", "--tokenizer", "t", "--out", "o", "--total-batch-size", "256"]
@@ -155,7 +156,7 @@ def test_fit_flags_spikes_with_their_samples_skips_bad_steps_and_stops_on_a_stre
 
 def test_zero3_sub_group_holds_the_whole_model_whatever_the_users_file_says(tmp_path):
     # Muon steps every matrix at once; DeepSpeed's default sub group (1e9 parameters) is too small from d32 on
-    from megachat.trainer import num_params
+    from megachat.train_config import num_params
     path = tmp_path / "ds.json"
     path.write_text('{"zero_optimization": {"stage": 3, "sub_group_size": 1000}}')
     conf = ds_config(cfg(zero=3, ds_config=str(path)), dp=2)

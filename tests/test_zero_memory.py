@@ -1,8 +1,8 @@
 """Each ZeRO stage holds the model-state bytes its formula promises, counted tensor by tensor on real DeepSpeed.
 
 One launch of 2 gloo ranks (tests/_dist.run_gloo) trains a depth-6 model (n_embd 384: every block matrix is above
-ZeRO-3's persistence threshold, so ZeRO-3 partitions them all) under megachat.trainer.build_trainer at ZeRO-1, 2 and
-3, fp32 and bf16, and counts during a third step what each rank holds (megachat.planner.measure_model_states: every
+ZeRO-3's persistence threshold, so ZeRO-3 partitions them all) under megachat.build.build_trainer at ZeRO-1, 2 and
+3, fp32 and bf16, and counts during a third step what each rank holds (megachat.measure.measure_model_states: every
 tensor the garbage collector reaches, .grad included, each storage once, sorted into weights, gradients, optimizer
 state, DeepSpeed's gradient buckets, ZeRO-3's gathered parameters and the rest). With N parameters, M of them in
 Muon's block matrices and A in AdamW's wte / lm_head, per data-parallel rank of dp (w = 4 bytes in fp32, 2 in bf16):
@@ -51,9 +51,10 @@ def _measure(rank, layouts):
 
     import torch
 
-    from megachat.planner import (Job, job_zero_settings, layer_params, live_storages, measure_model_states,
-                                  model_state_bytes, predict_gathered_bytes)
-    from megachat.trainer import TrainConfig, build_trainer
+    from megachat.build import build_trainer
+    from megachat.measure import live_storages, measure_model_states
+    from megachat.planner import Job, job_zero_settings, layer_params, model_state_bytes, predict_gathered_bytes
+    from megachat.train_config import TrainConfig
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, VOCAB, (MICRO, SEQ), generator=g), torch.randint(0, VOCAB, (MICRO, SEQ), generator=g))
                for _ in range(2)]

@@ -100,7 +100,7 @@ HEADER = ("rank  tp  pp   dp  zero   mb accum  ckpt sp  memory GiB = weights gra
 
 def preset(args, job, hw, pred) -> dict:
     """A preset: the layout, batch, micro-batch and horizon the planner picks, with its predicted memory and MFU."""
-    from megachat.trainer import TrainConfig, num_params
+    from megachat.train_config import TrainConfig, num_params
     lay, c = pred.layout, job.config
     cfg = TrainConfig(depth=c.n_layer, vocab_size=c.vocab_size, seq_len=c.sequence_len,
                       device_batch_size=lay.micro_batch, total_batch_size=job.total_batch_size, num_iterations=1,
@@ -155,7 +155,7 @@ def main(argv=None):
     # the planner computes on the CPU: DeepSpeed (imported for its pipeline partitioning) need not probe for a GPU
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from megachat.planner import PICK_MEMORY_HEADROOM, PICK_TIME_SLACK, memory_reason, plan
-    from megachat.trainer import TrainConfig, model_flops_per_token, num_params
+    from megachat.train_config import TrainConfig, model_flops_per_token, num_params
     job = job_from_args(args)
     hw = hardware_from_args(args)
     if args.nodes < 1 or args.gpus_per_node < 1:
