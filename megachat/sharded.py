@@ -25,6 +25,7 @@ state plus at most one tensor's worth of mapped pages.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -99,7 +100,11 @@ class SafetensorsWriter:
         self.path, self.specs, self._todo = path, specs, iter(specs)
         self.crc, self.nbytes = 0, 0
         self._file = open(path, "wb")
-        self._put(len(raw).to_bytes(8, "little") + raw)
+        try:
+            self._put(len(raw).to_bytes(8, "little") + raw)
+        except OSError:
+            self.abort()
+            raise
 
     def _put(self, data) -> None:
         self.crc = zlib.crc32(data, self.crc)
@@ -119,9 +124,12 @@ class SafetensorsWriter:
             self._put(memoryview(flat[i:i + step].cpu().contiguous().view(torch.uint8).numpy()))
 
     def abort(self) -> None:
-        """Close and remove the unfinished file (a write failed)."""
-        self._file.close()
-        if os.path.exists(self.path):
+        """Close and remove the unfinished file (a write failed); never raises, so that a rank whose write failed
+        still reaches the collective that tells the others (closing flushes what is buffered, which fails again
+        on a full disk)."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
             os.remove(self.path)
 
     def close(self) -> tuple[int, int]:
@@ -209,11 +217,9 @@ def save(directory: str, engine, model_config, step: int, layout: dict, *, optim
         for key, (*_, view) in pieces.items():
             writer.write(key, view)
         crc, nbytes = writer.close()
-    except OSError as e:
+    except OSError as e:  # SafetensorsWriter removes its unfinished file itself
         if writer is not None:
             writer.abort()
-        elif os.path.exists(path):
-            os.remove(path)
         needed = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
         error = str(write_error(path, e, needed))
     mine = {"file": file, "crc32": crc, "bytes": nbytes, "error": error,

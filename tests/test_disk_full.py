@@ -95,6 +95,7 @@ def _faults(rank, run_dir):
         assert checkpoint.latest_tag(str(ckpts)) == "step_000001"
         assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000001"], point  # the failed one removed
         assert not list(ckpts.rglob("*.tmp*")) and not list(ckpts.rglob("*.new")), point
+        dist.barrier()  # every rank has looked before the next fault
     checkpoint.verify(str(ckpts), "step_000001")  # the previous checkpoint is whole
     trainer.save(2)  # with space again, the next save succeeds
     assert checkpoint.latest_tag(str(ckpts)) == "step_000002"
@@ -113,6 +114,7 @@ def _faults(rank, run_dir):
     dist.barrier()
     assert {p.name: p.read_bytes() for p in model.iterdir()} == before
     assert sorted(p.name for p in Path(run_dir).iterdir() if p.name.startswith("model")) == ["model"]
+    dist.barrier()  # every rank has looked before the next save makes model.new again
     trainer.save_weights(run_dir)
     assert checkpoint.sharded_state(str(model)).damage() is None
     assert sorted(p.name for p in Path(run_dir).iterdir() if p.name.startswith("model")) == ["model"]
@@ -141,6 +143,23 @@ def test_a_checkpoint_that_meets_a_full_disk_never_becomes_latest(tmp_path, moun
                                 f"and continue with --resume auto"), (point, message)
     assert re.search(rf"cannot write {re.escape(str(run / 'model.new'))}/rank-0000[01]\.safetensors \(No space left "
                      rf"on device\): {bytes_}", seen[0]["the final weights"]), seen[0]["the final weights"]
+
+
+def test_a_shard_that_fails_to_write_is_removed_without_raising_again(tmp_path, mounts):
+    """A rank whose shard meets the full disk must still reach the collective that tells the others (else they wait
+    in it until the timeout): aborting the writer never raises, whether the bytes failed on the way (a tensor
+    larger than the file's buffer) or only when closing flushed them (a small one)."""
+    from megachat.sharded import SafetensorsWriter
+    disk = mounts(tmp_path / "disk", "64k")
+    fill(disk, 0)
+    for numel in (16, 1 << 16):
+        path = disk / f"rank-{numel}.safetensors"
+        writer = SafetensorsWriter(str(path), {"w": (torch.float32, (numel,))})
+        with pytest.raises(OSError, match="No space left on device"):
+            writer.write("w", torch.ones(numel))
+            writer.close()
+        writer.abort()
+        assert not path.exists()
 
 
 def test_metrics_and_exports_on_a_full_disk_keep_their_whole_files(tmp_path, mounts, texts):
