@@ -94,11 +94,12 @@ def param_kind(name: str, p: torch.Tensor) -> str:
 
 def lr_multiplier(step: int, num_iterations: int, warmdown_ratio: float = 0.2) -> float:
     """nanochat's schedule: constant, then linear warmdown to 0 over the last `warmdown_ratio` of the run
-    (1.0: over the whole run, as SFT); `step` is 0-based."""
+    (1.0: over the whole run, as SFT); `step` is 0-based. Past the horizon (a step taken after num_iterations)
+    it is 0, also for a run too short to have a warmdown step."""
     warmdown_iters = round(warmdown_ratio * num_iterations)
     if step <= num_iterations - warmdown_iters:
         return 1.0
-    return (num_iterations - step) / warmdown_iters
+    return max(0.0, (num_iterations - step) / warmdown_iters) if warmdown_iters else 0.0
 
 
 def muon_momentum(step: int, start: float = 0.85, end: float = 0.95, warmup_steps: int = 300) -> float:

@@ -53,6 +53,8 @@ def test_lr_schedule_is_constant_then_linear_warmdown_to_zero():
     assert [lr_multiplier(s, n) for s in (0, 50, 80)] == [1.0, 1.0, 1.0]
     assert lr_multiplier(90, n) == pytest.approx(0.5)
     assert lr_multiplier(100, n) == 0.0
+    assert lr_multiplier(101, n) == 0.0  # past the horizon: no negative rate
+    assert [lr_multiplier(s, 2) for s in range(4)] == [1.0, 1.0, 1.0, 0.0]  # too short for a warmdown step
 
 
 def test_warmdown_over_the_whole_run_decays_linearly_from_the_first_step():
