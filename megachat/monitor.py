@@ -1,9 +1,10 @@
 """megachat.monitor: one record per step to RUN_DIR/metrics.jsonl and to TensorBoard (RUN_DIR/tensorboard/).
 
 Only rank 0 writes (the metrics are already reduced over the grid). Each jsonl line is written whole and
-flushed (the TensorBoard events too) every step, so a killed run keeps the records of its finished steps; a line
-that cannot be written whole (a full disk) is cut off again and the run stops naming the file, the bytes needed
-and free. On resume the file is cut back to the resumed step so the log stays one curve.
+flushed (the TensorBoard events too, `EventFile`) every step, so a killed run keeps the records of its finished
+steps; a line or a step's events that cannot be written whole (a full disk) are cut off again and the run stops
+naming the file, the bytes needed and free, so TensorBoard still reads every earlier record. On resume the file is
+cut back to the resumed step so the log stays one curve.
 """
 from __future__ import annotations
 
@@ -14,6 +15,9 @@ import resource
 import time
 
 import torch
+from tensorboard.compat.proto.event_pb2 import Event
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import scalar
 
 from megachat.fileio import atomic_write, write_error
 
@@ -42,14 +46,13 @@ class Monitor:
         self.writer = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
         self.file = open(self.path, "a")
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
+        self.writer = EventFile(os.path.join(run_dir, "tensorboard"),
+                                purge_step=resume_step + 1 if resume_step is not None else None)
 
     def _truncate_after(self, step: int) -> None:
         """Keep the records of steps <= step (a resumed run rewrites what came after its checkpoint)."""
@@ -73,14 +76,51 @@ class Monitor:
             os.truncate(self.path, end)
             self.file = open(self.path, "a")
             raise write_error(self.path, e, len(line.encode())) from e
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
-        self.writer.flush()
+        self.writer.add(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))
+                               and not isinstance(v, bool)})
 
     def close(self) -> None:
         if self.enabled:
             self.file.close()
+            self.writer.close()
+
+
+class EventFile:
+    """A TensorBoard event file (torch's SummaryWriter) whose steps are written whole or not at all: `add` flushes a
+    step's records; when that fails (a full disk) the file is cut back to its previous records, which TensorBoard
+    reads as before, and the OSError names the file, the bytes needed and free. The next `add` starts a new event
+    file (SummaryWriter's failed writer thread is gone); TensorBoard reads every file of the directory."""
+
+    def __init__(self, logdir: str, purge_step: int | None = None):
+        self.logdir, self.purge_step, self.writer = logdir, purge_step, None
+
+    def _open(self) -> None:
+        before = set(os.listdir(self.logdir)) if os.path.isdir(self.logdir) else set()
+        self.writer = SummaryWriter(self.logdir, purge_step=self.purge_step)  # writes the file's first record
+        self.purge_step = None
+        self.path = os.path.join(self.logdir, (set(os.listdir(self.logdir)) - before).pop())
+
+    def add(self, step: int, scalars: dict[str, float]) -> None:
+        """One scalar record per entry at `step`, flushed."""
+        if self.writer is None:
+            self._open()
+        now = time.time()
+        events = [Event(summary=scalar(key, value), step=step, wall_time=now) for key, value in scalars.items()]
+        end = os.path.getsize(self.path)
+        try:
+            for event in events:
+                self.writer.file_writer.add_event(event, step, now)
+            self.writer.flush()
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                self.writer.close()  # ends its writer thread: nothing is appended after the cut
+            self.writer = None
+            os.truncate(self.path, end)
+            # a record is its bytes plus a length, and a checksum of each (tfrecord)
+            raise write_error(self.path, e, sum(event.ByteSize() + 16 for event in events)) from e
+
+    def close(self) -> None:
+        if self.writer is not None:
             self.writer.close()
 
 
@@ -95,11 +135,10 @@ def _complete(line: str) -> bool:
 def write_scalars(run_dir: str, tag: str, rows) -> None:
     """An evaluation's (metric, value) rows as TensorBoard scalars `tag/metric` under RUN_DIR/tensorboard; rows
     whose value is text (task counts, missing tasks) stay in the evaluation's CSV and markdown only."""
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    scalars = {}
     for key, value in rows:
-        try:
-            writer.add_scalar(f"{tag}/{key}", float(value))
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):
+            scalars[f"{tag}/{key}"] = float(value)
+    writer = EventFile(os.path.join(run_dir, "tensorboard"))
+    writer.add(0, scalars)
     writer.close()

@@ -1,7 +1,7 @@
 """A full disk loses nothing, on a real filesystem that fills up (a tmpfs, mounted as root): a checkpoint that cannot
 be written, faulted at its first shard, its index, its megachat.json and `latest`, never becomes `latest`, leaves the
 previous one intact and resumable, and stops every rank with one message naming the path, the bytes needed and free;
-the final weights, metrics.jsonl and tools/export_checkpoint.py never let a partial file replace a whole one. The
+the final weights, metrics.jsonl, the TensorBoard events and tools/export_checkpoint.py never let a partial file replace a whole one. The
 checkpoint faults run in one 2-rank gloo world (tests/_dist.py) around a depth-1 trainer.
 """
 import json
@@ -15,6 +15,9 @@ import pytest
 import torch
 import torch.distributed as dist
 from _dist import run_gloo
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from megachat.monitor import EventFile
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = 4096  # tmpfs allocates whole pages
@@ -179,6 +182,21 @@ def test_metrics_and_exports_on_a_full_disk_keep_their_whole_files(tmp_path, mou
     monitor.log(len(lines) + 1, loss=1.0)  # with space again, the next record is whole too
     monitor.close()
     assert json.loads((disk / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == len(lines) + 1
+    # TensorBoard: a step's records that meet the full disk are cut off again, and TensorBoard reads every earlier one
+    events = EventFile(str(disk / "tensorboard"))
+    events.add(1, {"loss": 1.0})
+    ballast = fill(disk, 0)
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(disk / 'tensorboard'))}/events\.out\.tfevents\."
+                                      r"\S+ \(No space left on device\): it needs \d+ bytes, 0 bytes are free"):
+        for step in range(2, 1000):
+            events.add(step, {"loss": 1.0, "lr": 0.5})
+    ballast.unlink()
+    events.add(step + 1, {"loss": 1.0})  # with space again, in a new event file
+    events.close()
+    tensorboard = EventAccumulator(str(disk / "tensorboard"))
+    tensorboard.Reload()
+    assert [e.step for e in tensorboard.Scalars("loss")] == [*range(1, step), step + 1]
+    assert [e.step for e in tensorboard.Scalars("lr")] == list(range(2, step))
     # tools/export_checkpoint.py over a whole exported file: the file stays, no temp file is left
     state = _weights(tmp_path / "weights")
     out = disk / "model.safetensors"
@@ -191,7 +209,7 @@ def test_metrics_and_exports_on_a_full_disk_keep_their_whole_files(tmp_path, mou
     assert proc.returncode == 2 and re.search(rf"cannot write {re.escape(str(out))} \(No space left on device\): it "
                                               rf"needs [\d,]+ bytes, 4,096 bytes are free", proc.stderr), proc.stderr
     assert out.read_bytes() == whole and sorted(p.name for p in disk.iterdir()) == ["ballast", "model.safetensors",
-                                                                                  "run"]
+                                                                                  "run", "tensorboard"]
 
 
 def _weights(directory: Path) -> Path:
