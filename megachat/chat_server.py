@@ -17,8 +17,12 @@
   At most engine.max_batch requests generate, max_queue more wait for a row, more get a 503.
 - Tensor parallel: rank 0 serves HTTP; its worker shares each step's changes (megachat.chat.share) and every rank
   applies them with `Lockstep` and steps, so all run the same batch; the other ranks run `follow(engine)` until
-  the worker stops (shares None). While idle the worker shares a heartbeat every minute, so the others' waiting
-  broadcast never reaches the process group's timeout.
+  the worker stops (shares None). While idle the worker shares a heartbeat every heartbeat_s (chat_web: a third of
+  --collective-timeout, the process-group timeout) and every rank answers it (a barrier), so an idle server never
+  reaches the timeout, and a lost rank (dead or stalled) ends the others within it: a follower's wait for rank 0
+  fails (chat_web's megachat.watchdog names the lost rank and exits 1); rank 0's heartbeat or step fails, the worker
+  answers every request a 500 naming the failure, refuses new ones with a 503, and calls on_failure (chat_web:
+  stop serving, then exit 1 naming the lost rank).
 - Calculator calls: the content text reads `[python: 2+3*4][output: 14]` as in the chat CLI, two pieces whose
   delta also carries a non-standard `"tool": {"type": "python" | "output", "text": ...}` that OpenAI clients
   ignore and the page styles. The page sends such turns back as assistant content parts [{"type": "text" |
@@ -40,6 +44,7 @@ from dataclasses import asdict, dataclass, replace
 from importlib import resources
 
 import torch
+import torch.distributed as dist
 from fastapi import FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
@@ -222,8 +227,16 @@ def follow(engine) -> None:
     """Ranks other than 0 under tp: apply every step rank 0 shares, until it shares None."""
     lockstep = Lockstep(engine)
     while (message := share()) is not None:
-        if message != HEARTBEAT:
+        if message == HEARTBEAT:
+            answer_heartbeat()
+        else:
             lockstep.apply(message)
+
+
+def answer_heartbeat() -> None:
+    """Every rank meets after rank 0's heartbeat, so that rank 0 too notices a lost rank while idle."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 @dataclass(eq=False)
@@ -238,10 +251,14 @@ class _Job:
 
 class Worker:
     """The engine's thread: steps the engine's continuous batch (at most engine.max_batch requests generating) and
-    hands each request's events to its HTTP request; at most max_queue more requests wait for a row, then 503."""
+    hands each request's events to its HTTP request; at most max_queue more requests wait for a row, then 503.
+    When a step or a heartbeat fails (a lost tp rank, a failed generation) it answers every request a 500, refuses
+    new ones, keeps the error in `error` and calls on_failure()."""
 
-    def __init__(self, engine, max_queue: int = 16, heartbeat_s: float = 60.0):
-        self.engine, self.max_queue, self.heartbeat_s = engine, max_queue, heartbeat_s
+    def __init__(self, engine, max_queue: int = 16, heartbeat_s: float = 60.0, on_failure=None):
+        self.engine, self.max_queue, self.heartbeat_s, self.on_failure = engine, max_queue, heartbeat_s, on_failure
+        self.error: Exception | None = None
+        self.refusal = "the server is shutting down"
         self.inbox: queue.Queue = queue.Queue()  # submitted jobs the engine has not seen yet
         self.lock = threading.Lock()
         self.admitted = self.served = self.rejected = self.numbered = 0  # admitted: waiting or generating now
@@ -264,15 +281,15 @@ class Worker:
         """Queue one shared request; RequestError 503 when max_batch generate and max_queue already wait."""
         with self.lock:
             if self.stopping:
-                raise RequestError("the server is shutting down", 503, "server_busy")
+                raise RequestError(self.refusal, 503, "server_busy")
             if self.admitted >= self.engine.max_batch + self.max_queue:
                 self.rejected += 1
                 raise RequestError(f"the server is busy: the queue is full ({self.admitted - self.engine.max_batch} "
                                    f"waiting, --max-queue {self.max_queue}), {self.engine.max_batch} generating "
                                    f"(--max-batch {self.engine.max_batch}); retry in a moment", 503, "server_busy")
             self.admitted += 1
-        job = _Job(request, emit)
-        self.inbox.put(job)
+            job = _Job(request, emit)
+            self.inbox.put(job)  # under the lock: once stopping, the inbox gets nothing more
         return job
 
     def stats(self) -> dict:
@@ -292,7 +309,12 @@ class Worker:
                 try:
                     job = self.inbox.get(timeout=self.heartbeat_s)
                 except queue.Empty:
-                    share(HEARTBEAT)
+                    try:
+                        share(HEARTBEAT)
+                        answer_heartbeat()
+                    except Exception as e:  # a tp rank is lost
+                        self._fail(e, [])
+                        return
                     continue
                 new.append(job)
             while True:
@@ -314,15 +336,9 @@ class Worker:
             try:
                 share(message)
                 self.lockstep.apply(message)
-            except Exception as e:  # a tp rank died or generation failed: no reply can be generated any more
-                log.exception("the engine's step failed")
-                for job in self.active + new:
-                    job.emit(("error", RequestError(f"generation failed ({type(e).__name__}: {e}); restart the "
-                                                    f"server", 500, "server_error")))
-                self._done(self.active + new)
-                self.active = []
-                stop = True
-                break
+            except Exception as e:  # a tp rank is lost or generation failed: no reply can be generated any more
+                self._fail(e, self.active + new)
+                return
             if stop:
                 for job in gone:
                     job.emit(("error", RequestError("the server is shutting down", 503, "server_busy")))
@@ -336,6 +352,25 @@ class Worker:
             share(None)
         except Exception as e:  # the other ranks are gone already (Ctrl-C reaches every rank)
             log.warning("could not release the other ranks: %s", e)
+
+    def _fail(self, error: Exception, jobs: list[_Job]) -> None:
+        log.error("the engine's step failed", exc_info=error)
+        failure = (f"generation failed ({type(error).__name__}: {str(error).splitlines()[0][:300]}); the server stops: "
+                   f"restart it")
+        with self.lock:
+            self.stopping, self.error, self.refusal = True, error, failure
+        while True:  # the jobs that arrived meanwhile
+            try:
+                jobs.append(self.inbox.get_nowait())
+            except queue.Empty:
+                break
+        jobs = [job for job in jobs if job is not None]
+        for job in jobs:
+            job.emit(("error", RequestError(failure, 500, "server_error")))
+        self._done(jobs)
+        self.active = []
+        if self.on_failure is not None:
+            self.on_failure()
 
     def _dispatch(self, job: _Job) -> bool:
         """Hand the job's new tokens to its client as pieces; True once it has finished."""
@@ -414,6 +449,7 @@ def _schemas(max_len: int) -> dict:
 def _errors(*statuses) -> dict:
     what = {400: "the request is malformed or out of bounds (the message names the field)",
             401: "no API key, or a wrong one (--api-key)", 413: f"the body is over {MAX_BODY_BYTES} bytes",
+            500: "generation failed (a lost tensor-parallel rank): the server stops",
             503: "the server is busy (--max-batch generating and --max-queue waiting) or shutting down; Retry-After"}
     return {s: {"description": what[s], "content": {"application/json": {"schema": {"$ref": "#/components/schemas/"
                                                                                              "Error"}}}}
@@ -421,15 +457,16 @@ def _errors(*statuses) -> dict:
 
 
 def create_app(engine, model_name: str = "megachat", defaults: Sampling = DEFAULT_SAMPLING, max_queue: int = 16,
-               heartbeat_s: float = 60.0, api_key: str | None = None):
+               heartbeat_s: float = 60.0, api_key: str | None = None, on_failure=None):
     """The FastAPI app serving `engine` (rank 0's under tp: run `follow(engine)` on the others). Its lifespan
-    starts and stops the engine's worker thread. api_key: required as `Authorization: Bearer KEY` on /v1/*."""
+    starts and stops the engine's worker thread (app.state.worker). api_key: required as `Authorization: Bearer
+    KEY` on /v1/*. on_failure(): called on the worker's thread once generation failed (Worker)."""
     parse_sampling(asdict(defaults), Sampling())  # bad defaults fail at start, with the request's messages
     if defaults.num_samples != 1:
         raise ValueError(f"defaults.num_samples {defaults.num_samples}: the server replies with one sample (n = 1)")
     if api_key is not None and not api_key.strip():
         raise ValueError("the API key is empty: pass a non-empty --api-key (or MEGACHAT_API_KEY), or none")
-    worker = Worker(engine, max_queue, heartbeat_s)
+    worker = Worker(engine, max_queue, heartbeat_s, on_failure)
     started = time.time()
     tp = engine.model.grid.tp
 
@@ -504,7 +541,7 @@ def create_app(engine, model_name: str = "megachat", defaults: Sampling = DEFAUL
                           "text/event-stream": {"schema": {  # each event's data
                               "anyOf": [{"type": "object", "description": "a chat.completion.chunk, or an error"},
                                         {"type": "string", "enum": ["[DONE]"]}]}}}},
-        **_errors(400, *v1_errors, 413, 503)}
+        **_errors(400, *v1_errors, 413, 500, 503)}
 
     @app.post("/v1/chat/completions", openapi_extra=completion_doc, responses=completion_responses)
     async def chat_completions(http: Request):

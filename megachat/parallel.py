@@ -183,16 +183,17 @@ def init_grid(tp: int = 1, pp: int = 1) -> Grid:
 _timeout = None  # the process-group timeout init_distributed chose; init_grid gives its groups the same
 
 
-def init_distributed(world_of_one: bool = True, timeout_s: float | None = None) -> None:
+def init_distributed(world_of_one: bool = True, timeout_s: float | None = None, grace: bool = True) -> None:
     """Join the world the launcher (deepspeed / torchrun) describes in the environment; nccl on CUDA, gloo on
     CPU. A plain `python` run (no RANK in the environment) becomes a world of one (the DeepSpeed engine needs
     a process group), or with world_of_one=False stays without one and leaves os.environ alone (evaluation,
     whose code runs with or without a group and is also called in-process by the tests). DeepSpeed adopts
     this process group when the trainer initializes it.
 
-    Every collective of the world and of init_grid's groups fails after `watchdog.collective_timeout_s(timeout_s)`
-    (--collective-timeout plus a grace, so that in training megachat.watchdog names the lost rank first; 630 s by
-    default) instead of waiting forever on a lost rank: gloo honours it per collective; on GPUs the NCCL settings
+    Every collective of the world and of init_grid's groups fails after `watchdog.collective_timeout_s(timeout_s,
+    grace)` (--collective-timeout plus a grace, so that in training megachat.watchdog names the lost rank first; 630 s
+    by default; grace=False for jobs without steps, where this timeout is the bound) instead of waiting forever on a
+    lost rank: gloo honours it per collective; on GPUs the NCCL settings
     below make PyTorch's NCCL watchdog end the process when a collective passes it (docs/multinode.md)."""
     global _timeout
     if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
@@ -207,7 +208,7 @@ def init_distributed(world_of_one: bool = True, timeout_s: float | None = None) 
     if "RANK" not in os.environ:  # plain `python script.py`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    _timeout = timedelta(seconds=collective_timeout_s(timeout_s))
+    _timeout = timedelta(seconds=collective_timeout_s(timeout_s, grace))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         # a timed-out or failed collective tears the process down (3: without aborting the communicator first, which

@@ -21,6 +21,13 @@ The first live rank prints one line: the lost ranks with host, pid and what beca
 silent on another host), the step, and the newest intact checkpoint (`checkpoints/latest`) to continue from with
 `--resume auto`. The launcher then ends the other ranks (the deepspeed launcher sends SIGTERM, and SIGKILL 30 s
 later to what is left, such as a stopped rank).
+
+Jobs without steps (base_eval, chat_eval, the chat server under tp: `job` names them) run under a Watchdog too, as
+a context (`with Watchdog(...)`), with their heartbeats and stacks under their own names (RUN_DIR/heartbeat/
+JOB-rank-RRRRR.json, RUN_DIR/hang/JOB-rank-RRRRR.txt) so that they may run beside a training job on the same
+RUN_DIR. They have no step limit: their bound is the process-group timeout alone (`collective_timeout_s(..., grace=
+False)`, --collective-timeout), whose error reaches `failed`, which names the lost ranks as above, writes the
+failed collective's traceback to the stack file and ends the process with status 1.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 from megachat.cli import raised_by_megachat
 
@@ -53,21 +61,23 @@ def step_limit(step_times: list[float], explicit: float | None = None) -> float:
     return max(MIN_LIMIT_S, STEP_FACTOR * max(steady)) if steady else SLOW_LIMIT_S
 
 
-def collective_timeout_s(explicit: float | None) -> float:
+def collective_timeout_s(explicit: float | None, grace: bool = True) -> float:
     """The process-group timeout (megachat.parallel.init_distributed: every collective, also outside the training
     loop): --collective-timeout, else SLOW_LIMIT_S, plus GRACE_S so that in training the watchdog, which names the
-    lost rank and dumps the stacks, acts first."""
-    return (float(explicit) if explicit else SLOW_LIMIT_S) + GRACE_S
+    lost rank and dumps the stacks, acts first (grace=False: a job without steps, where the timeout is the bound)."""
+    return (float(explicit) if explicit else SLOW_LIMIT_S) + (GRACE_S if grace else 0.0)
 
 
 class Watchdog:
     """start(), beat(step) before every step, failed(error) when the loop raises, close() (see the module
-    docstring). run_dir None: every call does nothing."""
+    docstring); or, for a job without steps, `with Watchdog(..., job=NAME):` around it. run_dir None: every call
+    does nothing."""
 
-    def __init__(self, run_dir: str | None, rank: int, world: int, timeout: float | None = None):
-        self.run_dir, self.rank, self.world, self.explicit = run_dir, rank, world, timeout
+    def __init__(self, run_dir: str | None, rank: int, world: int, timeout: float | None = None, job: str = "train"):
+        self.run_dir, self.rank, self.world, self.explicit, self.job = run_dir, rank, world, timeout, job
+        self.prefix = "" if job == "train" else f"{job}-"
         self.beat_dir = os.path.join(run_dir or "", "heartbeat")
-        self.hang_path = os.path.join(run_dir or "", "hang", f"rank-{rank:05d}.txt")
+        self.hang_path = os.path.join(run_dir or "", "hang", f"{self.prefix}rank-{rank:05d}.txt")
         self.host, self.step, self.count = socket.gethostname(), 0, 0
         self.step_times: list[float] = []
         self.last_beat, self.last_was_step = time.monotonic(), False
@@ -86,7 +96,17 @@ class Watchdog:
         self._write_heartbeat()
         self.thread = threading.Thread(target=self._watch, name="megachat-watchdog", daemon=True)
         self.thread.start()
-        self._arm()
+        if self.job == "train":
+            self._arm()
+
+    def __enter__(self) -> Watchdog:
+        self.start()
+        return self
+
+    def __exit__(self, kind, error, tb) -> None:
+        if isinstance(error, Exception):
+            self.failed(error)
+        self.close()
 
     def failed(self, error: BaseException) -> None:
         """The loop raised `error`: when a collective failed because ranks stopped beating, report them and exit 1;
@@ -97,7 +117,10 @@ class Watchdog:
         faulthandler.cancel_dump_traceback_later()
         lost = self._lost_ranks()
         if lost and self.reported.acquire(blocking=False):
-            self._report(lost, f"a collective failed ({str(error).splitlines()[0][:200]})")
+            if self.job != "train":  # no stacks were dumped: where the collective was called
+                traceback.print_exception(error, file=self.hang_file)
+                self.hang_file.flush()
+            self._report(lost, f"a collective failed ({str(error).splitlines()[0][:200]})", stacks=self.job != "train")
             _exit()
 
     def close(self) -> None:
@@ -129,7 +152,7 @@ class Watchdog:
         faulthandler.dump_traceback_later(self.limit + JUDGE_S + 10 * PERIOD_S, exit=True, file=self.hang_file)
 
     def _write_heartbeat(self) -> None:
-        path = os.path.join(self.beat_dir, f"rank-{self.rank:05d}.json")
+        path = os.path.join(self.beat_dir, f"{self.prefix}rank-{self.rank:05d}.json")
         with self.writing, contextlib.suppress(OSError):  # a full disk must not end the watching
             self.count += 1
             with open(f"{path}.tmp", "w") as f:
@@ -141,7 +164,7 @@ class Watchdog:
         beats = {}
         for rank in range(self.world):
             try:
-                with open(os.path.join(self.beat_dir, f"rank-{rank:05d}.json")) as f:
+                with open(os.path.join(self.beat_dir, f"{self.prefix}rank-{rank:05d}.json")) as f:
                     beats[rank] = json.load(f)
             except (OSError, ValueError):
                 pass
@@ -161,7 +184,7 @@ class Watchdog:
     def _watch(self) -> None:
         while not self.stop.wait(PERIOD_S):
             self._write_heartbeat()
-            if time.monotonic() - self.last_beat > self.limit and not self.stop.is_set():
+            if self.job == "train" and time.monotonic() - self.last_beat > self.limit and not self.stop.is_set():
                 step, limit = self.step, self.limit
                 self.hang_file.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: step {step} has not "
                                      f"finished in {limit:.0f} s; the stacks of every thread:\n")
@@ -189,8 +212,11 @@ class Watchdog:
                   if tag else "no checkpoint was written yet: --resume auto starts over")
         who = (f"lost {names}" if lost else "no rank stopped beating: a live rank is stuck (a collective that not "
                "every rank called, or a dead link)")
-        print(f"megachat watchdog: {who}, during step {self.step}: {what}; every rank stops now; {resume}" +
-              (f"; the live ranks' Python stacks are in {os.path.dirname(self.hang_path)}/" if stacks else ""),
+        during, stack_kind = f"step {self.step}", "Python stacks"
+        if self.job != "train":
+            during, resume, stack_kind = self.job, f"start {self.job} again", "tracebacks"
+        print(f"megachat watchdog: {who}, during {during}: {what}; every rank stops now; {resume}" +
+              (f"; the live ranks' {stack_kind} are in {os.path.dirname(self.hang_path)}/" if stacks else ""),
               flush=True)
 
 

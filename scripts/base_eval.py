@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megachat.fileio import atomic_write
+from megachat.watchdog import Watchdog
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
            "The opposite of hot is", "The planets of the solar system are:"]
@@ -42,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--collective-timeout", type=float, default=None,
-                   help="seconds a collective waits for a lost rank before every rank stops (default 600, plus 30)")
+                   help="seconds a collective waits for a lost rank before every rank stops, naming it (default 600)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
     args.evals = [e.strip() for e in args.eval.split(",") if e.strip()]
@@ -84,53 +85,57 @@ def main(argv=None):
 
     read_run_config(args.run)  # a wrong --run fails before any process group
     # a plain `python` run evaluates without a process group
-    init_distributed(world_of_one=False, timeout_s=args.collective_timeout)
-    grid = init_grid(args.tp, args.pp)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    dev = device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, tokenizer, run_cfg = load_run(args.run, grid, dev, dtype, weights_path=args.checkpoint,
-                                        tokenizer_dir=args.tokenizer)
-    fwd = GridForward(model, grid)
-    log = print if rank == 0 else None
-    rows, core_result, samples = [], None, []
+    init_distributed(world_of_one=False, timeout_s=args.collective_timeout, grace=False)
+    on_grid = dist.is_initialized()
+    # a lost rank ends every rank in --collective-timeout, naming it (megachat/watchdog.py)
+    with Watchdog(args.run if on_grid else None, dist.get_rank() if on_grid else 0,
+                  dist.get_world_size() if on_grid else 1, job="base_eval"):
+        grid = init_grid(args.tp, args.pp)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        dev = device()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        model, tokenizer, run_cfg = load_run(args.run, grid, dev, dtype, weights_path=args.checkpoint,
+                                            tokenizer_dir=args.tokenizer)
+        fwd = GridForward(model, grid)
+        log = print if rank == 0 else None
+        rows, core_result, samples = [], None, []
 
-    if "bpb" in args.evals:
-        val = args.val_data or run_cfg.get("val_data")
-        if not val:
-            raise ValueError("--eval bpb needs validation data: pass --val-data PREFIX (config.json has none)")
-        check_tokenizer(val, tokenizer)
-        token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.int64)
-        batches = val_batches(val_dataset(val, model.config.sequence_len), args.eval_tokens, args.device_batch_size,
-                              grid)
-        bpb = evaluate_bpb(fwd.token_loss, ((x.to(dev), y.to(dev)) for x, y in batches), token_bytes)
-        rows.append(("val_bpb", f"{bpb:.6f}"))
-        if log:
-            log(f"val bpb: {bpb:.6f}")
-    if "core" in args.evals:
-        tasks = load_core_tasks(args.eval_bundle, args.data_dir)
-        # Prompts are not cut to the training length (nanochat does not cut them either); only the RoPE
-        # tables' 10 x sequence_len rows bound them.
-        encode = lambda text: tokenizer.encode(text, prepend=tokenizer.bos_id)  # noqa: E731
-        core_result = evaluate_core(tasks, encode, fwd.core_forward, tokenizer.bos_id, max_per_task=args.max_per_task,
-                                    dp_rank=grid.dp_rank, dp_size=grid.dp, scores=fwd.reports,
-                                    max_seq_len=10 * model.config.sequence_len, device=dev, log=log)
-        rows += [("core", f"{core_result.core:.6f}"), ("core_tasks", f"{core_result.num_tasks}/22"),
-                 ("core_missing", " ".join(core_result.missing) or "-")]
-        rows += [(f"core/{k}", f"{v:.6f}") for k, v in core_result.centered.items()]
-    if "sample" in args.evals:
-        samples = greedy_samples(model, grid, tokenizer, PROMPTS)
-        if log:
-            for prompt, text in samples:
-                log(f"sample | {prompt!r} -> {text!r}")
-    if rank == 0:
-        write_report(args.run, rows, core_result, samples)
-        from megachat.monitor import write_scalars
-        write_scalars(args.run, "base_eval", rows)
-        print(f"wrote {os.path.join(args.run, 'base_eval.csv')} and base_eval.md", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+        if "bpb" in args.evals:
+            val = args.val_data or run_cfg.get("val_data")
+            if not val:
+                raise ValueError("--eval bpb needs validation data: pass --val-data PREFIX (config.json has none)")
+            check_tokenizer(val, tokenizer)
+            token_bytes = torch.as_tensor(tokenizer.token_bytes, dtype=torch.int64)
+            batches = val_batches(val_dataset(val, model.config.sequence_len), args.eval_tokens, args.device_batch_size,
+                                  grid)
+            bpb = evaluate_bpb(fwd.token_loss, ((x.to(dev), y.to(dev)) for x, y in batches), token_bytes)
+            rows.append(("val_bpb", f"{bpb:.6f}"))
+            if log:
+                log(f"val bpb: {bpb:.6f}")
+        if "core" in args.evals:
+            tasks = load_core_tasks(args.eval_bundle, args.data_dir)
+            # Prompts are not cut to the training length (nanochat does not cut them either); only the RoPE
+            # tables' 10 x sequence_len rows bound them.
+            encode = lambda text: tokenizer.encode(text, prepend=tokenizer.bos_id)  # noqa: E731
+            core_result = evaluate_core(tasks, encode, fwd.core_forward, tokenizer.bos_id, max_per_task=args.max_per_task,
+                                        dp_rank=grid.dp_rank, dp_size=grid.dp, scores=fwd.reports,
+                                        max_seq_len=10 * model.config.sequence_len, device=dev, log=log)
+            rows += [("core", f"{core_result.core:.6f}"), ("core_tasks", f"{core_result.num_tasks}/22"),
+                     ("core_missing", " ".join(core_result.missing) or "-")]
+            rows += [(f"core/{k}", f"{v:.6f}") for k, v in core_result.centered.items()]
+        if "sample" in args.evals:
+            samples = greedy_samples(model, grid, tokenizer, PROMPTS)
+            if log:
+                for prompt, text in samples:
+                    log(f"sample | {prompt!r} -> {text!r}")
+        if rank == 0:
+            write_report(args.run, rows, core_result, samples)
+            from megachat.monitor import write_scalars
+            write_scalars(args.run, "base_eval", rows)
+            print(f"wrote {os.path.join(args.run, 'base_eval.csv')} and base_eval.md", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     return 0
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from megachat.fileio import atomic_write
+from megachat.watchdog import Watchdog
 
 TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
 
@@ -46,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--collective-timeout", type=float, default=None,
-                   help="seconds a collective waits for a lost rank before every rank stops (default 600, plus 30)")
+                   help="seconds a collective waits for a lost rank before every rank stops, naming it (default 600)")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
     args.task_names = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -92,35 +93,39 @@ def main(argv=None):
     read_run_config(args.run)  # a wrong --run fails before any process group
     tasks = [load_chat_task(name, args.data_dir) for name in args.task_names]  # missing data fails before the model
     # a plain `python` run evaluates without a process group
-    init_distributed(world_of_one=False, timeout_s=args.collective_timeout)
-    grid = init_grid(args.tp, 1)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    dev = device()
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    model, tokenizer, _ = load_run(args.run, grid, dev, dtype, weights_path=args.checkpoint,
-                                   tokenizer_dir=args.tokenizer)
-    fwd = GridForward(model, grid)
-    generation = f"{args.sampling}, batch_size {args.batch_size}"
-    log = print if rank == 0 else None
-    if log:
-        log(f"chat_eval: tp {grid.tp} x dp {grid.dp}, tasks {', '.join(args.task_names)}, {generation}")
-    engine = Engine(model, tokenizer, max_batch=max(32, args.batch_size * args.sampling.num_samples))  # >= a request
-    result = evaluate_chatcore(tasks, tokenizer, fwd.letter_logits, engine, args.sampling,
-                               batch_size=args.batch_size, max_per_task=args.max_per_task, dp_rank=grid.dp_rank,
-                               dp_size=grid.dp, scores=fwd.reports, device=dev, log=log)
-    if rank == 0:
-        rows = write_report(args.run, result, f"tp {grid.tp} x dp {grid.dp}, max_per_task {args.max_per_task}, "
-                                              f"{generation}")
-        print(f"| {'task':14s} | examples | accuracy | centered |")
-        for k, a in result.accuracy.items():
-            print(f"| {k:14s} | {result.examples[k]:8d} | {a:8.4f} | {centered(k, a):8.4f} |")
-        print(result.summary(), flush=True)
-        from megachat.monitor import write_scalars
-        write_scalars(args.run, "chat_eval", rows)
-        print(f"wrote {os.path.join(args.run, 'chat_eval.csv')} and chat_eval.md", flush=True)
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+    init_distributed(world_of_one=False, timeout_s=args.collective_timeout, grace=False)
+    on_grid = dist.is_initialized()
+    # a lost rank ends every rank in --collective-timeout, naming it (megachat/watchdog.py)
+    with Watchdog(args.run if on_grid else None, dist.get_rank() if on_grid else 0,
+                  dist.get_world_size() if on_grid else 1, job="chat_eval"):
+        grid = init_grid(args.tp, 1)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        dev = device()
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+        model, tokenizer, _ = load_run(args.run, grid, dev, dtype, weights_path=args.checkpoint,
+                                       tokenizer_dir=args.tokenizer)
+        fwd = GridForward(model, grid)
+        generation = f"{args.sampling}, batch_size {args.batch_size}"
+        log = print if rank == 0 else None
+        if log:
+            log(f"chat_eval: tp {grid.tp} x dp {grid.dp}, tasks {', '.join(args.task_names)}, {generation}")
+        engine = Engine(model, tokenizer, max_batch=max(32, args.batch_size * args.sampling.num_samples))  # >= a request
+        result = evaluate_chatcore(tasks, tokenizer, fwd.letter_logits, engine, args.sampling,
+                                   batch_size=args.batch_size, max_per_task=args.max_per_task, dp_rank=grid.dp_rank,
+                                   dp_size=grid.dp, scores=fwd.reports, device=dev, log=log)
+        if rank == 0:
+            rows = write_report(args.run, result, f"tp {grid.tp} x dp {grid.dp}, max_per_task {args.max_per_task}, "
+                                                  f"{generation}")
+            print(f"| {'task':14s} | examples | accuracy | centered |")
+            for k, a in result.accuracy.items():
+                print(f"| {k:14s} | {result.examples[k]:8d} | {a:8.4f} | {centered(k, a):8.4f} |")
+            print(result.summary(), flush=True)
+            from megachat.monitor import write_scalars
+            write_scalars(args.run, "chat_eval", rows)
+            print(f"wrote {os.path.join(args.run, 'chat_eval.csv')} and chat_eval.md", flush=True)
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     return 0
 
 

@@ -5,7 +5,9 @@
     deepspeed --num_gpus N scripts/chat_web.py --run RUN_DIR --tp N
 
 Then open http://127.0.0.1:8000/ or POST http://127.0.0.1:8000/v1/chat/completions (docs/chat.md, "Web server").
-Under tp rank 0 serves HTTP and every rank generates each reply together (megachat.chat_server).
+Under tp rank 0 serves HTTP and every rank generates each reply together (megachat.chat_server); a lost rank (dead
+or stalled) ends every rank within --collective-timeout, the requests in flight answered with a 500, and the first
+live rank names the lost one (megachat/watchdog.py).
 """
 import argparse
 import os
@@ -13,6 +15,8 @@ import socket
 
 import torch
 import torch.distributed as dist
+
+from megachat.watchdog import Watchdog
 
 
 def parse_args(argv=None):
@@ -37,10 +41,14 @@ def parse_args(argv=None):
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MEGACHAT_API_KEY; none: open)")
     p.add_argument("--name", default=None, help="model name in responses (default: RUN_DIR's name)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    p.add_argument("--collective-timeout", type=float, default=180.0,
+                   help="under tp: seconds a collective waits for a lost rank before every rank stops, naming it; "
+                        "the idle server shares a heartbeat every third of it")
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)  # the deepspeed launcher adds it
     args = p.parse_args(argv)
-    if args.max_queue < 0 or args.max_batch < 1:
-        p.error(f"--max-batch {args.max_batch} must be >= 1 and --max-queue {args.max_queue} >= 0")
+    if args.max_queue < 0 or args.max_batch < 1 or args.collective_timeout <= 0:
+        p.error(f"--max-batch {args.max_batch} must be >= 1, --max-queue {args.max_queue} >= 0 and "
+                f"--collective-timeout {args.collective_timeout} > 0")
     if args.api_key is not None and not args.api_key.strip():
         p.error("--api-key (or MEGACHAT_API_KEY) is empty: give a key, or unset it to serve without one")
     args.defaults = replace(defaults, max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k)
@@ -70,17 +78,24 @@ def main(argv=None):
     if os.environ.get("RANK", "0") == "0":
         check_port(args.host, args.port)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype, max_batch=args.max_batch)
-    if is_talker():
-        import uvicorn
-        name = args.name or os.path.basename(os.path.normpath(args.run))
-        app = create_app(engine, name, args.defaults, args.max_queue, api_key=args.api_key)
-        key = "with an API key" if args.api_key else "without an API key"
-        print(f"serving {name} (tp {args.tp}, --max-batch {args.max_batch}, {key}) at http://{args.host}:{args.port}/",
-              flush=True)
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
-    else:
-        follow(engine)
+    engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype, max_batch=args.max_batch,
+                          collective_timeout=args.collective_timeout)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    with Watchdog(args.run if world > 1 else None, rank, world, job="chat_web"):
+        if is_talker():
+            import uvicorn
+            name = args.name or os.path.basename(os.path.normpath(args.run))
+            app = create_app(engine, name, args.defaults, args.max_queue, heartbeat_s=args.collective_timeout / 3,
+                             api_key=args.api_key, on_failure=lambda: setattr(server, "should_exit", True))
+            server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info"))
+            key = "with an API key" if args.api_key else "without an API key"
+            print(f"serving {name} (tp {args.tp}, --max-batch {args.max_batch}, {key}) at "
+                  f"http://{args.host}:{args.port}/", flush=True)
+            server.run()
+            if app.state.worker.error is not None:  # generation failed: the requests got their 500, now stop
+                raise app.state.worker.error
+        else:
+            follow(engine)
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -17,10 +17,12 @@ import threading
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import psutil
 import pytest
 from _dist import free_port
+from test_chat_web import HELLO, run_dir  # noqa: F401 (run_dir: the module's fixture, a tiny random-weights run)
 from test_train import TINY, corpus, curve, train  # noqa: F401 (corpus: the module's fixture)
 
 from test_disk_full import mounts, pages  # noqa: F401 (mounts: the fixture)
@@ -38,16 +40,17 @@ ARGS = [*TINY[:TINY.index("--num-iterations")], "--num-iterations", str(STEPS),
 
 
 class Launch:
-    """base_train.py under `deepspeed --num_gpus 2`, its output read line by line as it comes."""
+    """scripts/SCRIPT under `deepspeed --num_gpus 2`, its output read line by line as it comes."""
 
-    def __init__(self, corpus, out: Path, *args: str):
+    def __init__(self, script: str, *args: str):
+        self.script = script
         cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-               str(ROOT / "scripts" / "base_train.py"), "--data", corpus["train"], "--tokenizer",
-               corpus["tokenizer"], "--out", str(out), *ARGS, *args]
+               str(ROOT / "scripts" / script), *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, text=True,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines, self.text = queue.Queue(), []
-        threading.Thread(target=self._read, daemon=True).start()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
 
     def _read(self):
         for line in self.proc.stdout:
@@ -55,22 +58,26 @@ class Launch:
             self.lines.put(line)
 
     def wait_for_step(self, step: int, timeout: float = 240) -> None:
+        self.wait_for(lambda line: (m := re.match(r"step\s+(\d+)/", line)) and int(m.group(1)) >= step, timeout,
+                      f"step {step}")
+
+    def wait_for(self, found, timeout: float, what: str) -> str:
+        """The first line from now on for which found(line) is true."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             try:
                 line = self.lines.get(timeout=1)
             except queue.Empty:
-                assert self.proc.poll() is None, "".join(self.text)[-6000:]
+                assert self.reader.is_alive(), "".join(self.text)[-6000:]  # the output ended
                 continue
-            m = re.match(r"step\s+(\d+)/", line)
-            if m and int(m.group(1)) >= step:
-                return
-        raise AssertionError(f"no step {step} in {timeout} s:\n" + "".join(self.text)[-6000:])
+            if found(line):
+                return line
+        raise AssertionError(f"no {what} in {timeout} s:\n" + "".join(self.text)[-6000:])
 
     def rank_pid(self, rank: int) -> int:
         for child in psutil.Process(self.proc.pid).children(recursive=True):
             try:
-                if "base_train.py" in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
+                if self.script in " ".join(child.cmdline()) and child.environ().get("RANK") == str(rank):
                     return child.pid
             except psutil.Error:
                 pass
@@ -95,6 +102,11 @@ class Launch:
                 pass
 
 
+def base_train(corpus, out: Path, *args: str) -> Launch:
+    return Launch("base_train.py", "--data", corpus["train"], "--tokenizer", corpus["tokenizer"], "--out", str(out),
+                  *ARGS, *args)
+
+
 def latest(run: Path) -> str:
     return str(run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip())
 
@@ -113,7 +125,7 @@ def chain(corpus, tmp_path_factory):
 
 def test_a_dead_rank_ends_the_job_in_seconds_naming_it(corpus, chain):
     run = chain["run"]
-    job = Launch(corpus, run)
+    job = base_train(corpus, run)
     job.wait_for_step(3)
     victim = job.rank_pid(1)
     os.kill(victim, signal.SIGKILL)
@@ -137,7 +149,7 @@ def test_a_stalled_rank_ends_the_job_with_the_live_ranks_stacks(corpus, chain):
     run = chain["run"]
     if "dead_after" not in chain:
         pytest.skip("continues the run of test_a_dead_rank_ends_the_job_in_seconds_naming_it")
-    job = Launch(corpus, run, "--resume", "auto")
+    job = base_train(corpus, run, "--resume", "auto")
     done = int(Path(latest(run)).name.split("_")[1])
     job.wait_for_step(done + 2)
     victim = job.rank_pid(1)
@@ -230,6 +242,84 @@ def test_damaged_or_changed_shards_are_refused_before_the_first_step(corpus, tmp
         assert not re.search(r"^step\s+\d+/", proc.stdout, re.M)  # refused before any step
     tokens.tofile(prefix + ".bin")  # the original bytes (with a new mtime, as a copy has) pass again
     check_shards(str(run), [prefix], resumed=True, vocab_size=512)
+
+
+# --- jobs without steps: base_eval (chat_eval runs the same code) and the chat server under tp ---
+SHORT = 3  # --collective-timeout of the jobs below: their bound, as they have no step limit
+SLACK = 15  # a loaded box: the survivor's wake-up, the server's shutdown, the message
+
+
+def stop_rank(job: Launch, rank: int) -> int:
+    victim = job.rank_pid(rank)
+    os.kill(victim, signal.SIGSTOP)
+    return victim
+
+
+def ended_naming(job: Launch, victim: int, rank: int, during: str, since: float, bound: float) -> str:
+    """The one watchdog message, printed within `bound` seconds of `since`, naming the stopped `rank`; then the
+    stopped rank is killed (the launcher would, 30 s later: test_a_stalled_rank_ends_the_job_with_the_live_ranks_stacks)
+    and the launcher exits non-zero."""
+    try:
+        message = job.wait_for(lambda line: line.startswith("megachat watchdog:"), bound + 60, "watchdog message")
+        elapsed = time.monotonic() - since
+    finally:
+        os.kill(victim, signal.SIGCONT)
+        os.kill(victim, signal.SIGKILL)
+    rc, out = job.wait(timeout=60)
+    assert rc != 0
+    assert elapsed <= bound, f"{elapsed:.1f} s after the stop"
+    assert len([line for line in out.splitlines() if line.startswith("megachat watchdog:")]) == 1, out[-6000:]
+    assert re.search(rf"lost rank {rank} on host {re.escape(socket.gethostname())} \(pid {victim}, stopped \(SIGSTOP "
+                     rf"or a debugger\)\), during {during}: a collective failed \(.+\); every rank stops now; start "
+                     rf"{during} again; the live ranks' tracebacks are in .*/hang/$", message.strip()), message
+    return out
+
+
+def test_a_stalled_rank_ends_base_eval_naming_it(run_dir):  # noqa: F811
+    job = Launch("base_eval.py", "--run", str(run_dir), "--tp", "2", "--eval", "sample", "--collective-timeout",
+                 str(SHORT))
+    beat = run_dir / "heartbeat" / "base_eval-rank-00001.json"
+    deadline = time.monotonic() + 120
+    while not beat.exists():  # rank 1 joined the world and runs under its watchdog
+        assert time.monotonic() < deadline and job.proc.poll() is None, "".join(job.text)[-6000:]
+        time.sleep(0.05)
+    victim = stop_rank(job, 1)
+    ended_naming(job, victim, 1, "base_eval", time.monotonic(), SHORT + JUDGE_S + SLACK)
+    assert not (run_dir / "base_eval.csv").exists()
+    traceback = (run_dir / "hang" / "base_eval-rank-00000.txt").read_text()
+    assert "Traceback" in traceback and "base_eval.py" in traceback, traceback
+
+
+@pytest.fixture
+def served(run_dir):  # noqa: F811
+    """chat_web.py --tp 2 under the launcher, --collective-timeout SHORT (a heartbeat every SHORT / 3 s): (job, URL)."""
+    port = free_port()
+    job = Launch("chat_web.py", "--run", str(run_dir), "--tp", "2", "--port", str(port), "--collective-timeout",
+                 str(SHORT))
+    job.wait_for(lambda line: "Uvicorn running on" in line or "Application startup complete" in line, 120,
+                 "server start")
+    yield job, f"http://127.0.0.1:{port}"
+    if job.proc.poll() is None:
+        job.kill()
+
+
+def test_a_stalled_follower_makes_the_server_answer_500_and_end_naming_it(served):
+    job, url = served
+    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60
+                      ).status_code == 200
+    victim, since = stop_rank(job, 1), time.monotonic()
+    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60)
+    assert r.status_code == 500, r.text
+    assert re.fullmatch(r"generation failed \(\w+: .+\); the server stops: restart it", r.json()["error"]["message"])
+    assert time.monotonic() - since <= SHORT + SHORT / 3 + SLACK  # the heartbeat running, then the request's step
+    ended_naming(job, victim, 1, "chat_web", since, SHORT + SHORT / 3 + JUDGE_S + SLACK)
+
+
+def test_a_stalled_server_rank_0_ends_its_followers_naming_it(served):
+    job, url = served
+    victim, since = stop_rank(job, 0), time.monotonic()
+    # the follower waits in rank 0's next broadcast (a heartbeat every SHORT / 3 s) for SHORT s
+    ended_naming(job, victim, 0, "chat_web", since, SHORT / 3 + SHORT + JUDGE_S + SLACK)
 
 
 def test_the_limit_is_sized_from_the_measured_steps():
