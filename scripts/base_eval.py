@@ -117,8 +117,9 @@ def main(argv=None):
             # Prompts are not cut to the training length (nanochat does not cut them either); only the RoPE
             # tables' 10 x sequence_len rows bound them.
             encode = lambda text: tokenizer.encode(text, prepend=tokenizer.bos_id)  # noqa: E731
-            core_result = evaluate_core(tasks, encode, fwd.core_forward, tokenizer.bos_id, max_per_task=args.max_per_task,
-                                        dp_rank=grid.dp_rank, dp_size=grid.dp, scores=fwd.reports,
+            core_result = evaluate_core(tasks, encode, fwd.core_forward, tokenizer.bos_id,
+                                        max_per_task=args.max_per_task, dp_rank=grid.dp_rank, dp_size=grid.dp,
+                                        scores=fwd.reports,
                                         max_seq_len=10 * model.config.sequence_len, device=dev, log=log)
             rows += [("core", f"{core_result.core:.6f}"), ("core_tasks", f"{core_result.num_tasks}/22"),
                      ("core_missing", " ".join(core_result.missing) or "-")]

@@ -109,7 +109,8 @@ def main(argv=None):
         log = print if rank == 0 else None
         if log:
             log(f"chat_eval: tp {grid.tp} x dp {grid.dp}, tasks {', '.join(args.task_names)}, {generation}")
-        engine = Engine(model, tokenizer, max_batch=max(32, args.batch_size * args.sampling.num_samples))  # >= a request
+        # the running batch holds a request at least
+        engine = Engine(model, tokenizer, max_batch=max(32, args.batch_size * args.sampling.num_samples))
         result = evaluate_chatcore(tasks, tokenizer, fwd.letter_logits, engine, args.sampling,
                                    batch_size=args.batch_size, max_per_task=args.max_per_task, dp_rank=grid.dp_rank,
                                    dp_size=grid.dp, scores=fwd.reports, device=dev, log=log)

@@ -1,8 +1,9 @@
 """A full disk loses nothing, on a real filesystem that fills up (a tmpfs, mounted as root): a checkpoint that cannot
 be written, faulted at its first shard, its index, its megachat.json and `latest`, never becomes `latest`, leaves the
 previous one intact and resumable, and stops every rank with one message naming the path, the bytes needed and free;
-the final weights, metrics.jsonl, the TensorBoard events and tools/export_checkpoint.py never let a partial file replace a whole one. The
-checkpoint faults run in one 2-rank gloo world (tests/_dist.py) around a depth-1 trainer.
+the final weights, metrics.jsonl, the TensorBoard events and tools/export_checkpoint.py never let a partial file
+replace a whole one (TensorBoard reads every earlier record). The checkpoint faults run in one 2-rank gloo world
+(tests/_dist.py) around a depth-1 trainer.
 """
 import json
 import os
