@@ -90,9 +90,18 @@ class Watchdog:
         """Begin beating and watching (a no-op without a run directory)."""
         if self.run_dir is None:
             return
-        os.makedirs(self.beat_dir, exist_ok=True)
-        os.makedirs(os.path.dirname(self.hang_path), exist_ok=True)
-        self.hang_file = open(self.hang_path, "a")
+        try:
+            os.makedirs(self.beat_dir, exist_ok=True)
+            os.makedirs(os.path.dirname(self.hang_path), exist_ok=True)
+            self.hang_file = open(self.hang_path, "a")
+        except OSError as e:
+            if self.job == "train":  # a training run writes its RUN_DIR anyway
+                raise
+            # serving or evaluating a run in a directory this job cannot write: the timeout still ends it
+            print(f"megachat watchdog: cannot write {self.run_dir} ({e.strerror}): a lost rank ends {self.job} after "
+                  f"the collective timeout without being named", flush=True)
+            self.run_dir = None
+            return
         self._write_heartbeat()
         self.thread = threading.Thread(target=self._watch, name="megachat-watchdog", daemon=True)
         self.thread.start()
