@@ -354,6 +354,8 @@ class Worker:
             log.warning("could not release the other ranks: %s", e)
 
     def _fail(self, error: Exception, jobs: list[_Job]) -> None:
+        """No reply can be generated any more: a 500 to `jobs` and to those waiting, a 503 to later ones, then
+        on_failure(). The other ranks are not released (they are lost, or fail on their own at the timeout)."""
         log.error("the engine's step failed", exc_info=error)
         failure = (f"generation failed ({type(error).__name__}: {str(error).splitlines()[0][:300]}); the server stops: "
                    f"restart it")
