@@ -35,6 +35,7 @@ import contextlib
 import faulthandler
 import json
 import os
+import signal
 import socket
 import sys
 import threading
@@ -124,6 +125,9 @@ class Watchdog:
             return
         self.stop.set()
         faulthandler.cancel_dump_traceback_later()
+        if threading.current_thread() is threading.main_thread():
+            # this process ends either way: the launcher's SIGTERM (it saw a dead rank) must not cut the judging short
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         lost = self._lost_ranks()
         if lost and self.reported.acquire(blocking=False):
             if self.job != "train":  # no stacks were dumped: where the collective was called
