@@ -166,6 +166,7 @@ def test_a_shard_that_fails_to_write_is_removed_without_raising_again(tmp_path, 
         assert not path.exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # TensorBoard's writer thread
 def test_metrics_and_exports_on_a_full_disk_keep_their_whole_files(tmp_path, mounts, texts):
     from megachat.monitor import Monitor
     disk = mounts(tmp_path / "disk", "1m")
