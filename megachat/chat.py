@@ -16,13 +16,14 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megachat.checkpoint import load_run, read_run_config
+from megachat.engine import Engine
+from megachat.parallel import device, init_distributed, init_grid
+
 
 def load_chat(run_dir: str, tp: int = 1, checkpoint: str | None = None, dtype=torch.float32,
               max_len: int | None = None, max_batch: int = 32):
     """(engine, grid) for RUN_DIR on this rank. Collective under a launcher: every rank calls it."""
-    from megachat.checkpoint import load_run, read_run_config
-    from megachat.engine import Engine
-    from megachat.parallel import device, init_distributed, init_grid
     read_run_config(run_dir)  # a wrong --run fails before any process group
     # ranks other than 0 wait in share() while the user types: a day, not the default half hour, before a timeout
     init_distributed(world_of_one=False, timeout_s=24 * 3600)

@@ -42,14 +42,12 @@ class Monitor:
         self.writer = None
         if not enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
         os.makedirs(run_dir, exist_ok=True)
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_step is not None and os.path.exists(self.path):
             self._truncate_after(resume_step)
         self.file = open(self.path, "a")
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                    purge_step=resume_step + 1 if resume_step is not None else None)
+        self.writer = summary_writer(run_dir, purge_step=resume_step + 1 if resume_step is not None else None)
 
     def _truncate_after(self, step: int) -> None:
         """Keep the records of steps <= step (a resumed run rewrites what came after its checkpoint)."""
@@ -92,11 +90,17 @@ def _complete(line: str) -> bool:
         return False
 
 
+def summary_writer(run_dir: str, purge_step: int | None = None):
+    """A TensorBoard SummaryWriter on RUN_DIR/tensorboard. torch.utils.tensorboard is imported here, not at the top:
+    every rank of every launch imports this module and only the writing rank needs it."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
+
+
 def write_scalars(run_dir: str, tag: str, rows) -> None:
     """An evaluation's (metric, value) rows as TensorBoard scalars `tag/metric` under RUN_DIR/tensorboard; rows
     whose value is text (task counts, missing tasks) stay in the evaluation's CSV and markdown only."""
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+    writer = summary_writer(run_dir)
     for key, value in rows:
         try:
             writer.add_scalar(f"{tag}/{key}", float(value))

@@ -19,9 +19,11 @@ import sys
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated so it does not warn
 
 import torch  # noqa: E402
+import triton.testing  # noqa: E402
 
 from megachat import kernels  # noqa: E402
-from megachat.kernels import sm90_aot  # noqa: E402
+from megachat.kernels import (newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel,  # noqa: E402
+                              rope_kernel, sm90_aot, softcap_ce_kernel)
 from megachat.tensor_parallel import vocab_parallel_linear_loss, vocab_parallel_loss  # noqa: E402
 
 HBM = sm90_aot.H100_HBM_BYTES_PER_S
@@ -50,7 +52,6 @@ def relu2_memory_report(tokens=65536, n_embd=1280, n_layer=20):
 
 
 def _bench_ms(fn):
-    import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -89,8 +90,6 @@ def liger_module(name, *args, **kwargs):
 def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=128, seq=2048, ce_tokens=16384,
                vocab=65536, ns_sizes=((4096, 4096), (1280, 5120))):
     """Time every kernel against torch eager and torch.compile at d20 sizes (smaller sizes only for smoke runs)."""
-    from megachat.kernels import (newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel, rope_kernel,
-                                  softcap_ce_kernel)
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
     print(f"\nGPU timings on {name} (median of triton.testing.do_bench; % of 3.35 TB/s HBM or 989 TFLOP/s bf16)")
     bf = torch.bfloat16

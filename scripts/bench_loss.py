@@ -181,7 +181,7 @@ def cpu_report(tokens=4096, n_embd=128, vocab=8192, chunk_tokens=512):
 
 def _time_ms(fn, device):
     if device == "cuda":
-        import triton.testing
+        import triton.testing  # the CUDA path only: a CPU run never imports triton
         return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
     times = []
     for _ in range(3):

@@ -10,16 +10,19 @@ Under tp rank 0 serves HTTP and every rank generates each reply together (megach
 import argparse
 import os
 import socket
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+import uvicorn
+
+from megachat import cli
+from megachat.chat import is_talker, load_chat
+from megachat.chat_server import DEFAULT_SAMPLING, RequestError, create_app, follow, parse_sampling
+from megachat.engine import Sampling
 
 
 def parse_args(argv=None):
-    from dataclasses import replace
-
-    from megachat.chat_server import DEFAULT_SAMPLING, RequestError, parse_sampling
-    from megachat.engine import Sampling
     defaults = DEFAULT_SAMPLING  # a request's own values override these
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
@@ -64,15 +67,11 @@ def check_port(host: str, port: int) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.chat import is_talker, load_chat
-    from megachat.chat_server import create_app, follow
-
     if os.environ.get("RANK", "0") == "0":
         check_port(args.host, args.port)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype, max_batch=args.max_batch)
     if is_talker():
-        import uvicorn
         name = args.name or os.path.basename(os.path.normpath(args.run))
         app = create_app(engine, name, args.defaults, args.max_queue, api_key=args.api_key)
         key = "with an API key" if args.api_key else "without an API key"
@@ -87,6 +86,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)
