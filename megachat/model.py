@@ -1,4 +1,4 @@
-"""The GPT of nanochat (late October 2025), built from tensor-parallel layers.
+"""The GPT of nanochat@885a4f2 (its gpt.py), built from tensor-parallel layers.
 
 - token embedding -> RMSNorm -> blocks -> RMSNorm -> LM head (untied), no biases, param-free RMSNorm
 - block: x = x + attn(norm(x)); x = x + mlp(norm(x))

@@ -1,4 +1,4 @@
-"""nanochat's midtraining and SFT mixtures (NANOCHAT-V0-CHAT.md sections 2 and 3), built from what is here.
+"""nanochat's midtraining and SFT mixtures (its scripts/mid_train.py and scripts/chat_sft.py), built from what is here.
 
 The real sources (SmolTalk, MMLU auxiliary_train, GSM8K train, ARC train) come from `tools/fetch_data.py chat`
 into a directory passed as `chat_data`; without it they are left out, and the recipe says which and why. The
