@@ -245,7 +245,7 @@ def use_fp8(model, grid):
     transformer_engine.pytorch.Linear in fp8 (E4M3 forward, E5M2 gradients: Format.HYBRID; delayed scaling over
     the last 16 amaxes) while autograd records; evaluation and decoding (no_grad) stay on F.linear in the
     weights' dtype. The LM head and the embedding stay bf16. Collective (a one-rank group per rank at tp = 1)."""
-    try:
+    try:  # an optional GPU package (megachat[gpu])
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Format
     except ImportError as e:
