@@ -169,7 +169,7 @@ def check_shards(run_dir, prefixes, resumed, vocab_size=None, record=True):
     would be other tokens). A changed mtime alone (a copy) is accepted."""
     now = {str(p): shard_fingerprint(str(p), vocab_size) for p in prefixes}
     path = os.path.join(run_dir, "data.json")
-    if not resumed or not os.path.isfile(path):  # a run from before data.json: its shards are taken as they are
+    if not resumed or not os.path.isfile(path):  # a resume with no data.json has nothing to compare: record them
         if record:
             os.makedirs(run_dir, exist_ok=True)
             atomic_write_json(path, now)
