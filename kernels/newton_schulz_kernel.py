@@ -192,7 +192,7 @@ def newton_schulz(G, steps=5, compute_dtype=torch.bfloat16):
 
 
 def h100_specs(sizes=((1280, 5120), (1280, 1280), (4096, 4096)), dtype="bf16"):
-    """Launches for d20's MLP and attention matrices and the issue's 4096x4096 target (one of each kernel per
+    """Launches for d20's MLP and attention matrices and a 4096x4096 matrix (one of each kernel per
     Newton-Schulz step), in every tile the autotuner may pick; contiguous [1, m, n] operands as `newton_schulz`
     makes them; bf16 is the default."""
     size = 2 if dtype == "bf16" else 4

@@ -1,6 +1,6 @@
 """Torch reference implementations of every fused kernel: the CPU path and the ground truth of the tests.
 
-Each function reproduces nanochat's numerics (late-October-2025 `gpt.py` / `muon.py`):
+Each function reproduces the numerics of nanochat@885a4f2's `gpt.py` / `muon.py`:
 - rmsnorm: `F.rms_norm(x, (x.size(-1),))`, eps = torch's default: the epsilon of the
   op-math type (fp32's 1.19e-7 for bf16/fp16/fp32 inputs, not bf16's 0.0078).
 - rope: `apply_rotary_emb` with half-split pairs; the multiply-adds run in fp32 on the (bf16) table values.

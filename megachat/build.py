@@ -15,6 +15,7 @@ which the planner and the tools that only read a config should not pay.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -22,9 +23,9 @@ import torch
 import torch.distributed as dist
 
 from megachat import checkpoint, deepspeed_internals
-from megachat.model import GPT, Block, build_model
+from megachat.model import Block, build_model, nanochat_shapes
 from megachat.optim import LEARNING_RATES, HybridOptimizer
-from megachat.parallel import Grid, device, init_grid
+from megachat.parallel import device, init_grid
 from megachat.pipeline import pipeline_module, stage_layers
 from megachat.tensor_parallel import use_fp8
 from megachat.train_config import (TrainConfig, check_config, check_ds_config, model_flops_per_token,
@@ -79,10 +80,11 @@ def zero_buckets(zero: int, model_numel: int, layer_numel: int) -> dict:
 
 
 def largest_layer(cfg: TrainConfig) -> int:
-    """Elements of the largest entry of GPT.layers() (embedding, a block or the LM head) of the unsharded model."""
-    with torch.device("meta"):
-        return max(sum(p.numel() for p in layer.parameters())
-                   for layer in GPT(cfg.model_config(), grid=Grid()).layers())
+    """Elements of the largest entry of GPT.layers() (the embedding, a block or the LM head) of the unsharded model,
+    from its parameter shapes (the norms have no parameters)."""
+    shapes = nanochat_shapes(cfg.model_config())
+    block = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("transformer.h.0."))
+    return max(math.prod(shapes["transformer.wte.weight"]), block, math.prod(shapes["lm_head.weight"]))
 
 
 def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | str = False,

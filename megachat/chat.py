@@ -16,15 +16,16 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from megachat.checkpoint import load_run, read_run_config
+from megachat.engine import Engine
+from megachat.parallel import device, init_distributed, init_grid
+
 
 def load_chat(run_dir: str, tp: int = 1, checkpoint: str | None = None, dtype=torch.float32,
               max_len: int | None = None, max_batch: int = 32, collective_timeout: float = 24 * 3600):
     """(engine, grid) for RUN_DIR on this rank. Collective under a launcher: every rank calls it. Every collective
     fails after collective_timeout seconds: the chat CLI's ranks other than 0 wait in share() while the user types
     (a day, not the default ten minutes); the web server's worker shares a heartbeat while idle and passes less."""
-    from megachat.checkpoint import load_run, read_run_config
-    from megachat.engine import Engine
-    from megachat.parallel import device, init_distributed, init_grid
     read_run_config(run_dir)  # a wrong --run fails before any process group
     init_distributed(world_of_one=False, timeout_s=collective_timeout, grace=False)
     world = dist.get_world_size() if dist.is_initialized() else 1

@@ -23,6 +23,8 @@ import time
 from json.scanner import make_scanner
 
 import numpy as np
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from megachat.data import MAX_DOC_TOKENS, IndexedDataset, IndexedDatasetWriter, dtype_for_vocab
 from megachat.tokenizer import Tokenizer
@@ -52,8 +54,6 @@ def plan_tasks(path, text_column="text", chunk_bytes=JSONL_CHUNK_BYTES):
     """One file -> list of (path, kind, start, end, weight_bytes) work units."""
     kind = KINDS[os.path.splitext(path)[1]]
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
         meta = pq.ParquetFile(path).metadata
         names = meta.schema.names
         if text_column not in names:
@@ -80,8 +80,6 @@ def read_task(task, text_column="text", json_key="text"):
     """Yield the non-empty documents (str) of one task."""
     path, kind, start, end, _ = task
     if kind == "parquet":
-        import pyarrow.parquet as pq
-
         column = pq.ParquetFile(path).read_row_group(start, columns=[text_column]).column(0)
         for text in column.to_pylist():
             if isinstance(text, bytes):
@@ -316,8 +314,6 @@ def preprocess(inputs, tokenizer_dir, output_prefix, workers=None, text_column="
     docs, n_docs, n_tokens = collections.Counter(), 0, 0
     bar = None
     if progress:
-        from tqdm import tqdm
-
         # updated once per task (~1 MB), never per document; disable=None: no bar when stderr is not a terminal
         bar = tqdm(total=sum(t[4] for t, _, _ in tasks), unit="B", unit_scale=True, desc="preprocess",
                    smoothing=0.1, disable=None)

@@ -25,7 +25,7 @@ import sys
 
 import numpy as np
 
-from megachat.fileio import replace_durably
+from megachat.fileio import atomic_write_json, replace_durably
 
 MAGIC = b"MMIDIDX\x00\x00"
 HEADER_BYTES = 9 + 8 + 1 + 8 + 8
@@ -167,10 +167,9 @@ def check_shards(run_dir, prefixes, resumed, vocab_size=None, record=True):
     records them in RUN_DIR/data.json (when `record`: one rank); a resumed run compares them with it and refuses,
     naming the file, a shard whose size or sampled content changed since the run started (the same sample numbers
     would be other tokens). A changed mtime alone (a copy) is accepted."""
-    from megachat.fileio import atomic_write_json
     now = {str(p): shard_fingerprint(str(p), vocab_size) for p in prefixes}
     path = os.path.join(run_dir, "data.json")
-    if not resumed or not os.path.isfile(path):  # a run from before data.json: its shards are taken as they are
+    if not resumed or not os.path.isfile(path):  # a resume with no data.json has nothing to compare: record them
         if record:
             os.makedirs(run_dir, exist_ok=True)
             atomic_write_json(path, now)
@@ -310,7 +309,6 @@ def write_conversations(prefix, conversations, tokenizer):
     """Render every conversation (tokenizer.render_conversation, <|bos|> first, untruncated) as one document of
     PREFIX.bin/.idx, and PREFIX.meta.json naming the tokenizer (megachat.data.check_tokenizer reads it): the
     midtraining stream, packed into samples by GPTDataset like pretraining text. Returns the token count."""
-    from megachat.fileio import atomic_write_json
     with IndexedDatasetWriter(prefix, dtype_for_vocab(tokenizer.vocab_size)) as writer:
         for conversation in conversations:
             writer.add_document(tokenizer.render_conversation(conversation, max_tokens=1 << 62)[0])

@@ -110,7 +110,7 @@ def _shards(shapes: dict, max_shard_size) -> tuple[dict[str, list[str]], dict | 
     consecutive tensors filled into files of at most max_shard_size (huggingface_hub's notation, "5GB"; a larger
     tensor gets a file of its own). huggingface_hub's own split reorders the tensors, and the weights stream in
     order."""
-    from huggingface_hub.serialization._base import parse_size_to_int
+    from huggingface_hub.serialization._base import parse_size_to_int  # optional: megachat[hf] brings it
     limit = parse_size_to_int(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     groups, size = [[]], 0
     for name, shape in shapes.items():

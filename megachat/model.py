@@ -1,4 +1,4 @@
-"""The GPT of nanochat (late October 2025), built from tensor-parallel layers.
+"""The GPT of nanochat@885a4f2 (its gpt.py), built from tensor-parallel layers.
 
 - token embedding -> RMSNorm -> blocks -> RMSNorm -> LM head (untied), no biases, param-free RMSNorm
 - block: x = x + attn(norm(x)); x = x + mlp(norm(x))
@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 
 from megachat import kernels
 from megachat.parallel import Grid, check_layout
+from megachat.pipeline import stage_layers
 from megachat.tensor_parallel import (ColumnParallelLinear, HeadReplicatedLinear, RowParallelLinear,
                                       VocabParallelEmbedding, VocabParallelLMHead, enter_tp_region,
                                       SequenceShard, gather_tensor, gather_vocab_logits, padded_vocab_size,
@@ -408,7 +409,6 @@ def build_model(config, grid=None, device="cpu", *, weights=None, seed=0, dtype=
     keeps fp32), so a rank holds one layer in fp32 beside the rest in dtype, not its whole shard in fp32 (d64 at
     tp 1, pp 1: 27 GB of bf16 instead of 54 GB of fp32 for a moment). The values are those of casting the whole
     fp32 model: each weight is filled in fp32, then cast."""
-    from megachat.pipeline import stage_layers
     grid = Grid() if grid is None else grid
     with torch.device("meta"):
         model = GPT(config, grid=grid)

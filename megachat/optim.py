@@ -6,7 +6,7 @@ DeepSpeed reduces the gradients inside its own step, right before it calls this 
 partitions, and the exchange that brings each matrix to the rank that orthogonalizes it, are
 megachat.zero_partitions'.
 
-What it computes (NANOCHAT-V0.md), for every step `it` (0-based), with the schedule's lr multiplier
+What it computes (as nanochat's base_train.py), for every step `it` (0-based), with the schedule's lr multiplier
 lrm = lr_multiplier(it) and Muon momentum m = muon_momentum(it) set by the trainer:
 - gradients are first clipped to `max_grad_norm` by the true global norm: every element of the unsharded
   model counted once, whatever tp / pp / dp / ZeRO stage; it equals torch.nn.utils.clip_grad_norm_ on the

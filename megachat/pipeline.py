@@ -9,6 +9,8 @@ the loop over it). Here:
   LM head and loss fused (`GPT.head_loss`), for the trainer's PipelineEngine (training);
 - `StageForward`: the forward across stages without DeepSpeed's engine (evaluation, sampling, the trainer's
   validation): the hidden state [B, T, C] goes from stage to stage with point-to-point messages.
+deepspeed is imported in pipeline_module only: megachat.model imports this module, and importing deepspeed takes
+seconds that inference and the tools should not pay.
 """
 from __future__ import annotations
 

@@ -71,7 +71,7 @@ from megachat.model import GPT, GPTConfig, flops_per_token, nanochat_shapes
 from megachat.optim import param_kind
 from megachat.parallel import Grid
 from megachat.pipeline import stage_bounds
-from megachat.tensor_parallel import padded_vocab_size
+from megachat.tensor_parallel import loss_chunk_tokens, padded_vocab_size
 from megachat.train_config import TrainConfig, check_config
 
 GiB = 2 ** 30
@@ -281,11 +281,7 @@ def stage_activation_bytes(job: Job, layout: Layout, stage: int) -> int:
 
 def head_chunk_tokens(v_local: int, dtype: str) -> int:
     """Tokens per chunk of the fused LM head + loss: megachat.tensor_parallel.loss_chunk_tokens (a chunk's logits
-    within LOSS_CHUNK_BYTES), or 4,096 where megachat has no fused loss."""
-    try:  # megachat.tensor_parallel without a fused loss has no loss_chunk_tokens
-        from megachat.tensor_parallel import loss_chunk_tokens
-    except ImportError:
-        return 4096
+    within LOSS_CHUNK_BYTES)."""
     return loss_chunk_tokens(v_local, torch.bfloat16 if dtype == "bf16" else torch.float32)
 
 

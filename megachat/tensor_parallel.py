@@ -30,6 +30,8 @@ or `load_nanochat_state_dict`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -230,12 +232,11 @@ class _FP8Linear:
     with the delayed-scaling recipe; amaxes are reduced over `group` (the tp group, or this rank alone), never
     over ranks that run other layers (pipeline stages). Not a submodule: the weight keeps its one name."""
 
-    def __init__(self, linear, recipe, group):
-        self.linear, self.recipe, self.group = linear, recipe, group
+    def __init__(self, linear, autocast):
+        self.linear, self.autocast = linear, autocast  # autocast: te.fp8_autocast with the recipe and group bound
 
     def __call__(self, x):
-        import transformer_engine.pytorch as te
-        with te.fp8_autocast(enabled=True, fp8_recipe=self.recipe, fp8_group=self.group):
+        with self.autocast():
             return self.linear(x)
 
 
@@ -244,7 +245,7 @@ def use_fp8(model, grid):
     transformer_engine.pytorch.Linear in fp8 (E4M3 forward, E5M2 gradients: Format.HYBRID; delayed scaling over
     the last 16 amaxes) while autograd records; evaluation and decoding (no_grad) stay on F.linear in the
     weights' dtype. The LM head and the embedding stay bf16. Collective (a one-rank group per rank at tp = 1)."""
-    try:
+    try:  # an optional GPU package (megachat[gpu])
         import transformer_engine.pytorch as te
         from transformer_engine.common.recipe import DelayedScaling, Format
     except ImportError as e:
@@ -253,13 +254,14 @@ def use_fp8(model, grid):
     if group is None:
         group = [dist.new_group([r]) for r in range(dist.get_world_size())][dist.get_rank()]
     recipe = DelayedScaling(fp8_format=Format.HYBRID, amax_history_len=16, amax_compute_algo="max")
+    autocast = functools.partial(te.fp8_autocast, enabled=True, fp8_recipe=recipe, fp8_group=group)
     for layer in model.modules():
         if isinstance(layer, (ColumnParallelLinear, RowParallelLinear)) and not layer.weight.is_meta:
             out_features, in_features = layer.weight.shape
             linear = te.Linear(in_features, out_features, bias=False, params_dtype=layer.weight.dtype,
                                device=layer.weight.device)
             linear.weight = layer.weight  # the same Parameter: DeepSpeed's and the optimizer's view stay the one
-            object.__setattr__(layer, "fp8", _FP8Linear(linear, recipe, group))
+            object.__setattr__(layer, "fp8", _FP8Linear(linear, autocast))
 
 
 def _linear(layer, x):

@@ -16,7 +16,9 @@ import json
 import os
 
 import numpy as np
+import rustbpe
 import tiktoken
+from tiktoken.load import load_tiktoken_bpe
 
 from megachat.fileio import atomic_write
 
@@ -51,8 +53,6 @@ class Tokenizer:
     @classmethod
     def train(cls, text_iterator, vocab_size=65536):
         """BPE over the texts with rustbpe: 256 byte tokens + merges + the 9 specials = vocab_size ids."""
-        import rustbpe
-
         n_merged = vocab_size - len(SPECIAL_TOKENS)
         if n_merged < 256:
             raise ValueError(f"vocab_size {vocab_size} is too small: it needs 256 byte tokens + "
@@ -88,8 +88,6 @@ class Tokenizer:
     @classmethod
     def load(cls, directory):
         """A tokenizer directory (see the module docstring), or a Hugging Face export's tokenizer.json (megachat.hf)."""
-        from tiktoken.load import load_tiktoken_bpe
-
         if not os.path.isfile(os.path.join(directory, RANKS_FILE)) and os.path.isfile(os.path.join(directory,
                                                                                                    META_FILE)):
             with open(os.path.join(directory, META_FILE), encoding="utf-8") as f:

@@ -12,8 +12,8 @@ grid, its train step, evaluation, checkpoints and resume (megachat.build makes t
   its own slices; `Trainer.full_state_dict()` gathers the weights on rank 0
   (tests, small models).
 
-deepspeed is imported in the functions that use it: importing it takes seconds, which the planner and the tools
-that only read TrainConfig should not pay.
+deepspeed is imported in the function that uses it: importing it takes seconds, which the planner and the tools
+that only read TrainConfig should not pay (the planner imports megachat.build, which imports this module).
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from importlib import metadata
 
 import torch
 import torch.distributed as dist
@@ -226,8 +227,6 @@ class Trainer:
         data, parent run, ...), which scripts/report.py and the chat scripts read; RUN_DIR/env.json: where it ran."""
         if dist.get_rank() != 0:
             return
-        import deepspeed
-
         os.makedirs(run_dir, exist_ok=True)
         atomic_write_json(os.path.join(run_dir, "config.json"),
                           {"train": self.cfg.to_json(), "model": vars(self.cfg.model_config()), "dp": self.grid.dp,
@@ -237,7 +236,7 @@ class Trainer:
         atomic_write_json(os.path.join(run_dir, "env.json"),
                           {"hostname": socket.gethostname(), "platform": platform.platform(),
                            "python": platform.python_version(), "torch": torch.__version__,
-                           "deepspeed": deepspeed.__version__, "cuda": torch.version.cuda, "gpus": gpus,
+                           "deepspeed": metadata.version("deepspeed"), "cuda": torch.version.cuda, "gpus": gpus,
                            "cpu_count": os.cpu_count(), "world": self.grid.world})
 
     def finish(self, run_dir: str, monitor=None) -> None:

@@ -18,7 +18,16 @@ import os
 import torch
 import torch.distributed as dist
 
+from megachat import cli
+from megachat.checkpoint import load_run, read_run_config
+from megachat.data import check_tokenizer
+from megachat.evaluation.core_eval import evaluate_core
+from megachat.evaluation.core_tasks import load_core_tasks
+from megachat.evaluation.loss_eval import evaluate_bpb, val_batches, val_dataset
+from megachat.evaluation.model_eval import GridForward, greedy_samples
 from megachat.fileio import atomic_write
+from megachat.monitor import write_scalars
+from megachat.parallel import device, init_distributed, init_grid
 from megachat.watchdog import Watchdog
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
@@ -75,14 +84,6 @@ def write_report(run_dir, rows, core_result, samples):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.data import check_tokenizer
-    from megachat.evaluation.core_eval import evaluate_core
-    from megachat.evaluation.core_tasks import load_core_tasks
-    from megachat.evaluation.loss_eval import evaluate_bpb, val_batches, val_dataset
-    from megachat.evaluation.model_eval import GridForward, greedy_samples
-    from megachat.checkpoint import load_run, read_run_config
-    from megachat.parallel import device, init_distributed, init_grid
-
     read_run_config(args.run)  # a wrong --run fails before any process group
     # a plain `python` run evaluates without a process group
     init_distributed(world_of_one=False, timeout_s=args.collective_timeout, grace=False)
@@ -131,7 +132,6 @@ def main(argv=None):
                     log(f"sample | {prompt!r} -> {text!r}")
         if rank == 0:
             write_report(args.run, rows, core_result, samples)
-            from megachat.monitor import write_scalars
             write_scalars(args.run, "base_eval", rows)
             print(f"wrote {os.path.join(args.run, 'base_eval.csv')} and base_eval.md", flush=True)
         if dist.is_initialized():
@@ -141,6 +141,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

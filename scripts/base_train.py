@@ -11,14 +11,21 @@ nanochat or Hugging Face checkpoint directory such as a NanoChat model from the 
 the parent's (--depth and --n-kv-head are not used; the data must be tokenized with the parent's tokenizer).
 """
 import argparse
+import json
 import os
 
 import torch
 import torch.distributed as dist
 
+from megachat import cli
 from megachat.build import build_trainer
+from megachat.checkpoint import load_parent
+from megachat.data import GPTDataset, check_shards, check_tokenizer
+from megachat.evaluation.loss_eval import val_batches, val_dataset
+from megachat.evaluation.model_eval import greedy_samples
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
+from megachat.tokenizer import Tokenizer
 from megachat.train_config import (TrainConfig, add_trainer_args, config_from_run, config_options, loop_options,
                                    model_flops_per_token, num_params)
 
@@ -55,7 +62,6 @@ def parse_args(argv=None):
 
 def preset_defaults(path) -> dict:
     """argparse defaults from a preset that tools/plan.py wrote; flags given on the command line still win."""
-    import json
     try:
         with open(path) as f:
             preset = json.load(f)
@@ -84,12 +90,6 @@ def horizon(args, params: int, flops_per_token: float) -> int:
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.checkpoint import load_parent
-    from megachat.data import GPTDataset, check_shards, check_tokenizer
-    from megachat.evaluation.loss_eval import val_batches, val_dataset
-    from megachat.evaluation.model_eval import greedy_samples
-    from megachat.tokenizer import Tokenizer
-
     weights = parent = None
     if args.init_from:
         weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
@@ -137,6 +137,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

@@ -13,12 +13,21 @@ at the start of the phase. Prints a markdown table; each launch's per-rank numbe
 import argparse
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from megachat import cli
+import torch
+import torch.distributed as dist
+
+from megachat import cli, sharded
+from megachat.build import build_trainer
+from megachat.model import GPTConfig, nanochat_shapes
+from megachat.optim import _STATE_KEYS, param_kind
+from megachat.parallel import init_distributed
+from megachat.train_config import TrainConfig
 
 GB = 1e9
 
@@ -48,7 +57,6 @@ def parse_args(argv=None):
 
 
 def config(args, tp: int):
-    from megachat.train_config import TrainConfig
     return TrainConfig(depth=args.depth, vocab_size=args.vocab_size, seq_len=args.seq_len, device_batch_size=1,
                        total_batch_size=args.seq_len * args.nprocs, num_iterations=1000, tp=tp, zero=1,
                        dtype="fp32")
@@ -56,7 +64,6 @@ def config(args, tp: int):
 
 def train(trainer, steps: int, args) -> int:
     """Peak RSS of `steps` training steps on random ids."""
-    import torch
     reset_peak()
     for _ in range(steps):
         g = torch.Generator().manual_seed(trainer.step)
@@ -67,9 +74,6 @@ def train(trainer, steps: int, args) -> int:
 
 
 def save_phase(args) -> dict:
-    import torch.distributed as dist
-
-    from megachat.build import build_trainer
     run = os.path.join(args.out, "run")
     trainer = build_trainer(config(args, tp=1), run)
     rec = {"train_peak": train(trainer, args.steps, args)}
@@ -99,7 +103,6 @@ def save_phase(args) -> dict:
 
 def step_seconds(trainer, args) -> float:
     """Wall time of one training step on random ids."""
-    import torch
     g = torch.Generator().manual_seed(trainer.step)
     rows = torch.randint(0, args.vocab_size, (trainer.cfg.global_batch, args.seq_len + 1), generator=g)
     mine = rows.chunk(trainer.grid.dp)[trainer.grid.dp_rank]
@@ -110,9 +113,6 @@ def step_seconds(trainer, args) -> float:
 
 def resume_phase(args) -> dict:
     """build_trainer's resume under the layout the checkpoint was saved with (dp NPROCS): its wall time."""
-    import torch.distributed as dist
-
-    from megachat.build import build_trainer
     dist.barrier()
     t0 = time.perf_counter()
     build_trainer(config(args, tp=1), os.path.join(args.out, "run"), resume=True)
@@ -120,8 +120,6 @@ def resume_phase(args) -> dict:
 
 
 def load_phase(args) -> dict:
-    from megachat import sharded
-    from megachat.build import build_trainer
     rec = {"load_peak": 0, "load_seconds": 0.0}
 
     def measured(method):  # the reading inside build_trainer's resume: its peak RSS and time
@@ -143,9 +141,6 @@ def load_phase(args) -> dict:
 
 
 def worker(args) -> None:
-    import torch.distributed as dist
-
-    from megachat.parallel import init_distributed
     init_distributed()
     rec = {"save": save_phase, "resume": resume_phase, "load": load_phase}[args.phase](args)
     ranks = [None] * dist.get_world_size()
@@ -155,7 +150,6 @@ def worker(args) -> None:
 
 
 def launch(args, phase: str) -> list[dict]:
-    import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -170,17 +164,12 @@ def launch(args, phase: str) -> list[dict]:
 
 def state_bytes(config) -> int:
     """The training state's own size: fp32 weights plus their optimizer state (Muon one buffer, AdamW two)."""
-    import torch
-
-    from megachat.model import nanochat_shapes
-    from megachat.optim import _STATE_KEYS, param_kind
     return sum(r * c * 4 * (1 + len(_STATE_KEYS[param_kind(name, torch.empty(r, c, device="meta"))]))
                for name, (r, c) in nanochat_shapes(config).items())
 
 
 def checkpoint_table(args, save: list[dict], resume: list[dict], load: list[dict]) -> str:
     """One checkpoint's bytes against the state's own size, its save time, and the resume times."""
-    from megachat.model import GPTConfig
     own = state_bytes(GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len))
     written = save[0]["checkpoint_bytes"]
     n = args.nprocs
@@ -198,7 +187,6 @@ def checkpoint_table(args, save: list[dict], resume: list[dict], load: list[dict
 
 
 def table(args, save: list[dict], load: list[dict]) -> str:
-    from megachat.model import GPTConfig, nanochat_shapes
     shapes = nanochat_shapes(GPTConfig.from_depth(args.depth, args.vocab_size, args.seq_len))
     largest = max(r * c for r, c in shapes.values()) * 4
     n = args.nprocs

@@ -12,6 +12,7 @@ Rows (printed as a markdown table):
 """
 import argparse
 import json
+import multiprocessing as mp
 import os
 import subprocess
 import sys
@@ -19,6 +20,13 @@ import tempfile
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from megachat.corpus import expand_inputs, iter_texts
+from megachat.data import GPTDataset
+from megachat.tokenizer import Tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_WITH_RSS = """
@@ -75,10 +83,6 @@ def main(argv=None):
     if not (os.path.exists(corpus) and os.path.exists(os.path.join(tok_dir, "tokenizer.json"))):
         raise FileNotFoundError(f"{corpus} or {tok_dir} missing; run scripts/prepare_demo_data.sh {args.demo_dir}")
 
-    from megachat.corpus import expand_inputs, iter_texts
-    from megachat.data import GPTDataset
-    from megachat.tokenizer import Tokenizer
-
     rows = []
     print(f"# bench_data: {args.workers} workers, {os.cpu_count()} cpus, load average "
           f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}", flush=True)
@@ -89,8 +93,6 @@ def main(argv=None):
 
     def parallel_encode_speed():
         """The same single-thread encode in --workers processes at once: the cores this machine gives us now."""
-        import multiprocessing as mp
-
         with mp.get_context("fork").Pool(args.workers) as pool:
             return args.workers * min(wall for wall, _ in pool.map(encode_speed, range(args.workers)))
 
@@ -104,9 +106,6 @@ def main(argv=None):
                 for _ in range(k):
                     f.write(data)
         # the same documents as parquet, the format of FineWeb-Edu (row groups of 1024 documents)
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         big_parquet = os.path.join(tmp, f"x{m}.parquet")
         copy = pa.table({"text": pa.array(texts, pa.large_string())})
         with pq.ParquetWriter(big_parquet, copy.schema) as writer:
@@ -163,8 +162,6 @@ def main(argv=None):
                          f"largest worker {rss['worker_kb'] / 1024:.0f} MiB"))
 
         # loader: one core, random global samples
-        import torch
-
         torch.set_num_threads(1)
         ds = GPTDataset([os.path.join(tmp, f"x{m}_0")], None, args.seq_len, seed=0, cache_dir=tmp)
         rng = np.random.default_rng(0)

@@ -13,11 +13,14 @@ Memory: the peak growth of the process while generating (`--mem-depth`, batch `-
 cache's analytic size, layers x 2 x batch x length x local KV heads x head_dim x bytes.
 """
 import argparse
+import multiprocessing
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 
 import torch
 
+from megachat import cli
 from megachat.engine import Engine, KVCache, Sampling
 from megachat.model import GPTConfig, build_model, nanochat_shapes
 
@@ -169,8 +172,6 @@ def main(argv=None):
         del model
 
     # in a fresh process: memory the timing runs freed stays resident in this one and would be reused unseen
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         measured, analytic = pool.submit(cache_memory, args.mem_depth, args.mem_batch, args.mem_len, device,
                                          dtype).result()
@@ -183,6 +184,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

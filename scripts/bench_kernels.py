@@ -1,10 +1,10 @@
-"""Numbers for the fused Triton kernels (issue 5).
+"""Numbers for the fused Triton kernels.
 
 Always (no GPU needed): for every kernel launch at d20 sizes (n_embd 1280, seq 2048, batch 32 -> 65,536 tokens,
 vocab 65,536, 10 heads of 128; Newton-Schulz in every tile its autotuner may pick) the HBM bytes and FLOPs per
 call, and from the code compiled for an H100 (sm_90): registers, spills, shared memory, whether global loads
 are 16 bytes wide, and the H100 lower bound on the time (bytes / 3.35 TB/s or FLOPs / 989 TFLOP/s); and the
-activation memory relu2 no longer keeps.
+activation memory relu2 saves (its backward reads the output, not the input).
 With a CUDA GPU: each kernel timed against the torch eager reference and torch.compile of it, with % of HBM
 bandwidth (memory-bound kernels) or % of dense bf16 peak (Newton-Schulz), the cross-entropy's peak memory, and
 the Newton-Schulz tiles the autotuner picked.
@@ -19,9 +19,11 @@ import sys
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # triton 3.9's default, stated so it does not warn
 
 import torch  # noqa: E402
+import triton.testing  # noqa: E402
 
 from megachat import kernels  # noqa: E402
-from megachat.kernels import sm90_aot  # noqa: E402
+from megachat.kernels import (newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel,  # noqa: E402
+                              rope_kernel, sm90_aot, softcap_ce_kernel)
 from megachat.tensor_parallel import vocab_parallel_linear_loss, vocab_parallel_loss  # noqa: E402
 
 HBM = sm90_aot.H100_HBM_BYTES_PER_S
@@ -42,15 +44,16 @@ def static_report(specs):
 
 
 def relu2_memory_report(tokens=65536, n_embd=1280, n_layer=20):
-    """Bytes autograd no longer keeps since relu2's backward reads its output y (which c_proj keeps anyway)."""
+    """Bytes relu2 saves against autograd of relu(h)²: its backward reads its output y (which c_proj keeps anyway),
+    not h."""
     h = tokens * 4 * n_embd * 2  # h = c_fc(x), bf16
-    print(f"\nReLU² activation memory, d20 bf16, tp = 1 (divide by tp): relu2 kept h = c_fc(x) [{tokens} x "
-          f"{4 * n_embd}]\nbeside y = relu(h)², which c_proj keeps; its backward now reads y: "
+    print(f"\nReLU² activation memory, d20 bf16, tp = 1 (divide by tp): autograd of relu(h)² would keep "
+          f"h = c_fc(x) [{tokens} x {4 * n_embd}]\nbeside y = relu(h)², which c_proj keeps; relu2's backward reads y "
+          f"instead: "
           f"{h / 1e6:.1f} MB less per layer, {n_layer * h / 1e9:.2f} GB less over {n_layer} layers per micro-batch")
 
 
 def _bench_ms(fn):
-    import triton.testing
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
@@ -89,8 +92,6 @@ def liger_module(name, *args, **kwargs):
 def gpu_report(only, dev="cuda", tokens=65536, n_embd=1280, n_head=10, head_dim=128, seq=2048, ce_tokens=16384,
                vocab=65536, ns_sizes=((4096, 4096), (1280, 5120))):
     """Time every kernel against torch eager and torch.compile at d20 sizes (smaller sizes only for smoke runs)."""
-    from megachat.kernels import (newton_schulz_kernel, reference, relu2_kernel, rmsnorm_kernel, rope_kernel,
-                                  softcap_ce_kernel)
     name = torch.cuda.get_device_name() if dev == "cuda" else dev
     print(f"\nGPU timings on {name} (median of triton.testing.do_bench; % of 3.35 TB/s HBM or 989 TFLOP/s bf16)")
     bf = torch.bfloat16

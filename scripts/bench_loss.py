@@ -1,6 +1,6 @@
 """Memory (and, with a GPU, time) of the loss: the LM head and the softcapped cross-entropy fused, a chunk of tokens
 at a time (`megachat.tensor_parallel.vocab_parallel_linear_loss`, what training runs), against the unfused path
-(the [tokens x vocab shard] logits from F.linear, then `vocab_parallel_loss`) (issue 14).
+(the [tokens x vocab shard] logits from F.linear, then `vocab_parallel_loss`).
 
 Always (no GPU needed):
 - d20 (65,536 tokens per micro-batch, n_embd 1280, vocab 65,536, bf16) at tp = 1, 2, 4, 8: the bytes each path
@@ -181,7 +181,7 @@ def cpu_report(tokens=4096, n_embd=128, vocab=8192, chunk_tokens=512):
 
 def _time_ms(fn, device):
     if device == "cuda":
-        import triton.testing
+        import triton.testing  # the CUDA path only: a CPU run never imports triton
         return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median")
     times = []
     for _ in range(3):

@@ -34,8 +34,10 @@ import httpx
 import torch
 
 from megachat import sharded
+from megachat.checkpoint import load_run
 from megachat.engine import Engine, Sampling
 from megachat.model import GPTConfig, nanochat_shapes
+from megachat.parallel import Grid
 from megachat.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,8 +136,6 @@ async def clients(url, n, requests, max_tokens, headers, until=None):
 
 def prefill_stall(run: Path, rows: int, prompt_tokens: int, chunk: int) -> tuple[float, float]:
     """(median decode step s, longest step s) while `rows` rows decode and one prompt of prompt_tokens joins."""
-    from megachat.checkpoint import load_run
-    from megachat.parallel import Grid
     model, tok, _ = load_run(str(run), Grid(), torch.device("cpu"))
     engine = Engine(model, tok, max_batch=rows + 1, prefill_chunk=chunk)
     greedy = Sampling(max_tokens=64, temperature=0)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from megachat.build import CONFIG_DIR, build_trainer
 from megachat.deepspeed_internals import time_pipeline_instructions
 from megachat.monitor import peak_flops
+from megachat.optim import lr_multiplier, muon_momentum, optimizer_stats
 from megachat.parallel import init_distributed
 from megachat.train_config import TrainConfig, model_flops_per_token
 
@@ -106,7 +107,6 @@ def nanochat_step(cfg: TrainConfig):
         from nanochat.gpt import GPT, GPTConfig
     except ImportError:
         return None
-    from megachat.optim import lr_multiplier, muon_momentum
     mc = cfg.model_config()
     model = GPT(GPTConfig(sequence_len=mc.sequence_len, vocab_size=mc.vocab_size, n_layer=mc.n_layer,
                           n_head=mc.n_head, n_kv_head=mc.n_kv_head, n_embd=mc.n_embd))
@@ -303,8 +303,7 @@ def main(argv=None):
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     parts = {k: v / args.steps for k, v in zip(TIMERS, t.tolist())}
     ref = matmul_flops_per_s() if dist.get_rank() == 0 and not torch.cuda.is_available() else None
-    from megachat.optim import optimizer_stats  # Muon's exchange: bytes this rank sent vs the scheme's minimum
-    st = optimizer_stats(trainer.ds_engine)
+    st = optimizer_stats(trainer.ds_engine)  # Muon's exchange: bytes this rank sent vs the scheme's minimum
     o = torch.tensor([st["step_seconds"] * 1000, st["bytes_sent"], st["bytes_min"]], dtype=torch.float64,
                      device=trainer.device)
     dist.all_reduce(o, op=dist.ReduceOp.MAX)

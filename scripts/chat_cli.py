@@ -20,6 +20,8 @@ from dataclasses import replace
 
 import torch.distributed as dist
 
+from megachat import cli
+from megachat.chat import is_talker, load_chat, prompt_ids, share, stream_reply
 from megachat.engine import Sampling
 
 COMMANDS = "/clear starts a new conversation, /quit (or end of input) exits"
@@ -63,7 +65,6 @@ class Output:
 def answer(engine, messages, args, out: Output, label: str = "") -> list[dict]:
     """Stream the assistant's reply to `messages` to `out` after `label`; returns it as nanochat parts. Raises the
     engine's ValueError, before printing anything, when the prompt plus --max-tokens does not fit."""
-    from megachat.chat import prompt_ids, stream_reply
     events = stream_reply(engine, prompt_ids(engine.tokenizer, messages), args.sampling)
     first = next(events, None)  # the engine checks the request's length here
     out.write(label)
@@ -84,7 +85,6 @@ def answer(engine, messages, args, out: Output, label: str = "") -> list[dict]:
 
 def read_line(talker: bool, interactive: bool):
     """The user's next line, read by rank 0 and shared with every rank; None at end of input."""
-    from megachat.chat import share
     line = None
     if talker:
         try:
@@ -97,7 +97,6 @@ def read_line(talker: bool, interactive: bool):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.chat import is_talker, load_chat
     engine, _ = load_chat(args.run, args.tp)
     talker = is_talker()
     out = Output(talker)
@@ -106,7 +105,7 @@ def main(argv=None):
     else:
         interactive = talker and sys.stdin.isatty()
         if interactive:
-            import readline  # noqa: F401  (line editing and history for input())
+            import readline  # noqa: F401  (line editing and history for input(); only on a terminal)
             print(f"megachat chat with {args.run} (tp {args.tp}); {COMMANDS}")
         messages = []
         while (line := read_line(talker, interactive)) is not None:
@@ -140,6 +139,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

@@ -20,14 +20,21 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
+from megachat import cli
+from megachat.checkpoint import load_run, read_run_config
+from megachat.engine import Engine
+from megachat.evaluation.chat_tasks import (BATCH_SIZE, CHATCORE_TASKS, DEFAULT_SAMPLING, centered, evaluate_chatcore,
+                                            load_chat_task)
+from megachat.evaluation.model_eval import GridForward
 from megachat.fileio import atomic_write
+from megachat.monitor import write_scalars
+from megachat.parallel import device, init_distributed, init_grid
 from megachat.watchdog import Watchdog
 
 TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
 
 
 def parse_args(argv=None):
-    from megachat.evaluation.chat_tasks import BATCH_SIZE, CHATCORE_TASKS, DEFAULT_SAMPLING
     d = DEFAULT_SAMPLING  # nanochat's chat_eval settings
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
@@ -63,7 +70,6 @@ def parse_args(argv=None):
 
 def write_report(run_dir, result, settings):
     """chat_eval.csv (metric,value) and chat_eval.md, each written to a temp file, fsynced, then renamed."""
-    from megachat.evaluation.chat_tasks import CHATCORE_TASKS, centered
     rows = [(f"chat/{k}", f"{v:.6f}") for k, v in result.accuracy.items()]
     rows += [("chatcore", f"{result.chatcore:.6f}" if result.chatcore is not None else "-"),
              ("chatcore_tasks", f"{len(result.accuracy)}/{len(CHATCORE_TASKS)}"),
@@ -84,12 +90,6 @@ def write_report(run_dir, result, settings):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.checkpoint import load_run, read_run_config
-    from megachat.engine import Engine
-    from megachat.evaluation.chat_tasks import centered, evaluate_chatcore, load_chat_task
-    from megachat.evaluation.model_eval import GridForward
-    from megachat.parallel import device, init_distributed, init_grid
-
     read_run_config(args.run)  # a wrong --run fails before any process group
     tasks = [load_chat_task(name, args.data_dir) for name in args.task_names]  # missing data fails before the model
     # a plain `python` run evaluates without a process group
@@ -121,7 +121,6 @@ def main(argv=None):
             for k, a in result.accuracy.items():
                 print(f"| {k:14s} | {result.examples[k]:8d} | {a:8.4f} | {centered(k, a):8.4f} |")
             print(result.summary(), flush=True)
-            from megachat.monitor import write_scalars
             write_scalars(args.run, "chat_eval", rows)
             print(f"wrote {os.path.join(args.run, 'chat_eval.csv')} and chat_eval.md", flush=True)
         if dist.is_initialized():
@@ -131,6 +130,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

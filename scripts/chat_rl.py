@@ -20,7 +20,10 @@ import os
 
 import torch.distributed as dist
 
+from megachat import cli, rl
 from megachat.build import build_trainer
+from megachat.checkpoint import load_parent
+from megachat.engine import Engine, Sampling
 from megachat.monitor import Monitor
 from megachat.parallel import check_layout, init_distributed
 from megachat.train_config import add_trainer_args, config_from_run, config_options, loop_options
@@ -51,10 +54,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat import rl
-    from megachat.checkpoint import load_parent
-    from megachat.engine import Engine, Sampling
-
     if args.pp != 1:
         raise ValueError(f"--pp {args.pp}: RL samples its rollouts with the inference engine, which runs with pp = "
                          f"1; split the model with --tp and the questions over data-parallel ranks instead")
@@ -117,6 +116,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

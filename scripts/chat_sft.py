@@ -17,9 +17,16 @@ import os
 import torch
 import torch.distributed as dist
 
+from megachat import cli
 from megachat.build import build_trainer
+from megachat.checkpoint import load_parent
+from megachat.data import batch_indices
+from megachat.evaluation.chat_tasks import eval_indices, evaluate_categorical, load_chat_task
+from megachat.evaluation.model_eval import GridForward
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
+from megachat.tasks.mixture import render_batch
+from megachat.tasks.recipes import sft_mixture
 from megachat.train_config import add_trainer_args, config_from_run, config_options, loop_options
 
 
@@ -44,13 +51,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.checkpoint import load_parent
-    from megachat.data import batch_indices
-    from megachat.evaluation.chat_tasks import eval_indices, evaluate_categorical, load_chat_task
-    from megachat.evaluation.model_eval import GridForward
-    from megachat.tasks.mixture import render_batch
-    from megachat.tasks.recipes import sft_mixture
-
     weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     train, val, left_out = sft_mixture(args.chat_data, args.identity, args.mixture_scale, args.seed)
     init_distributed(timeout_s=args.collective_timeout)
@@ -105,6 +105,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

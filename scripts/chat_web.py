@@ -12,18 +12,21 @@ live rank names the lost one (megachat/watchdog.py).
 import argparse
 import os
 import socket
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+import uvicorn
+
+from megachat import cli
+from megachat.chat import is_talker, load_chat
+from megachat.chat_server import DEFAULT_SAMPLING, RequestError, create_app, follow, parse_sampling
+from megachat.engine import Sampling
 
 from megachat.watchdog import Watchdog
 
 
 def parse_args(argv=None):
-    from dataclasses import replace
-
-    from megachat.chat_server import DEFAULT_SAMPLING, RequestError, parse_sampling
-    from megachat.engine import Sampling
     defaults = DEFAULT_SAMPLING  # a request's own values override these
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="RUN_DIR of a training run (config.json, model/)")
@@ -72,9 +75,6 @@ def check_port(host: str, port: int) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.chat import is_talker, load_chat
-    from megachat.chat_server import create_app, follow
-
     if os.environ.get("RANK", "0") == "0":
         check_port(args.host, args.port)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -83,7 +83,6 @@ def main(argv=None):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     with Watchdog(args.run if world > 1 else None, rank, world, job="chat_web"):
         if is_talker():
-            import uvicorn
             name = args.name or os.path.basename(os.path.normpath(args.run))
             app = create_app(engine, name, args.defaults, args.max_queue, heartbeat_s=args.collective_timeout / 3,
                              api_key=args.api_key, on_failure=lambda: setattr(server, "should_exit", True))
@@ -102,6 +101,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

@@ -29,6 +29,9 @@ from pathlib import Path
 
 import torch
 
+from megachat.model import GPTConfig
+from megachat.planner import GiB, Hardware, Job, Layout, predict
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 D12 = ["--depth", "12", "--dtype", "bf16", "--zero", "1", "--max-seq-len", "2048", "--device-batch-size", "16",
@@ -103,8 +106,6 @@ def parse_pytest(out: str) -> str:
 
 def planned_d20(gpu_memory_gib: float) -> dict:
     """megachat.planner's prediction for the d20 check's layout on this one GPU."""
-    from megachat.model import GPTConfig
-    from megachat.planner import GiB, Hardware, Job, Layout, predict
     job = Job(GPTConfig.from_depth(20, 65536, 2048), total_batch_size=32 * 2048, dtype="bf16")
     pred = predict(job, Layout(tp=1, pp=1, dp=1, zero=1, micro_batch=32), Hardware(gpus_per_node=1,
                                                                                    memory=gpu_memory_gib * GiB))

@@ -15,9 +15,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from megachat import cli
 from megachat.build import build_trainer
+from megachat.checkpoint import load_parent
+from megachat.data import GPTDataset, check_tokenizer, write_conversations
+from megachat.evaluation.loss_eval import val_batches, val_dataset
 from megachat.monitor import Monitor
 from megachat.parallel import init_distributed
+from megachat.tasks.recipes import mid_mixture
 from megachat.train_config import add_trainer_args, config_from_run, config_options, loop_options
 
 
@@ -38,11 +43,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from megachat.checkpoint import load_parent
-    from megachat.data import GPTDataset, check_tokenizer, write_conversations
-    from megachat.evaluation.loss_eval import val_batches, val_dataset
-    from megachat.tasks.recipes import mid_mixture
-
     weights, parent, tokenizer, tokenizer_dir = load_parent(args.init_from, args.tokenizer)
     init_distributed(timeout_s=args.collective_timeout)
     rank = dist.get_rank()
@@ -88,6 +88,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

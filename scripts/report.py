@@ -7,6 +7,7 @@ RUN_DIR) and DIR/loss.png, DIR/val_bpb.png; the last line printed is `report: PA
 """
 import argparse
 
+from megachat import cli
 from megachat.report import write_report
 
 
@@ -20,6 +21,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from megachat import cli
-
     cli.run(main)

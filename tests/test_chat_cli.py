@@ -125,12 +125,11 @@ def test_a_tool_call_is_shown_inline_and_kept_as_the_model_made_it(tok, capsys):
 def test_an_empty_reply_is_left_out_of_the_conversation(tok, monkeypatch, capsys):
     import io
 
-    import megachat.chat
     sp = tok.encode_special
     engine = scripted_engine(tok, [sp("<|assistant_end|>"), *tok.encode("Hi"), sp("<|assistant_end|>")])
     prompts, generate = [], engine.generate
     engine.generate = lambda ps, sampling: prompts.append(ps[0]) or generate(ps, sampling)
-    monkeypatch.setattr(megachat.chat, "load_chat", lambda run, tp: (engine, None))
+    monkeypatch.setattr(chat_cli, "load_chat", lambda run, tp: (engine, None))
     monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
     assert chat_cli.main(["--run", "unused", "--temperature", "0", "--max-tokens", "8"]) == 0
     assert capsys.readouterr().out == ("Assistant: \n(empty reply: this turn is left out of the conversation)\n"

@@ -40,7 +40,7 @@ def test_newton_schulz_fp32_matches_float64_iteration_and_transposes_tall_matric
 
 
 def nanochat_apply_rotary_emb(x, cos, sin):
-    # nanochat gpt.py (Oct 2025), cos/sin shaped [1, T, 1, D/2] in bf16.
+    # nanochat@885a4f2 gpt.py, cos/sin shaped [1, T, 1, D/2] in bf16.
     d = x.shape[3] // 2
     x1, x2 = x[..., :d], x[..., d:]
     y1 = x1 * cos + x2 * sin

@@ -169,7 +169,7 @@ def test_resume_under_another_layout_continues_the_curve(corpus, dp2_zero1, refe
             torch.testing.assert_close(got[name], want[name], rtol=1e-3, atol=1e-5, msg=name)
     # The embedding is compared by count: AdamW (eps 1e-10) turns an element whose gradient is pure rounding
     # noise into a full-size step whose sign depends on the summation order, which differs between layouts
-    # (seen: 1 element of 131,072 on one CPU type). A resharding error (a wrong slice of weights, moments or
+    # (1 element of 131,072 on some CPU types). A resharding error (a wrong slice of weights, moments or
     # step) moves whole rows or partitions: thousands of elements, far above this bound.
     far = ~torch.isclose(got["transformer.wte.weight"], want["transformer.wte.weight"], rtol=1e-3, atol=1e-5)
     assert far.sum() <= 4, f"transformer.wte.weight: {int(far.sum())} of {far.numel()} elements differ"

@@ -7,7 +7,9 @@ import pytest
 
 import torch
 
-from megachat.build import ds_config
+from megachat.build import ds_config, largest_layer
+from megachat.model import GPT
+from megachat.parallel import Grid
 from megachat.tensor_parallel import FP8_INSTALL, use_fp8
 from megachat.train_config import TrainConfig, add_trainer_args, check_config, config_options, newton_schulz_dtype
 
@@ -216,3 +218,13 @@ def test_sequence_parallelism_turns_off_deepspeeds_partitioned_pipe_messages():
     assert "pipeline" not in ds_config(cfg(tp=2, pp=2, zero=1), 1)
     pipe = ds_config(cfg(tp=2, pp=2, zero=1, sequence_parallel=True), 1)["pipeline"]
     assert pipe["pipe_partitioned"] is False and pipe["grad_partitioned"] is False
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(vocab_size=65536), dict(depth=8, vocab_size=100), dict(n_kv_head=1),
+                                dict(depth=12, n_kv_head=3, vocab_size=777, tp=2)],
+                         ids=["d4", "embedding_largest", "block_largest", "gqa", "gqa_odd_vocab_tp2"])
+def test_largest_layer_is_the_largest_entry_of_the_unsharded_models_layers(kw):
+    c = cfg(**kw)
+    with torch.device("meta"):
+        layers = GPT(c.model_config(), grid=Grid()).layers()
+    assert largest_layer(c) == max(sum(p.numel() for p in layer.parameters()) for layer in layers)

@@ -16,12 +16,13 @@ load with --init-from (and an hf directory with --run / --checkpoint of the chat
 import argparse
 import os
 
-from megachat import cli
+from megachat import cli, export, hf
+from megachat.checkpoint import WEIGHTS_DIR, latest_tag, read_run_config, sharded_state
+from megachat.tokenizer import Tokenizer
 
 
 def source_state(path: str):
     """The sharded state that `path` names (see the module docstring)."""
-    from megachat.checkpoint import WEIGHTS_DIR, latest_tag, sharded_state
     ckpt_dir = os.path.join(path, "checkpoints")
     tag = latest_tag(ckpt_dir) if os.path.isdir(ckpt_dir) else None
     if tag and not os.path.isdir(os.path.join(path, WEIGHTS_DIR)):  # a run that has not finished
@@ -36,7 +37,6 @@ def run_tokenizer(args) -> str:
     """--tokenizer, or the tokenizer directory the source's run recorded in RUN_DIR/config.json."""
     if args.tokenizer:
         return args.tokenizer
-    from megachat.checkpoint import read_run_config
     path = os.path.abspath(args.source)
     for run_dir in (path, os.path.dirname(os.path.dirname(path))):  # RUN_DIR, RUN_DIR/checkpoints/step_NNNNNN
         if os.path.isfile(os.path.join(run_dir, "config.json")):
@@ -54,7 +54,6 @@ def main(argv=None):
     p.add_argument("--max-shard-size", default="5GB", help="--format hf: split the weights into files of at most "
                                                            "this size (huggingface_hub's notation: 5GB, 500MB)")
     args = p.parse_args(argv)
-    from megachat import export
     state = source_state(args.source)
     damage = state.damage()
     if damage:
@@ -65,8 +64,6 @@ def main(argv=None):
         export.to_safetensors(state, args.output)
         out = args.output
     elif args.format == "hf":
-        from megachat import hf
-        from megachat.tokenizer import Tokenizer
         hf.save(state.config, state.step, export.tensors(state, "hf"), Tokenizer.load(run_tokenizer(args)),
                 args.output, args.max_shard_size)
         out = args.output

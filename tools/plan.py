@@ -13,6 +13,11 @@ import json
 import os
 
 from megachat import cli
+from megachat.fileio import atomic_write_json
+from megachat.model import GPTConfig
+from megachat.planner import (FUSED_HEAD_LOSS_DEFAULT, PICK_MEMORY_HEADROOM, PICK_TIME_SLACK, Hardware, Job,
+                              memory_reason, plan)
+from megachat.train_config import TrainConfig, model_flops_per_token, num_params
 
 GiB = 2 ** 30
 
@@ -59,8 +64,6 @@ def parse_args(argv=None):
 
 
 def job_from_args(args):
-    from megachat.model import GPTConfig
-    from megachat.planner import FUSED_HEAD_LOSS_DEFAULT, Job
     if args.config:
         with open(args.config) as f:
             model = json.load(f).get("model")
@@ -77,7 +80,6 @@ def job_from_args(args):
 
 
 def hardware_from_args(args):
-    from megachat.planner import Hardware
     given = {"matmul_efficiency": args.matmul_efficiency, "nvlink_busbw": args.nvlink_gbps and args.nvlink_gbps * 1e9,
              "ib_busbw_per_gpu": args.ib_gbps and args.ib_gbps * 1e9}
     return Hardware(gpus_per_node=args.gpus_per_node, memory=args.gpu_memory * GiB,
@@ -100,7 +102,6 @@ HEADER = ("rank  tp  pp   dp  zero   mb accum  ckpt sp  memory GiB = weights gra
 
 def preset(args, job, hw, pred) -> dict:
     """A preset: the layout, batch, micro-batch and horizon the planner picks, with its predicted memory and MFU."""
-    from megachat.train_config import TrainConfig, num_params
     lay, c = pred.layout, job.config
     cfg = TrainConfig(depth=c.n_layer, vocab_size=c.vocab_size, seq_len=c.sequence_len,
                       device_batch_size=lay.micro_batch, total_batch_size=job.total_batch_size, num_iterations=1,
@@ -154,8 +155,6 @@ def main(argv=None):
     args = parse_args(argv)
     # the planner computes on the CPU: DeepSpeed (imported for its pipeline partitioning) need not probe for a GPU
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from megachat.planner import PICK_MEMORY_HEADROOM, PICK_TIME_SLACK, memory_reason, plan
-    from megachat.train_config import TrainConfig, model_flops_per_token, num_params
     job = job_from_args(args)
     hw = hardware_from_args(args)
     if args.nodes < 1 or args.gpus_per_node < 1:
@@ -210,7 +209,6 @@ def main(argv=None):
             raise ValueError(f"no layout fits in {hw.memory / GiB:.0f} GiB: nothing to write to {args.preset_out}; "
                              f"use more GPUs, a smaller --micro-batch or --fused-head-loss")
         os.makedirs(os.path.dirname(os.path.abspath(args.preset_out)), exist_ok=True)
-        from megachat.fileio import atomic_write_json
         atomic_write_json(args.preset_out, preset(args, job, hw, pick))
         if not args.json:
             print(f"\nwrote {args.preset_out}")

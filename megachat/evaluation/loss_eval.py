@@ -21,13 +21,14 @@ import math
 import torch
 import torch.distributed as dist
 
+from megachat.data import GPTDataset
+
 VAL_SEED = 0  # the validation sample order; independent of the training seed so runs compare on the same samples
 
 
 def val_dataset(prefix, seq_len):
     """The validation samples of PREFIX.bin/.idx as a GPTDataset in the VAL_SEED order (collective when a
     process group exists, like every GPTDataset)."""
-    from megachat.data import GPTDataset
     return GPTDataset([prefix], None, seq_len=seq_len, seed=VAL_SEED)
 
 

@@ -14,6 +14,7 @@ determined attacker (Python-level patches can be undone by code that knows about
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -140,9 +142,7 @@ def check_humaneval(problem: dict, completion: str, timeout: float = 5.0) -> San
 
 def main(argv=None) -> int:
     """Run every canonical HumanEval solution through the sandbox: all must pass (a check of the limits)."""
-    import argparse
-    import time
-    from megachat.tasks.humaneval import load_humaneval
+    from megachat.tasks.humaneval import load_humaneval  # here: megachat.tasks.humaneval imports this module
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--data-dir", default=None, help="evaluation cache (default ~/.cache/megachat/eval)")
     args = ap.parse_args(argv)

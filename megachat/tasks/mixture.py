@@ -13,6 +13,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
 
 @dataclass
 class Part:
@@ -85,7 +87,6 @@ def render_batch(conversations, tokenizer, seq_len: int):
     (the prompt, tool output: nanochat's mask) and on the padding after the conversation (x pads with <|bos|>).
     Padding to one fixed length keeps every micro-batch's shape the same in every layout (the pipeline engine
     needs it)."""
-    import torch
     x = torch.full((len(conversations), seq_len), tokenizer.bos_id, dtype=torch.long)
     y = torch.full((len(conversations), seq_len), -1, dtype=torch.long)
     for row, conversation in enumerate(conversations):

@@ -1,4 +1,4 @@
-"""nanochat's midtraining and SFT mixtures (NANOCHAT-V0-CHAT.md sections 2 and 3), built from what is here.
+"""nanochat's midtraining and SFT mixtures (its scripts/mid_train.py and scripts/chat_sft.py), built from what is here.
 
 The real sources (SmolTalk, MMLU auxiliary_train, GSM8K train, ARC train) come from `tools/fetch_data.py chat`
 into a directory passed as `chat_data`; without it they are left out, and the recipe says which and why. The
@@ -8,6 +8,7 @@ that ChatCORE scores are never trained on: validation uses SmolTalk's test split
 """
 from __future__ import annotations
 
+from megachat.tasks import gsm8k, multiple_choice, smoltalk
 from megachat.tasks.identity import identity
 from megachat.tasks.mixture import Part, TaskMixture
 from megachat.tasks.spelling import SimpleSpelling, SpellingBee
@@ -24,7 +25,6 @@ def _real_parts(chat_data, wanted, scale, left_out):
         if chat_data is None:
             left_out[name] = "no --chat-data directory (fetch it with tools/fetch_data.py chat)"
             continue
-        from megachat.tasks import gsm8k, multiple_choice, smoltalk
         load = {"smoltalk_train": lambda: smoltalk.smoltalk(chat_data, "train"),
                 "smoltalk_test": lambda: smoltalk.smoltalk(chat_data, "test"),
                 "mmlu_aux": lambda: multiple_choice.mmlu_auxiliary_train(chat_data),

@@ -19,6 +19,8 @@ import os
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from megachat.tasks.task import Task
 
@@ -39,8 +41,6 @@ class ParquetConversations(Sequence):
     of `columns`, built on each access; order = default_rng(seed).permutation(rows), or file order if seed=None."""
 
     def __init__(self, paths: list[str], columns: tuple[str, ...], make: Callable[[dict], dict], seed: int | None = 42):
-        import pyarrow as pa
-        import pyarrow.parquet as pq
         tables = []
         for path in paths:
             names = pq.read_schema(path).names
