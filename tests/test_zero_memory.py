@@ -2,9 +2,11 @@
 
 One launch of 2 gloo ranks (tests/_dist.run_gloo) trains a depth-6 model (n_embd 384: every block matrix is above
 ZeRO-3's persistence threshold, so ZeRO-3 partitions them all) under megachat.build.build_trainer at ZeRO-1, 2 and
-3, fp32 and bf16, and counts during a third step what each rank holds (megachat.measure.measure_model_states: every
-tensor the garbage collector reaches, .grad included, each storage once, sorted into weights, gradients, optimizer
-state, DeepSpeed's gradient buckets, ZeRO-3's gathered parameters and the rest). With N parameters, M of them in
+3, fp32 and bf16 (micro-batches of one 32-token sequence and Muon's Newton-Schulz in fp32: neither changes a
+model-state byte, and both make the steps cheaper on a CPU), and counts during a third step what each rank holds
+(megachat.measure.measure_model_states: every tensor the garbage collector reaches, .grad included, each storage once,
+sorted into weights, gradients, optimizer state, DeepSpeed's gradient buckets, ZeRO-3's gathered parameters and the
+rest). With N parameters, M of them in
 Muon's block matrices and A in AdamW's wte / lm_head, per data-parallel rank of dp (w = 4 bytes in fp32, 2 in bf16):
 
 | | weights | gradients | optimizer |
@@ -30,7 +32,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _dist import run_gloo  # noqa: E402
 
-DEPTH, VOCAB, SEQ, MICRO, DP = 6, 1024, 64, 2, 2
+DEPTH, VOCAB, SEQ, MICRO, DP = 6, 1024, 32, 1, 2
 LAYOUTS = [(zero, dtype) for dtype in ("fp32", "bf16") for zero in (1, 2, 3)]
 TOLERANCE = 0.05
 STATES = ("weights", "grads", "optimizer")
@@ -61,7 +63,8 @@ def _measure(rank, layouts):
     rows = []
     for zero, dtype in layouts:
         cfg = TrainConfig(depth=DEPTH, vocab_size=VOCAB, seq_len=SEQ, device_batch_size=MICRO,
-                          total_batch_size=MICRO * SEQ * DP * len(batches), num_iterations=10, zero=zero, dtype=dtype)
+                          total_batch_size=MICRO * SEQ * DP * len(batches), num_iterations=10, zero=zero, dtype=dtype,
+                          ns_dtype="fp32")
         before = live_storages()  # what earlier trainers of this process left behind
         trainer = build_trainer(cfg)
         for _ in range(2):  # the optimizer's state and ZeRO-3's complete trace of the modules exist after them
