@@ -143,6 +143,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, **rates, max_grad_norm=cfg.grad_clip,
                                 ns_dtype=newton_schulz_dtype(cfg))
     deepspeed_internals.without_shm_allreduce()
+    deepspeed_internals.quiet_deprecated_all_gather()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts init_distributed's process group
     engine, _, _, _ = deepspeed.initialize(model=pipeline_module(model, grid) if cfg.pp > 1 else model,
                                            optimizer=optimizer, config=ds_config(cfg, dp),

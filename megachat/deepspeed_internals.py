@@ -12,6 +12,7 @@ setup.py pins deepspeed to the range these were tested on).
 - The flat-buffer layout of ZeRO-1/2 and BF16_Optimizer (weights are views into one flat buffer; dp rank d holds
   [d*P, (d+1)*P)), read by `partition_layout`.
 - The CPU backend's shared-memory all-reduce, switched off (`without_shm_allreduce`).
+- A FutureWarning of torch about the collective DeepSpeed's ZeRO-1/2 gathers with, hidden (`quiet_deprecated_all_gather`).
 - The pipeline's balanced partitioning, topology and instruction table.
 deepspeed itself is imported on first use: it takes seconds, which modules that never train should not pay.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -229,6 +231,14 @@ def without_shm_allreduce() -> None:
         return
     # importlib, not `import deepspeed.comm.torch as m`: deepspeed.comm's namespace holds PyTorch itself as `torch`
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
+def quiet_deprecated_all_gather() -> None:
+    """0.19.8's ZeRO-1/2 gathers its updated partitions with torch.distributed.all_gather_into_tensor, which torch
+    2.13 deprecates with a FutureWarning on every rank of every run: a warning the user can do nothing about. Hide
+    that one warning; megachat's own gathers use all_gather_single."""
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
 
 
 # ---- the pipeline (0.19.8 deepspeed/runtime/pipe, deepspeed/runtime/utils.py; not exported by deepspeed.pipe)
