@@ -42,6 +42,8 @@ import threading
 import time
 import traceback
 
+import torch.distributed as dist
+
 from megachat.cli import raised_by_megachat
 
 PERIOD_S = 1.0  # heartbeat interval
@@ -67,6 +69,13 @@ def collective_timeout_s(explicit: float | None, grace: bool = True) -> float:
     loop): --collective-timeout, else SLOW_LIMIT_S, plus GRACE_S so that in training the watchdog, which names the
     lost rank and dumps the stacks, acts first (grace=False: a job without steps, where the timeout is the bound)."""
     return (float(explicit) if explicit else SLOW_LIMIT_S) + (GRACE_S if grace else 0.0)
+
+
+def for_job(run_dir: str, job: str) -> Watchdog:
+    """The watchdog of a job without steps (base_eval, chat_eval, chat_web) on this process's group, used as `with
+    for_job(RUN_DIR, NAME):`; it watches nothing without a group of several ranks (a plain `python` run)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return Watchdog(run_dir if world > 1 else None, dist.get_rank() if world > 1 else 0, world, job=job)
 
 
 class Watchdog:

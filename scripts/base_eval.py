@@ -18,7 +18,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from megachat import cli
+from megachat import cli, watchdog
 from megachat.checkpoint import load_run, read_run_config
 from megachat.data import check_tokenizer
 from megachat.evaluation.core_eval import evaluate_core
@@ -28,7 +28,6 @@ from megachat.evaluation.model_eval import GridForward, greedy_samples
 from megachat.fileio import atomic_write
 from megachat.monitor import write_scalars
 from megachat.parallel import device, init_distributed, init_grid
-from megachat.watchdog import Watchdog
 
 PROMPTS = ["The capital of France is", "The chemical symbol of gold is", "If yesterday was Friday, then tomorrow will be",
            "The opposite of hot is", "The planets of the solar system are:"]
@@ -87,10 +86,7 @@ def main(argv=None):
     read_run_config(args.run)  # a wrong --run fails before any process group
     # a plain `python` run evaluates without a process group
     init_distributed(world_of_one=False, timeout_s=args.collective_timeout, grace=False)
-    on_grid = dist.is_initialized()
-    # a lost rank ends every rank in --collective-timeout, naming it (megachat/watchdog.py)
-    with Watchdog(args.run if on_grid else None, dist.get_rank() if on_grid else 0,
-                  dist.get_world_size() if on_grid else 1, job="base_eval"):
+    with watchdog.for_job(args.run, "base_eval"):  # a lost rank ends every rank in --collective-timeout, named
         grid = init_grid(args.tp, args.pp)
         rank = dist.get_rank() if dist.is_initialized() else 0
         dev = device()

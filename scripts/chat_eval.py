@@ -20,7 +20,7 @@ from dataclasses import replace
 import torch
 import torch.distributed as dist
 
-from megachat import cli
+from megachat import cli, watchdog
 from megachat.checkpoint import load_run, read_run_config
 from megachat.engine import Engine
 from megachat.evaluation.chat_tasks import (BATCH_SIZE, CHATCORE_TASKS, DEFAULT_SAMPLING, centered, evaluate_chatcore,
@@ -29,7 +29,6 @@ from megachat.evaluation.model_eval import GridForward
 from megachat.fileio import atomic_write
 from megachat.monitor import write_scalars
 from megachat.parallel import device, init_distributed, init_grid
-from megachat.watchdog import Watchdog
 
 TASKS = "ARC-Easy,ARC-Challenge,MMLU,GSM8K,HumanEval,SpellingBee"
 
@@ -94,10 +93,7 @@ def main(argv=None):
     tasks = [load_chat_task(name, args.data_dir) for name in args.task_names]  # missing data fails before the model
     # a plain `python` run evaluates without a process group
     init_distributed(world_of_one=False, timeout_s=args.collective_timeout, grace=False)
-    on_grid = dist.is_initialized()
-    # a lost rank ends every rank in --collective-timeout, naming it (megachat/watchdog.py)
-    with Watchdog(args.run if on_grid else None, dist.get_rank() if on_grid else 0,
-                  dist.get_world_size() if on_grid else 1, job="chat_eval"):
+    with watchdog.for_job(args.run, "chat_eval"):  # a lost rank ends every rank in --collective-timeout, named
         grid = init_grid(args.tp, 1)
         rank = dist.get_rank() if dist.is_initialized() else 0
         dev = device()

@@ -18,12 +18,10 @@ import torch
 import torch.distributed as dist
 import uvicorn
 
-from megachat import cli
+from megachat import cli, watchdog
 from megachat.chat import is_talker, load_chat
 from megachat.chat_server import DEFAULT_SAMPLING, RequestError, create_app, follow, parse_sampling
 from megachat.engine import Sampling
-
-from megachat.watchdog import Watchdog
 
 
 def parse_args(argv=None):
@@ -80,8 +78,7 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     engine, _ = load_chat(args.run, args.tp, checkpoint=args.checkpoint, dtype=dtype, max_batch=args.max_batch,
                           collective_timeout=args.collective_timeout)
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    with Watchdog(args.run if world > 1 else None, rank, world, job="chat_web"):
+    with watchdog.for_job(args.run, "chat_web"):
         if is_talker():
             name = args.name or os.path.basename(os.path.normpath(args.run))
             app = create_app(engine, name, args.defaults, args.max_queue, heartbeat_s=args.collective_timeout / 3,
