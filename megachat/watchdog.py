@@ -27,7 +27,13 @@ a context (`with Watchdog(...)`), with their heartbeats and stacks under their o
 JOB-rank-RRRRR.json, RUN_DIR/hang/JOB-rank-RRRRR.txt) so that they may run beside a training job on the same
 RUN_DIR. They have no step limit: their bound is the process-group timeout alone (`collective_timeout_s(..., grace=
 False)`, --collective-timeout), whose error reaches `failed`, which names the lost ranks as above, writes the
-failed collective's traceback to the stack file and ends the process with status 1.
+failed collective's traceback to the stack file and ends the process with status 1. A dead rank often reaches a
+survivor first as the deepspeed launcher's SIGTERM (sent when a rank exits non-zero), while it computes or, for the
+chat server, while it serves: their Watchdog handles SIGTERM (main thread only; close() restores the handler). It
+judges the heartbeats as failed() does: a lost rank is named the same way (once; the main thread's stack goes to the
+stack file) and the process ends with status 1; with none lost the SIGTERM ends the process as it would have, JUDGE_S
+later. A rank blocked in a collective takes the SIGTERM when the collective returns or fails. A rank whose job ended
+(close(), a plain SIGTERM) marks its heartbeat `ended`, and is never named lost.
 """
 from __future__ import annotations
 
@@ -95,6 +101,7 @@ class Watchdog:
         self.reported = threading.Lock()  # held by whichever of the thread and the main thread reports first
         self.writing = threading.Lock()  # the thread and a failing main thread both beat
         self.stop = threading.Event()
+        self.sigterm = None  # job mode: the SIGTERM handler start() replaced
 
     def start(self) -> None:
         """Begin beating and watching (a no-op without a run directory)."""
@@ -117,6 +124,8 @@ class Watchdog:
         self.thread.start()
         if self.job == "train":
             self._arm()
+        elif threading.current_thread() is threading.main_thread():
+            self.sigterm = signal.signal(signal.SIGTERM, self._terminated)
 
     def __enter__(self) -> Watchdog:
         self.start()
@@ -149,9 +158,13 @@ class Watchdog:
         """Stop beating and watching; remove this rank's stack file when nothing was dumped into it."""
         if self.run_dir is None:
             return
+        if self.sigterm is not None:
+            signal.signal(signal.SIGTERM, self.sigterm)
         self.stop.set()
         faulthandler.cancel_dump_traceback_later()
         self.thread.join()
+        if self.job != "train":
+            self._write_heartbeat(ended=True)  # not lost: this rank is done (a peer's SIGTERM may come after)
         self.hang_file.close()
         if os.path.getsize(self.hang_path) == 0:
             os.remove(self.hang_path)
@@ -173,13 +186,31 @@ class Watchdog:
         # the backstop fires after the thread had its chance to judge and report
         faulthandler.dump_traceback_later(self.limit + JUDGE_S + 10 * PERIOD_S, exit=True, file=self.hang_file)
 
-    def _write_heartbeat(self) -> None:
+    def _terminated(self, signum, frame) -> None:
+        """SIGTERM in a job without steps: the deepspeed launcher sends it when a rank exited non-zero (a kill -9),
+        often before this rank meets the failing collective. Name the lost ranks and exit 1 as failed() does; with
+        none lost, end as the SIGTERM would have (quietly, killed by the signal)."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the judging takes JUDGE_S: a second SIGTERM must wait
+        lost = self._lost_ranks()
+        if lost and self.reported.acquire(blocking=False):
+            self.hang_file.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: SIGTERM; the main thread was\n")
+            traceback.print_stack(frame, file=self.hang_file)
+            self.hang_file.flush()
+            self._report(lost, "SIGTERM (the launcher's, as a rank exited)", stacks=True)
+            _exit()
+        self.stop.set()
+        self.thread.join()
+        self._write_heartbeat(ended=True)
+        signal.signal(signal.SIGTERM, self.sigterm)
+        signal.raise_signal(signal.SIGTERM)
+
+    def _write_heartbeat(self, ended: bool = False) -> None:
         path = os.path.join(self.beat_dir, f"{self.prefix}rank-{self.rank:05d}.json")
         with self.writing, contextlib.suppress(OSError):  # a full disk must not end the watching
             self.count += 1
             with open(f"{path}.tmp", "w") as f:
                 json.dump({"rank": self.rank, "host": self.host, "pid": os.getpid(), "step": self.step,
-                           "count": self.count}, f)
+                           "count": self.count, "ended": ended}, f)
             os.replace(f"{path}.tmp", path)  # no fsync: a heartbeat only has to be readable, not durable
 
     def _read_heartbeats(self) -> dict[int, dict]:
@@ -193,7 +224,8 @@ class Watchdog:
         return beats
 
     def _lost_ranks(self) -> list[dict]:
-        """The ranks whose heartbeat does not move for JUDGE_S seconds (this rank's own thread keeps beating)."""
+        """The ranks whose heartbeat does not move for JUDGE_S seconds (this rank's own thread keeps beating), but
+        for those that ended their job (Watchdog.close, a plain SIGTERM)."""
         before = self._read_heartbeats()
         deadline = time.monotonic() + JUDGE_S
         while time.monotonic() < deadline:
@@ -201,7 +233,8 @@ class Watchdog:
             self._write_heartbeat()
         after = self._read_heartbeats()
         return [before.get(r) or {"rank": r, "host": "?", "pid": None, "step": None} for r in range(self.world)
-                if r != self.rank and (r not in after or after[r]["count"] == before.get(r, {}).get("count"))]
+                if r != self.rank and (r not in after or after[r]["count"] == before.get(r, {}).get("count")
+                                       and not after[r].get("ended"))]
 
     def _watch(self) -> None:
         while not self.stop.wait(PERIOD_S):

@@ -322,6 +322,36 @@ def test_a_stalled_server_rank_0_ends_its_followers_naming_it(served):
     ended_naming(job, victim, 0, "chat_web", since, SHORT / 3 + SHORT + JUDGE_S + SLACK)
 
 
+def test_a_killed_follower_ends_the_server_naming_it(run_dir):  # noqa: F811
+    # the default --collective-timeout (180 s): the idle server shares its next heartbeat a minute later, so rank 0
+    # learns of the loss only from the launcher's SIGTERM (launch.py sends it when a rank exits non-zero)
+    port = free_port()
+    job = Launch("chat_web.py", "--run", str(run_dir), "--tp", "2", "--port", str(port))
+    try:
+        job.wait_for(lambda line: "Uvicorn running on" in line or "Application startup complete" in line, 120,
+                     "server start")
+        victim, beat = job.rank_pid(1), run_dir / "heartbeat" / "chat_web-rank-00001.json"
+        deadline = time.monotonic() + 60
+        while not beat.exists() or json.loads(beat.read_text())["pid"] != victim:  # rank 1 runs under its watchdog
+            assert time.monotonic() < deadline and job.proc.poll() is None, "".join(job.text)[-6000:]
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGKILL)
+        since = time.monotonic()
+        rc, out = job.wait(timeout=LAUNCHER_GRACE + 60)
+    finally:
+        if job.proc.poll() is None:
+            job.kill()
+    elapsed = time.monotonic() - since
+    assert rc != 0
+    # the launcher polls its ranks every second; then rank 0 stops serving and judges the heartbeats
+    assert elapsed <= 1 + JUDGE_S + SLACK, f"{elapsed:.1f} s after the kill"
+    messages = [line for line in out.splitlines() if line.startswith("megachat watchdog:")]
+    assert len(messages) == 1, out[-6000:]
+    assert re.search(rf"lost rank 1 on host {re.escape(socket.gethostname())} \(pid {victim}, dead\), during chat_web: "
+                     rf".+; every rank stops now; start chat_web again; the live ranks' tracebacks are in .*/hang/$",
+                     messages[0]), messages[0]
+
+
 def test_the_limit_is_sized_from_the_measured_steps():
     assert step_limit([], 20) == step_limit([30.0, 9.0, 9.0], 20) == 20  # --collective-timeout wins
     assert step_limit([]) == step_limit([100.0, 1.0]) == SLOW_LIMIT_S  # the first steps are warm-up
