@@ -28,12 +28,14 @@ JOB-rank-RRRRR.json, RUN_DIR/hang/JOB-rank-RRRRR.txt) so that they may run besid
 RUN_DIR. They have no step limit: their bound is the process-group timeout alone (`collective_timeout_s(..., grace=
 False)`, --collective-timeout), whose error reaches `failed`, which names the lost ranks as above, writes the
 failed collective's traceback to the stack file and ends the process with status 1. A dead rank often reaches a
-survivor first as the deepspeed launcher's SIGTERM (sent when a rank exits non-zero), while it computes or, for the
-chat server, while it serves: their Watchdog handles SIGTERM (main thread only; close() restores the handler). It
-judges the heartbeats as failed() does: a lost rank is named the same way (once; the main thread's stack goes to the
-stack file) and the process ends with status 1; with none lost the SIGTERM ends the process as it would have, JUDGE_S
-later. A rank blocked in a collective takes the SIGTERM when the collective returns or fails. A rank whose job ended
-(close(), a plain SIGTERM) marks its heartbeat `ended`, and is never named lost.
+survivor first as the deepspeed launcher's SIGTERM (sent when a rank exits non-zero), while it computes, serves, or
+waits in a store (creating a group): in such a job, started on the main thread, the Watchdog handles SIGTERM. Its
+Python handler runs only once the main thread is free, so the signal's wakeup fd (signal.set_wakeup_fd) wakes a
+thread that judges the heartbeats at once: a lost rank is named the same way (once; the stacks of every thread go to
+the stack file) and the process ends with status 1. With none lost, the handler ends the process as the SIGTERM would
+have, once the judging is done (JUDGE_S; a rank blocked in a collective when the collective returns). A rank whose job ended
+(close(), a plain SIGTERM) marks its heartbeat `ended` and is never named lost; close() restores the handler and the
+wakeup fd.
 """
 from __future__ import annotations
 
@@ -102,6 +104,8 @@ class Watchdog:
         self.writing = threading.Lock()  # the thread and a failing main thread both beat
         self.stop = threading.Event()
         self.sigterm = None  # job mode: the SIGTERM handler start() replaced
+        self.judged = threading.Event()  # job mode: a SIGTERM was judged and no rank was lost
+        self.judging = threading.Lock()  # job mode: held by the thread or the main thread judging a SIGTERM
 
     def start(self) -> None:
         """Begin beating and watching (a no-op without a run directory)."""
@@ -126,6 +130,12 @@ class Watchdog:
             self._arm()
         elif threading.current_thread() is threading.main_thread():
             self.sigterm = signal.signal(signal.SIGTERM, self._terminated)
+            # a Python handler runs only once the main thread is free (not in a collective or a store's wait);
+            # the wakeup fd gets the signal's number at once, for _await_sigterm's thread
+            self.wake, self.wake_w = socket.socketpair()
+            self.wake_w.setblocking(False)
+            self.wakeup = signal.set_wakeup_fd(self.wake_w.fileno())
+            threading.Thread(target=self._await_sigterm, name="megachat-sigterm", daemon=True).start()
 
     def __enter__(self) -> Watchdog:
         self.start()
@@ -160,6 +170,8 @@ class Watchdog:
             return
         if self.sigterm is not None:
             signal.signal(signal.SIGTERM, self.sigterm)
+            signal.set_wakeup_fd(self.wakeup)
+            self.wake_w.close()  # ends _await_sigterm
         self.stop.set()
         faulthandler.cancel_dump_traceback_later()
         self.thread.join()
@@ -186,18 +198,36 @@ class Watchdog:
         # the backstop fires after the thread had its chance to judge and report
         faulthandler.dump_traceback_later(self.limit + JUDGE_S + 10 * PERIOD_S, exit=True, file=self.hang_file)
 
+    def _await_sigterm(self) -> None:
+        """Job mode: judge a SIGTERM as soon as it comes, whatever the main thread does."""
+        while data := self.wake.recv(64):  # b"" once close() closed the other end
+            if signal.SIGTERM in data:
+                self._judge_sigterm()
+        self.wake.close()
+
+    def _judge_sigterm(self) -> None:
+        """The deepspeed launcher sends SIGTERM to the other ranks when one exits non-zero (a kill -9), often
+        before they meet the failing collective: a lost rank is named as failed() names it (the stacks of this
+        rank's threads to the stack file) and the process ends with status 1. Once per process."""
+        with self.judging:
+            if self.judged.is_set():
+                return
+            lost = self._lost_ranks()
+            if lost and self.reported.acquire(blocking=False):
+                self.hang_file.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: SIGTERM; the stacks of "
+                                     f"every thread:\n")
+                self.hang_file.flush()
+                faulthandler.dump_traceback(self.hang_file, all_threads=True)
+                self._report(lost, "SIGTERM (the launcher's, as a rank exited)", stacks=True)
+                _exit()
+            self.judged.set()
+
     def _terminated(self, signum, frame) -> None:
-        """SIGTERM in a job without steps: the deepspeed launcher sends it when a rank exited non-zero (a kill -9),
-        often before this rank meets the failing collective. Name the lost ranks and exit 1 as failed() does; with
-        none lost, end as the SIGTERM would have (quietly, killed by the signal)."""
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the judging takes JUDGE_S: a second SIGTERM must wait
-        lost = self._lost_ranks()
-        if lost and self.reported.acquire(blocking=False):
-            self.hang_file.write(f"rank {self.rank} on {self.host}, pid {os.getpid()}: SIGTERM; the main thread was\n")
-            traceback.print_stack(frame, file=self.hang_file)
-            self.hang_file.flush()
-            self._report(lost, "SIGTERM (the launcher's, as a rank exited)", stacks=True)
-            _exit()
+        """The SIGTERM's Python handler, once the main thread is free: judged (here when the wakeup fd was another's,
+        uvloop's while it serves) and no rank lost, end as the SIGTERM would have (quietly, killed by the signal),
+        this rank's heartbeat marked `ended`."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not interrupt the judging
+        self._judge_sigterm()
         self.stop.set()
         self.thread.join()
         self._write_heartbeat(ended=True)
