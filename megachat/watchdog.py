@@ -32,10 +32,10 @@ survivor first as the deepspeed launcher's SIGTERM (sent when a rank exits non-z
 waits in a store (creating a group): in such a job, started on the main thread, the Watchdog handles SIGTERM. Its
 Python handler runs only once the main thread is free, so the signal's wakeup fd (signal.set_wakeup_fd) wakes a
 thread that judges the heartbeats at once: a lost rank is named the same way (once; the stacks of every thread go to
-the stack file) and the process ends with status 1. With none lost, the handler ends the process as the SIGTERM would
-have, once the judging is done (JUDGE_S; a rank blocked in a collective when the collective returns). A rank whose job ended
-(close(), a plain SIGTERM) marks its heartbeat `ended` and is never named lost; close() restores the handler and the
-wakeup fd.
+the stack file) and the process ends with status 1. With none lost, the handler ends the process as the SIGTERM
+would have, once the judging is done (JUDGE_S; a rank blocked in a collective: when the collective returns). A rank
+whose job ended (close(), a plain SIGTERM) marks its heartbeat `ended` and is never named lost; close() restores the
+handler and the wakeup fd.
 """
 from __future__ import annotations
 
