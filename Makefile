@@ -27,7 +27,8 @@ demo: setup
 	PATH=$(abspath $(VENV))/bin:$$PATH bash scripts/demo.sh
 
 test: setup
-	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q tests
+	# two workers: one runs while the other's launch imports or waits (tests/conftest.py: the order of the files)
+	PATH=$(abspath $(VENV))/bin:$$PATH $(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 # Without CUDA it prints one line and exits 0.
 gpu-check: setup

@@ -37,7 +37,7 @@ setup(
         "gpu": ["flash-attn>=2.5", "transformer-engine[pytorch]>=1.8"],
         # tools/export_checkpoint.py --format hf writes the tokenizer with transformers' tiktoken converter
         "hf": ["transformers>=5.23,<5.24"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "megatron-core==0.16.1",
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "pytest-xdist>=3.6,<4", "megatron-core==0.16.1",
                 "httpx>=0.27", "openai>=1.0", "selenium>=4.10",  # tests/test_chat_web.py: HTTP, SDK, browser
                 "transformers==5.23.0", "lm-eval[hf]==0.4.13",  # tests/test_hf.py: NanoChatForCausalLM, lm_eval
                 "schemathesis==4.32.5"],  # tests/test_chat_web.py: the server against its /openapi.json

@@ -2,7 +2,8 @@
 SIGKILL or stopped with SIGSTOP ends every rank and the launcher within the bound, rank 0 names the lost rank, its
 host, the step and the checkpoint to resume from, a stall leaves the live ranks' stacks in RUN_DIR/hang/, and
 `--resume auto` then continues the uninterrupted loss curve bit for bit. One chain of launches: an uninterrupted
-reference; a run whose rank 1 is killed; its resume, whose rank 1 is stopped; the resume that finishes.
+reference; a run whose rank 1 is killed; its resume, whose rank 1 is stopped; the resume that finishes. Also a disk
+that fills up and damaged shards. The jobs without steps (evaluation, the chat server): test_failures_jobs.py.
 """
 import json
 import os
@@ -17,12 +18,10 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import numpy as np
 import psutil
 import pytest
 from _dist import free_port
-from test_chat_web import HELLO, run_dir  # noqa: F401 (run_dir: the module's fixture, a tiny random-weights run)
 from test_train import TINY, corpus, curve, train  # noqa: F401 (corpus: the module's fixture)
 
 from test_disk_full import mounts, pages  # noqa: F401 (mounts: the fixture)
@@ -242,114 +241,6 @@ def test_damaged_or_changed_shards_are_refused_before_the_first_step(corpus, tmp
         assert not re.search(r"^step\s+\d+/", proc.stdout, re.M)  # refused before any step
     tokens.tofile(prefix + ".bin")  # the original bytes (with a new mtime, as a copy has) pass again
     check_shards(str(run), [prefix], resumed=True, vocab_size=512)
-
-
-# --- jobs without steps: base_eval (chat_eval runs the same code) and the chat server under tp ---
-SHORT = 3  # --collective-timeout of the jobs below: their bound, as they have no step limit
-SLACK = 15  # a loaded box: the survivor's wake-up, the server's shutdown, the message
-
-
-def stop_rank(job: Launch, rank: int) -> int:
-    victim = job.rank_pid(rank)
-    os.kill(victim, signal.SIGSTOP)
-    return victim
-
-
-def ended_naming(job: Launch, victim: int, rank: int, during: str, since: float, bound: float) -> str:
-    """The one watchdog message, printed within `bound` seconds of `since`, naming the stopped `rank`; then the
-    stopped rank is killed (the launcher would, 30 s later: test_a_stalled_rank_ends_the_job_with_the_live_ranks_stacks)
-    and the launcher exits non-zero."""
-    try:
-        message = job.wait_for(lambda line: line.startswith("megachat watchdog:"), bound + 60, "watchdog message")
-        elapsed = time.monotonic() - since
-    finally:
-        os.kill(victim, signal.SIGCONT)
-        os.kill(victim, signal.SIGKILL)
-    rc, out = job.wait(timeout=60)
-    assert rc != 0
-    assert elapsed <= bound, f"{elapsed:.1f} s after the stop"
-    assert len([line for line in out.splitlines() if line.startswith("megachat watchdog:")]) == 1, out[-6000:]
-    assert re.search(rf"lost rank {rank} on host {re.escape(socket.gethostname())} \(pid {victim}, stopped \(SIGSTOP "
-                     rf"or a debugger\)\), during {during}: a collective failed \(.+\); every rank stops now; start "
-                     rf"{during} again; the live ranks' tracebacks are in .*/hang/$", message.strip()), message
-    return out
-
-
-def test_a_stalled_rank_ends_base_eval_naming_it(run_dir):  # noqa: F811
-    job = Launch("base_eval.py", "--run", str(run_dir), "--tp", "2", "--eval", "sample", "--collective-timeout",
-                 str(SHORT))
-    beat = run_dir / "heartbeat" / "base_eval-rank-00001.json"
-    deadline = time.monotonic() + 120
-    while not beat.exists():  # rank 1 joined the world and runs under its watchdog
-        assert time.monotonic() < deadline and job.proc.poll() is None, "".join(job.text)[-6000:]
-        time.sleep(0.05)
-    victim = stop_rank(job, 1)
-    ended_naming(job, victim, 1, "base_eval", time.monotonic(), SHORT + JUDGE_S + SLACK)
-    assert not (run_dir / "base_eval.csv").exists()
-    traceback = (run_dir / "hang" / "base_eval-rank-00000.txt").read_text()
-    assert "Traceback" in traceback and "base_eval.py" in traceback, traceback
-
-
-@pytest.fixture
-def served(run_dir):  # noqa: F811
-    """chat_web.py --tp 2 under the launcher, --collective-timeout SHORT (a heartbeat every SHORT / 3 s): (job, URL)."""
-    port = free_port()
-    job = Launch("chat_web.py", "--run", str(run_dir), "--tp", "2", "--port", str(port), "--collective-timeout",
-                 str(SHORT))
-    job.wait_for(lambda line: "Uvicorn running on" in line or "Application startup complete" in line, 120,
-                 "server start")
-    yield job, f"http://127.0.0.1:{port}"
-    if job.proc.poll() is None:
-        job.kill()
-
-
-def test_a_stalled_follower_makes_the_server_answer_500_and_end_naming_it(served):
-    job, url = served
-    assert httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60
-                      ).status_code == 200
-    victim, since = stop_rank(job, 1), time.monotonic()
-    r = httpx.post(f"{url}/v1/chat/completions", json={"messages": HELLO, "max_tokens": 4}, timeout=60)
-    assert r.status_code == 500, r.text
-    assert re.fullmatch(r"generation failed \(\w+: .+\); the server stops: restart it", r.json()["error"]["message"])
-    assert time.monotonic() - since <= SHORT + SHORT / 3 + SLACK  # the heartbeat running, then the request's step
-    ended_naming(job, victim, 1, "chat_web", since, SHORT + SHORT / 3 + JUDGE_S + SLACK)
-
-
-def test_a_stalled_server_rank_0_ends_its_followers_naming_it(served):
-    job, url = served
-    victim, since = stop_rank(job, 0), time.monotonic()
-    # the follower waits in rank 0's next broadcast (a heartbeat every SHORT / 3 s) for SHORT s
-    ended_naming(job, victim, 0, "chat_web", since, SHORT / 3 + SHORT + JUDGE_S + SLACK)
-
-
-def test_a_killed_follower_ends_the_server_naming_it(run_dir):  # noqa: F811
-    # the default --collective-timeout (180 s): the idle server shares its next heartbeat a minute later, so rank 0
-    # learns of the loss only from the launcher's SIGTERM (launch.py sends it when a rank exits non-zero)
-    port = free_port()
-    job = Launch("chat_web.py", "--run", str(run_dir), "--tp", "2", "--port", str(port))
-    try:
-        job.wait_for(lambda line: "Uvicorn running on" in line or "Application startup complete" in line, 120,
-                     "server start")
-        victim, beat = job.rank_pid(1), run_dir / "heartbeat" / "chat_web-rank-00001.json"
-        deadline = time.monotonic() + 60
-        while not beat.exists() or json.loads(beat.read_text())["pid"] != victim:  # rank 1 runs under its watchdog
-            assert time.monotonic() < deadline and job.proc.poll() is None, "".join(job.text)[-6000:]
-            time.sleep(0.05)
-        os.kill(victim, signal.SIGKILL)
-        since = time.monotonic()
-        rc, out = job.wait(timeout=LAUNCHER_GRACE + 60)
-    finally:
-        if job.proc.poll() is None:
-            job.kill()
-    elapsed = time.monotonic() - since
-    assert rc != 0
-    # the launcher polls its ranks every second; then rank 0 judges the heartbeats
-    assert elapsed <= 1 + JUDGE_S + SLACK, f"{elapsed:.1f} s after the kill"
-    messages = [line for line in out.splitlines() if line.startswith("megachat watchdog:")]
-    assert len(messages) == 1, out[-6000:]
-    assert re.search(rf"lost rank 1 on host {re.escape(socket.gethostname())} \(pid {victim}, dead\), during chat_web: "
-                     rf".+; every rank stops now; start chat_web again; the live ranks' tracebacks are in .*/hang/$",
-                     messages[0]), messages[0]
 
 
 def test_the_limit_is_sized_from_the_measured_steps():
