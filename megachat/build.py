@@ -140,8 +140,11 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
         state.load_model(model)  # this rank's tp shards, fp32, before DeepSpeed casts and partitions them
     named = [(n, p) for n, p in model.named_parameters() if not p.is_meta]
     rates = {f"{kind}_lr": lr * cfg.lr_scale for kind, lr in LEARNING_RATES.items()}
+    ns_dtype = newton_schulz_dtype(cfg)
+    # --compile also compiles bf16 Newton-Schulz (as nanochat compiles its zeropower); fp32, the exact arithmetic
+    # the layout-equivalence tests compare with the eager single process, stays eager
     optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, **rates, max_grad_norm=cfg.grad_clip,
-                                ns_dtype=newton_schulz_dtype(cfg))
+                                ns_dtype=ns_dtype, compile_newton_schulz=cfg.compile and ns_dtype == torch.bfloat16)
     deepspeed_internals.without_shm_allreduce()
     deepspeed_internals.quiet_deprecated_all_gather()
     deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts init_distributed's process group

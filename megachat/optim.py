@@ -119,7 +119,8 @@ class HybridOptimizer(torch.optim.Optimizer):
     named_parameters: (name, param) of this rank's model / pipeline stage (tp shards carry
     `tensor_model_parallel` and `partition_dim`). grid: this rank's Grid, from megachat.parallel.init_grid
     (Muon's exchange runs over its stage_group). matrix_lr / embedding_lr / lm_head_lr: the base rates, scaled by
-    learning_rates(n_embd). ns_dtype: Newton-Schulz compute dtype (bf16 as nanochat; fp32 in tests).
+    learning_rates(n_embd). ns_dtype: Newton-Schulz compute dtype (bf16 as nanochat; fp32 in tests);
+    compile_newton_schulz: run it through torch.compile (kernels.newton_schulz(compiled=True)).
     Before each step the caller sets the schedule (`set_schedule`: the 0-based step, the lr multiplier and Muon's
     momentum); without it a step runs as step 0 with multiplier 1 and momentum 0.95.
     """
@@ -128,7 +129,7 @@ class HybridOptimizer(torch.optim.Optimizer):
                  matrix_lr: float = LEARNING_RATES["matrix"], embedding_lr: float = LEARNING_RATES["embedding"],
                  lm_head_lr: float = LEARNING_RATES["lm_head"], betas: tuple[float, float] = (0.8, 0.95),
                  eps: float = 1e-10, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
-                 max_grad_norm: float = 1.0):
+                 max_grad_norm: float = 1.0, compile_newton_schulz: bool = False):
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not named:
             raise ValueError("HybridOptimizer got no trainable parameters: pass model.named_parameters()")
@@ -148,7 +149,7 @@ class HybridOptimizer(torch.optim.Optimizer):
         defaults = dict(lr=1.0, **{f"{kind}_lr": lr for kind, lr in lrs.items()}, betas=betas, eps=eps,
                         ns_steps=ns_steps, max_grad_norm=max_grad_norm)
         super().__init__([{"params": list(self._params)}], defaults)
-        self.ns_dtype = ns_dtype
+        self.ns_dtype, self.compile_newton_schulz = ns_dtype, compile_newton_schulz
         self.set_schedule(0, 1.0, 0.95)
         self._plan: ExchangePlan | None = None
         self.last_grad_norm: float | None = None
@@ -178,27 +179,39 @@ class HybridOptimizer(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros(plan.adam_numel, dtype=torch.float32, device=device)
         return plan, state, fresh
 
-    def _orthogonalize(self, plan: ExchangePlan, u: torch.Tensor) -> torch.Tensor:
-        """u: fp32 (matrix_numel,), the momentum-updated gradient of this rank's Muon pieces -> the scaled
-        Newton-Schulz update of the same pieces, computed on whole matrices by their owners."""
+    def _orthogonalize(self, plan: ExchangePlan, us: list[torch.Tensor]):
+        """us: fp32 1-D, the momentum-updated gradient of each of this rank's Muon pieces (plan.matrix_pieces) ->
+        [(piece, update, scale)]: the Newton-Schulz update of each piece (1-D, or the whole matrix's shape when the
+        piece holds it whole), computed on whole matrices by their owners, to apply as w -= lr * scale * update
+        (as nanochat's `p.add_(g, alpha=-lr * scale)`)."""
         here = self._held_whole(plan)
-        whole = {j: piece.of_packed(u).view(plan.matrices[j].full_shape) for j, piece in here.items()} if here \
-            else plan.gather_owned(u)
+        if here:
+            index = {id(piece): i for i, piece in enumerate(plan.matrix_pieces)}
+            whole = {j: us[index[id(piece)]].view(plan.matrices[j].full_shape) for j, piece in here.items()}
+        else:
+            packed = torch.cat(us) if us else torch.zeros(0, device=plan.local[0].device)
+            whole = plan.gather_owned(packed)
         by_shape: dict[tuple, list[int]] = {}
         for j, matrix in whole.items():
             by_shape.setdefault(tuple(matrix.shape), []).append(j)
-        updates = {}
-        update = torch.empty_like(u) if here else None
+        applied, updates = [], {}
         for shape, js in by_shape.items():
-            out = newton_schulz(torch.stack([whole[j] for j in js]), steps=self.param_groups[0]["ns_steps"],
-                                compute_dtype=self.ns_dtype)
+            # stacked straight in the compute dtype (one pass per matrix): newton_schulz's first cast is then a no-op
+            stack = torch.empty((len(js), *shape), dtype=self.ns_dtype, device=whole[js[0]].device)
+            for i, j in enumerate(js):
+                stack[i].copy_(whole[j])
+            out = newton_schulz(stack, steps=self.param_groups[0]["ns_steps"], compute_dtype=self.ns_dtype,
+                                compiled=self.compile_newton_schulz)
             scale = max(1.0, shape[0] / shape[1]) ** 0.5
             for j, o in zip(js, out):
-                if here:  # straight into the update's piece: no exchange to pack it for
-                    torch.mul(o, scale, out=here[j].of_packed(update).view(shape))
+                if here:  # applied from the compute dtype: float(o) is exact, and scale joins lr as in nanochat
+                    applied.append((here[j], o, scale))
                 else:
-                    updates[j] = o * scale
-        return update if here else plan.scatter_updates(updates, u)
+                    updates[j] = o.float().mul_(scale)
+        if not here:
+            update = plan.scatter_updates(updates, packed)
+            applied = [(piece, piece.of_packed(update), 1.0) for piece in plan.matrix_pieces]
+        return applied
 
     def _held_whole(self, plan: ExchangePlan) -> dict | None:
         """{matrix index: the piece holding it whole} when this rank is its stage's only rank and holds every
@@ -244,36 +257,33 @@ class HybridOptimizer(torch.optim.Optimizer):
             # bias correction and the schedule by one). A zero update changes no weight.
             return
 
-        # 2. AdamW (elementwise: the pieces this rank holds are all it needs)
+        # 2. AdamW (elementwise: the pieces this rank holds are all it needs). In place, as torch's clipping and
+        # nanochat's Muon: the gradient is scaled in its own buffer, which then holds the denominator; an fp32
+        # weight is updated in place (the same ops as out of place, bitwise; on a CPU each fresh buffer costs page
+        # faults on the order of the math)
         beta1, beta2 = group["betas"]
         t = it + 1
         bias1, bias2_sqrt = 1 - beta1 ** t, (1 - beta2 ** t) ** 0.5
         for piece in plan.adam_pieces:
-            g = piece.of_local(grads).float()
-            if coef is not None:
-                g = g * coef
+            g = _scaled_fp32(piece.of_local(grads), coef)
             exp_avg, exp_avg_sq = piece.of_packed(state["exp_avg"]), piece.of_packed(state["exp_avg_sq"])
             exp_avg.lerp_(g, 1 - beta1)
             exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
             lr = group[f"{piece.kind}_lr"] * lrm
-            denom = (exp_avg_sq.sqrt() / bias2_sqrt).add_(group["eps"])
-            w = piece.of_local(flat)
-            w.copy_(w.float().addcdiv(exp_avg, denom, value=-lr / bias1))
+            denom = torch.sqrt(exp_avg_sq, out=g).div_(bias2_sqrt).add_(group["eps"])
+            _add_into(piece.of_local(flat), lambda w: w.addcdiv_(exp_avg, denom, value=-lr / bias1))
 
         # 3. Muon: elementwise Nesterov momentum, then whole-matrix Newton-Schulz at each matrix's owner
         if plan.matrices:
-            g = (torch.cat([piece.of_local(grads) for piece in plan.matrix_pieces]).float()
-                 if plan.matrix_pieces else torch.zeros(0, device=device))
-            if coef is not None:
-                g = g * coef
             buf = state["momentum_buffer"]
-            buf.lerp_(g, 1 - mom)
-            u = g.lerp_(buf, mom)
-            update = self._orthogonalize(plan, u)
+            us = []
+            for piece in plan.matrix_pieces:  # u = g.lerp(buf, m) in the gradient's buffer, as nanochat's Muon
+                g, b = _scaled_fp32(piece.of_local(grads), coef), piece.of_packed(buf)
+                b.lerp_(g, 1 - mom)
+                us.append(g.lerp_(b, mom))
             lr = group["matrix_lr"] * lrm
-            for piece in plan.matrix_pieces:
-                w = piece.of_local(flat)
-                w.copy_(w.float().add(piece.of_packed(update), alpha=-lr))
+            for piece, update, scale in self._orthogonalize(plan, us):
+                _add_into(piece.of_local(flat).view(update.shape), lambda w: w.add_(update, alpha=-lr * scale))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.last_step_seconds = time.perf_counter() - t0
@@ -288,6 +298,20 @@ class HybridOptimizer(torch.optim.Optimizer):
             if torch.is_tensor(value):
                 self.state[p0][key] = value.to(device=p0.device, dtype=torch.float32).clone()
         self._plan = None
+
+
+def _scaled_fp32(g: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
+    """The gradient g x the clipping coefficient, fp32, in g's own buffer (a copy only when g is not fp32)."""
+    g = g if g.dtype == torch.float32 else g.float()
+    return g if coef is None else g.mul_(coef)
+
+
+def _add_into(w: torch.Tensor, update) -> None:
+    """update(w) on an fp32 weight in place; a lower-precision weight is updated in fp32 and rounded once."""
+    if w.dtype == torch.float32:
+        update(w)
+    else:
+        w.copy_(update(w.float()))
 
 
 def _unwrap(obj) -> tuple[HybridOptimizer, list[torch.Tensor] | None]:
