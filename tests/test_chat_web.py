@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -486,9 +487,12 @@ class SlowEngine(Engine):
 
 @pytest.fixture(scope="module")
 def keyed(engine):
-    """create_app(--api-key KEY, --max-batch 4, --max-queue 2) over the run's model, in-process: (URL, engine)."""
+    """create_app(--api-key KEY, --max-batch 4, --max-queue 2) over the run's model, in-process: (URL, engine). Its
+    default seed is fixed: the chat page sends none, and with a seed drawn per request the random-weights model
+    sometimes ends its reply at once, which the page shows as an error ("the model replied with nothing")."""
     slow = SlowEngine(engine.model, engine.tokenizer, max_batch=4)
-    with in_process(create_app(slow, "keyed", DEFAULT_SAMPLING, max_queue=2, api_key=KEY)) as url:
+    defaults = replace(DEFAULT_SAMPLING, seed=0)
+    with in_process(create_app(slow, "keyed", defaults, max_queue=2, api_key=KEY)) as url:
         yield url, slow
 
 
