@@ -136,8 +136,7 @@ def _compiled_newton_schulz():
     """reference.newton_schulz through torch.compile (one graph per shape), made on first use so that no run
     without compiled=True compiles anything. Inductor fuses the elementwise ops around the matmuls and computes
     them in fp32 registers, rounding once to bf16 where eager rounds after each op (as nanochat's compiled
-    zeropower; tests/test_kernels_reference.py holds it to the golden output's tolerance). On a CPU without
-    avx512_bf16 the fused passes save ~10 % of a bf16 Newton-Schulz."""
+    zeropower; tests/test_kernels_reference.py holds it to the golden output's tolerance)."""
     return torch.compile(reference.newton_schulz, dynamic=False)
 
 

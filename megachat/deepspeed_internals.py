@@ -12,7 +12,8 @@ setup.py pins deepspeed to the range these were tested on).
 - The flat-buffer layout of ZeRO-1/2 and BF16_Optimizer (weights are views into one flat buffer; dp rank d holds
   [d*P, (d+1)*P)), read by `partition_layout`.
 - The CPU backend's shared-memory all-reduce, switched off (`without_shm_allreduce`).
-- A FutureWarning of torch about the collective DeepSpeed's ZeRO-1/2 gathers with, hidden (`quiet_deprecated_all_gather`).
+- A FutureWarning of torch about the collective DeepSpeed's ZeRO-1/2 gathers with, hidden
+  (`quiet_deprecated_all_gather`).
 - The pipeline's balanced partitioning, topology and instruction table.
 deepspeed itself is imported on first use: it takes seconds, which modules that never train should not pay.
 """

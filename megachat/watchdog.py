@@ -88,7 +88,7 @@ def for_job(run_dir: str, job: str) -> Watchdog:
 
 class Watchdog:
     """start(), beat(step) before every step, failed(error) when the loop raises, close() (see the module
-    docstring); or, for a job without steps, `with Watchdog(..., job=NAME):` around it. run_dir None: every call
+    docstring); or, for a job without steps, `with for_job(RUN_DIR, NAME):` around it. run_dir None: every call
     does nothing."""
 
     def __init__(self, run_dir: str | None, rank: int, world: int, timeout: float | None = None, job: str = "train"):
