@@ -94,7 +94,9 @@ def exit_now(status: int) -> None:
         sys.exit(status)
     atexit._run_exitfuncs()  # what sys.exit would run; os._exit below runs nothing
     for kind in (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom):  # text first: it flushes into its buffer
-        for f in [obj for obj in gc.get_objects() if isinstance(obj, kind)]:
+        # type(), not isinstance: isinstance dereferences weak proxies (dead ones raise) and warns on deprecated
+        # aliases
+        for f in [obj for obj in gc.get_objects() if type(obj) is kind]:
             try:
                 if not f.closed and f.writable():
                     f.flush()

@@ -111,3 +111,22 @@ def test_exit_status_ctrl_c_and_the_debug_flag_is_not_seen_by_main(tmp_path):
     assert (interrupted.returncode, interrupted.stderr) == (130, "")
     seen = entry(tmp_path, "print(sys.argv[1:])", "--x", "--debug", "y")
     assert (seen.returncode, seen.stdout) == (0, "['--x', 'y']\n")
+
+
+def test_a_finished_run_exits_without_teardown_yet_loses_nothing_a_normal_exit_keeps(tmp_path):
+    # cli.exit_now skips the interpreter's teardown: a file main left open still gets its buffered text, atexit
+    # handlers still run, stdout still arrives, and a thread that is not a daemon is still waited for
+    out = tmp_path / "left_open.txt"
+    body = (f"import atexit, threading, time; f = open({str(out)!r}, 'w'); f.write('kept'); "
+            "atexit.register(print, 'atexit ran'); print('printed', end=''); "
+            f"threading.Thread(target=lambda: (time.sleep(0.3), open({str(out)!r} + '.thread', 'w').write('x')))"
+            ".start(); return 4")
+    proc = entry(tmp_path, body)
+    assert proc.returncode == 4 and proc.stdout == "printedatexit ran\n", proc
+    assert out.read_text() == "kept" and (tmp_path / "left_open.txt.thread").read_text() == "x"
+    # exit_now's own path (no thread left): the file is still referenced (a module global, a library's handle),
+    # so only the flush before os._exit writes it; atexit handlers run and stdout arrives
+    body = (f"sys.left_open = open({str(out)!r}, 'w'); sys.left_open.write('kept again'); "
+            "import atexit; atexit.register(print, 'atexit ran'); print('printed', end='')")
+    proc = entry(tmp_path, body)
+    assert proc.returncode == 0 and proc.stdout == "printedatexit ran\n" and out.read_text() == "kept again", proc
