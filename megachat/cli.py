@@ -89,8 +89,10 @@ def exit_now(status: int) -> None:
     and module one by one: about a second per process once torch and DeepSpeed are loaded, paid by every rank of
     every launch. What a normal exit finishes is finished first: atexit handlers (logging flushed, worker pools and
     child processes shut down), files some library left open flushed (as the teardown would), the standard streams
-    flushed. While a thread that is not a daemon still runs, the normal exit waits for it, so this takes it."""
-    if any(t is not threading.main_thread() and not t.daemon and t.is_alive() for t in threading.enumerate()):
+    flushed. The normal exit is taken while a thread that is not a daemon still runs (it waits for the thread), and
+    under a profiler, tracer or debugger (cProfile, coverage, pdb), which writes its results after the script."""
+    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
+    if any(t.is_alive() for t in threads) or sys.gettrace() is not None or sys.getprofile() is not None:
         sys.exit(status)
     atexit._run_exitfuncs()  # what sys.exit would run; os._exit below runs nothing
     for kind in (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom):  # text first: it flushes into its buffer

@@ -598,11 +598,12 @@ def test_a_client_that_disconnects_frees_its_row_within_a_step(keyed):
                         break
                 assert client.get(f"{url}/stats").json()["generating"] == 1
             left, steps = time.time(), slow.steps  # the connection is closed
-            while (stats := client.get(f"{url}/stats").json())["generating"]:
+            # both counts reach 0: the engine thread drops the row before it counts the job done, so for a moment
+            # /stats shows the cancelled job as waiting
+            while (stats := client.get(f"{url}/stats").json())["generating"] or stats["waiting"]:
                 assert time.time() - left < 5.0, stats  # the request had 9 s to go
                 time.sleep(0.01)
             assert slow.steps - steps <= 2, slow.steps - steps  # the step under way, at most one more
-            assert stats["waiting"] == 0
     finally:
         slow.delay = 0.0
 
