@@ -37,9 +37,10 @@ def tok_dir(tmp_path_factory):
 # `make test` runs the files on two workers (pytest-xdist, --dist loadfile: a file stays on one worker, so its module
 # fixtures run once), each taking the next file in collection order when it runs low. The longest files (seconds on
 # the 2-core box, `pytest --durations`) go first, so that no long file starts last and runs alone at the end.
-LONGEST_FIRST = ["test_train.py", "test_failures.py", "test_train_resume.py", "test_chat_phases.py", "test_hf.py",
-                 "test_multinode.py", "test_failures_jobs.py", "test_planner.py", "test_zero_memory.py",
-                 "test_optim_distributed.py", "test_chat_web.py", "test_chat_rl.py", "test_kernels_interpreter.py"]
+LONGEST_FIRST = ["test_train.py", "test_failures.py", "test_train_resume.py", "test_chat_phases.py",
+                 "test_zero_memory.py", "test_hf.py", "test_planner.py", "test_failures_jobs.py",
+                 "test_optim_distributed.py", "test_chat_web.py", "test_multinode.py", "test_chat_rl.py",
+                 "test_disk_full.py", "test_kernels_interpreter.py"]
 
 
 def pytest_collection_modifyitems(config, items):
