@@ -91,17 +91,17 @@ def exit_now(status: int) -> None:
     child processes shut down), files some library left open flushed (as the teardown would), the standard streams
     flushed. The normal exit is taken while a thread that is not a daemon still runs (it waits for the thread), and
     under a profiler, tracer or debugger (cProfile, coverage, pdb), which writes its results after the script."""
-    threads = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-    if any(t.is_alive() for t in threads) or sys.gettrace() is not None or sys.getprofile() is not None:
+    working = any(t is not threading.main_thread() and not t.daemon for t in threading.enumerate())  # alive ones
+    if working or sys.gettrace() is not None or sys.getprofile() is not None:
         sys.exit(status)
     atexit._run_exitfuncs()  # what sys.exit would run; os._exit below runs nothing
-    for kind in (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom):  # text first: it flushes into its buffer
-        # type(), not isinstance: isinstance dereferences weak proxies (dead ones raise) and warns on deprecated
-        # aliases
-        for f in [obj for obj in gc.get_objects() if type(obj) is kind]:
-            try:
-                if not f.closed and f.writable():
-                    f.flush()
-            except (OSError, ValueError):  # a full disk, a closed pipe: the teardown would have ignored it too
-                pass
+    # type(), not isinstance: isinstance dereferences weak proxies (dead ones raise) and warns on deprecated aliases
+    files = [obj for obj in gc.get_objects() if type(obj) in (io.TextIOWrapper, io.BufferedWriter, io.BufferedRandom)]
+    files.sort(key=lambda f: type(f) is not io.TextIOWrapper)  # text first: it flushes into its buffer
+    for f in files:
+        try:
+            if not f.closed and f.writable():
+                f.flush()
+        except (OSError, ValueError):  # a full disk, a closed pipe: the teardown would have ignored it too
+            pass
     os._exit(status)

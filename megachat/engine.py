@@ -253,8 +253,11 @@ class Engine(Tools):
         self.used: set[int] = set()  # slots of admitted rows
 
     def _logits(self, idx, cache) -> torch.Tensor:
-        """The last position's full-vocab softcapped logits fp32 [rows, vocab_size] (gathered over tp)."""
-        return self.model.gather_logits(self.model(idx, cache=cache))[:, 0].float()
+        """The last position's full-vocab softcapped logits fp32 [rows, vocab_size] (gathered over tp). Blocks that
+        --compile compiled for training (RL's rollouts, the end-of-run sample) run eagerly here: every prefill chunk
+        and decode step has new shapes, and compiling each (dynamic=False) would cost a compilation per token."""
+        with torch.compiler.set_stance("force_eager"):
+            return self.model.gather_logits(self.model(idx, cache=cache))[:, 0].float()
 
     def submit(self, prompts: list[list[int]], sampling: Sampling = Sampling()) -> Request:
         """Queue a request; it joins the running batch as slots free up. ValueError for one the engine cannot

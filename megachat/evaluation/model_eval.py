@@ -84,16 +84,13 @@ def greedy_samples(model, grid, tokenizer, prompts, n_tokens=16):
     """[(prompt, greedy continuation of at most n_tokens)] on any grid (collective: every rank calls it). Each
     prompt (after <|bos|>) alone, through the inference engine at temperature 0 where it runs (pp = 1): the
     continuation ends before <|bos|> (the document's end) or <|assistant_end|>, a calculator call gets its result.
-    Under pp > 1 the same tokens from a full recompute of the context per token (_recomputed_greedy).
-    Blocks that --compile compiled run eagerly here: every token changes the shapes, and compiling each length
-    (dynamic=False) would cost a compilation per token, far more than the few forwards it would speed up."""
+    Under pp > 1 the same tokens from a full recompute of the context per token (_recomputed_greedy)."""
     encoded = [tokenizer.encode(prompt, prepend=tokenizer.bos_id) for prompt in prompts]
-    with torch.compiler.set_stance("force_eager"):
-        if grid.pp == 1:
-            engine, greedy = Engine(model, tokenizer), Sampling(max_tokens=n_tokens, temperature=0)
-            rows = [engine.generate_batch([ids], greedy)[0][0] for ids in encoded]
-        else:
-            rows = [_recomputed_greedy(model, grid, tokenizer, ids, n_tokens) for ids in encoded]
+    if grid.pp == 1:
+        engine, greedy = Engine(model, tokenizer), Sampling(max_tokens=n_tokens, temperature=0)
+        rows = [engine.generate_batch([ids], greedy)[0][0] for ids in encoded]
+    else:
+        rows = [_recomputed_greedy(model, grid, tokenizer, ids, n_tokens) for ids in encoded]
     return [(prompt, tokenizer.decode(row)) for prompt, row in zip(prompts, rows)]
 
 
@@ -112,8 +109,9 @@ def _recomputed_greedy(model, grid, tokenizer, ids, n_tokens) -> list[int]:
     for _ in range(n_tokens):
         if row.forced:  # the same on every rank: no forward needed (the engine discards its token)
             token = row.forced.popleft()
-        else:
-            res = fwd.core_forward(torch.tensor([ids + out], device=dev))
+        else:  # eager, as the engine's forwards (Engine._logits): each length would be a compilation of its own
+            with torch.compiler.set_stance("force_eager"):
+                res = fwd.core_forward(torch.tensor([ids + out], device=dev))
             nxt = torch.tensor([res[1][0, -1].item() if res is not None else 0], device=dev)
             dist.broadcast(nxt, src=src)
             token = int(nxt.item())
