@@ -143,7 +143,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | None = None, resume: bool | s
     ns_dtype = newton_schulz_dtype(cfg)
     # --compile also compiles bf16 Newton-Schulz (as nanochat compiles its zeropower); fp32, the exact arithmetic
     # the layout-equivalence tests compare with the eager single process, stays eager
-    optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, **rates, max_grad_norm=cfg.grad_clip,
+    optimizer = HybridOptimizer(named, grid, n_embd=cfg.model_config().n_embd, **rates,
                                 ns_dtype=ns_dtype, compile_newton_schulz=cfg.compile and ns_dtype == torch.bfloat16)
     deepspeed_internals.without_shm_allreduce()
     deepspeed_internals.quiet_deprecated_all_gather()

@@ -8,13 +8,15 @@ other module under megachat/, scripts/ or tools/ imports deepspeed.runtime or na
 setup.py pins deepspeed to the range these were tested on).
 
 - ZeRO-3's parameter attributes and partitions: which elements of a weight a rank holds.
-- The ZeRO / bf16 optimizer wrappers' flat fp32 master partitions and gradient buffers.
+- The ZeRO / bf16 optimizer wrappers' flat fp32 master partitions and gradient buffers, and where the reduced
+  gradients wait between the last backward and the step (`reduced_gradients`: the trainer clips there).
 - The flat-buffer layout of ZeRO-1/2 and BF16_Optimizer (weights are views into one flat buffer; dp rank d holds
   [d*P, (d+1)*P)), read by `partition_layout`.
 - The CPU backend's shared-memory all-reduce, switched off (`without_shm_allreduce`).
 - A FutureWarning of torch about the collective DeepSpeed's ZeRO-1/2 gathers with, hidden
   (`quiet_deprecated_all_gather`).
-- The pipeline's balanced partitioning, topology and instruction table.
+- The pipeline's balanced partitioning, topology and instruction table (its train_batch without the optimizer
+  step, so that the trainer clips between the two).
 deepspeed itself is imported on first use: it takes seconds, which modules that never train should not pay.
 """
 from __future__ import annotations
@@ -51,6 +53,12 @@ INTERNALS = [
     ("deepspeed.runtime.zero.stage_1_and_2:DeepSpeedZeroOptimizer", "ipg_buckets"),
     ("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", "fp32_groups_flat_partition"),
     ("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", "fp32_groups_gradients_flat"),
+    ("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", "fp32_groups_gradient_flat_partition"),
+    ("deepspeed.runtime.zero.stage3:DeepSpeedZeroOptimizer_Stage3", "averaged_gradients"),
+    ("deepspeed.runtime.zero.stage_1_and_2:GradPartitionBufferGroup", "flat_partition"),
+    ("deepspeed.runtime.pipe.engine:PipelineEngine", "_exec_optimizer_step"),
+    ("deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer", "fp32_groups"),
+    ("deepspeed.runtime.fp16.unfused_optimizer:FP16_UnfusedOptimizer", "fp16_groups"),
     ("deepspeed.runtime.engine:DeepSpeedEngine", "enable_backward_allreduce"),
     ("deepspeed.comm.torch", "build_shm_op"),
     ("deepspeed.runtime.utils", "partition_balanced"),
@@ -64,8 +72,9 @@ PRIVATE_NAMES = ("ds_tensor", "ds_shape", "ds_persist", "ds_id", "ds_numel", "fp
                  "fp16_partitioned_groups_flat", "grad_partitions_flat_buffer", "ipg_buckets",
                  "single_partition_of_fp32_groups", "parallel_partitioned_bit16_groups", "real_dp_process_group",
                  "_link_all_hp_params", "averaged_gradients", "all_grad_tensors", "grads_in_partition",
-                 "fp32_groups_flat_partition", "fp32_groups_gradients_flat", "enable_backward_allreduce",
-                 "build_shm_op", "_INSTRUCTION_MAP")
+                 "fp32_groups_flat_partition", "fp32_groups_gradients_flat", "fp32_groups_gradient_flat_partition",
+                 "fp32_groups", "fp16_groups", "flat_partition", "enable_backward_allreduce", "build_shm_op",
+                 "_INSTRUCTION_MAP", "_exec_optimizer_step")
 PRIVATE_MODULES = ("deepspeed.runtime", "deepspeed.comm.torch")
 
 
@@ -181,6 +190,73 @@ def share_fp32_master(wrapper) -> None:
         master.data = weights.data
     if hasattr(wrapper, "single_partition_of_fp32_groups"):
         wrapper._link_all_hp_params()
+
+
+def reduced_gradients(wrapper) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """(local, grads) between the last backward of a step and engine.step(): the tensors the wrapper will hand the
+    client optimizer and, element for element, the reduced gradients it will set on them (in the gradient
+    accumulation dtype; the optimizer reads them as fp32), so that the global gradient norm is known before the
+    step. None when `wrapper` is the client optimizer itself (no ZeRO wrapper: the parameters and their .grad).
+    0.19.8 keeps them, after the boundary's reduction, in:
+    - ZeRO-3 (stage3.py's ipg epilogue, flattened by _prepare_fp32_grad_for_sub_group): averaged_gradients[g], the
+      list of each parameter's gradient partition of sub group g;
+    - ZeRO-1/2 (stage_1_and_2.py's epilogue, flattened in step()): averaged_gradients[i], either a group with a
+      flat_partition (fp32 accumulation of lower-precision weights) or a list of the pieces of the partition,
+      zero-padded at the end to the partition's size on the last dp rank;
+    - BF16_Optimizer (bf16_optimizer.py's step()): fp32_groups_gradient_flat_partition[i];
+    - FP16_UnfusedOptimizer (bf16 weights and gradients at ZeRO-0; fp16/unfused_optimizer.py's step()): the .grad
+      of each weight of fp16_groups, for its fp32 copy in fp32_groups."""
+    if hasattr(wrapper, "fp32_partitioned_groups_flat"):
+        local = list(wrapper.fp32_partitioned_groups_flat)
+        return local, [_flat(wrapper.averaged_gradients[g], t.numel()) for g, t in enumerate(local)]
+    if hasattr(wrapper, "single_partition_of_fp32_groups"):
+        local = list(wrapper.single_partition_of_fp32_groups)
+        grads = []
+        for i, t in enumerate(local):
+            group = wrapper.averaged_gradients[i]
+            flat = getattr(group, "flat_partition", None)
+            grads.append(flat.view(-1) if flat is not None else _flat(group, t.numel()))
+        return local, grads
+    if hasattr(wrapper, "fp32_groups_gradient_flat_partition"):
+        return list(wrapper.fp32_groups_flat_partition), list(wrapper.fp32_groups_gradient_flat_partition)
+    if hasattr(wrapper, "fp32_groups") and hasattr(wrapper, "fp16_groups"):
+        local = [t for group in wrapper.fp32_groups for t in group]
+        weights = [p for group in wrapper.fp16_groups for p in group]
+        return local, [p.grad if p.grad is not None else torch.zeros_like(t) for p, t in zip(weights, local)]
+    return None
+
+
+def _flat(pieces, numel: int) -> torch.Tensor:
+    """The pieces one after the other in one 1-D tensor of numel elements, zero-padded at the end."""
+    flat = torch.cat([t.reshape(-1) for t in pieces])
+    if flat.numel() > numel:
+        raise RuntimeError(f"DeepSpeed's gradient partition holds {flat.numel()} elements, its master {numel}: "
+                           f"this DeepSpeed's layout is not the one megachat.deepspeed_internals was written for")
+    return torch.nn.functional.pad(flat, (0, numel - flat.numel())) if flat.numel() < numel else flat
+
+
+def pipeline_train_batch_without_step(engine, data_iter):
+    """PipelineEngine.train_batch without its last instruction, the optimizer step: forward and backward over the
+    micro-batches and the gradients' reduction, returning the batch's loss; the caller then clips and calls
+    `pipeline_optimizer_step`. 0.19.8's train_batch runs the whole schedule, OptimizerStep included, with no
+    point in between; its instruction table (_INSTRUCTION_MAP) maps OptimizerStep to nothing for this call."""
+    from deepspeed.runtime.pipe import schedule as S
+    table = engine._INSTRUCTION_MAP  # the instance's own (time_pipeline_instructions) or the class's
+    engine._INSTRUCTION_MAP = {**table, S.OptimizerStep: lambda self, **kwargs: None}
+    try:
+        return engine.train_batch(data_iter=data_iter)
+    finally:
+        if table is type(engine)._INSTRUCTION_MAP:
+            del engine._INSTRUCTION_MAP
+        else:
+            engine._INSTRUCTION_MAP = table
+
+
+def pipeline_optimizer_step(engine) -> None:
+    """The OptimizerStep instruction that pipeline_train_batch_without_step left out (0.19.8's
+    _exec_optimizer_step: DeepSpeed's wrapper steps the client optimizer and zeroes the gradients)."""
+    from deepspeed.runtime.pipe import schedule as S
+    engine._INSTRUCTION_MAP[S.OptimizerStep](engine)
 
 
 def skip_single_rank_allreduce(engine) -> None:

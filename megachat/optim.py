@@ -1,16 +1,16 @@
 """nanochat's optimizer: Muon for the block matrices, AdamW for the embedding and the LM head, exact under
 tensor x pipeline x data parallelism and DeepSpeed ZeRO-0/1/2/3; its learning rates and the functions of its
 schedules (lr_multiplier, muon_momentum), which the trainer evaluates at its step and hands to every step
-(`HybridOptimizer.set_schedule`), and the global gradient-norm clipping, which runs first in the step because
-DeepSpeed reduces the gradients inside its own step, right before it calls this optimizer's. Which elements of which matrix a rank holds under DeepSpeed's
-partitions, and the exchange that brings each matrix to the rank that orthogonalizes it, are
-megachat.zero_partitions'.
+(`HybridOptimizer.set_schedule`); the global gradient norm (`global_grad_norm`) and the clipping factor
+(`clip_coefficient`) the trainer computes between the backward and the step. Which elements of which matrix a rank
+holds under DeepSpeed's partitions, and the exchange that brings each matrix to the rank that orthogonalizes it,
+are megachat.zero_partitions'.
 
 What it computes (as nanochat's base_train.py), for every step `it` (0-based), with the schedule's lr multiplier
 lrm = lr_multiplier(it) and Muon momentum m = muon_momentum(it) set by the trainer:
-- gradients are first clipped to `max_grad_norm` by the true global norm: every element of the unsharded
-  model counted once, whatever tp / pp / dp / ZeRO stage; it equals torch.nn.utils.clip_grad_norm_ on the
-  single-process model.
+- gradients are first multiplied by the step's grad_scale: clip_coefficient(global_grad_norm(...), max_norm), the
+  true global norm (every element of the unsharded model counted once, whatever tp / pp / dp / ZeRO stage), as
+  torch.nn.utils.clip_grad_norm_ clips the single-process model.
 - Muon (2-D block matrices, kind "matrix"): buf.lerp_(g, 1 - m); u = g.lerp(buf, m) (Nesterov); the update of
   the *whole* matrix is newton_schulz(u) * sqrt(max(1, rows / cols)) (rows, cols of the unsharded matrix);
   w -= lr * lrm * update. m warms from 0.85 to 0.95 over the first 300 steps.
@@ -46,10 +46,11 @@ is not the optimizer's: the trainer's step is the one counter (the schedule's po
 correction), set with set_schedule; full_optimizer_state() / load_full_optimizer_state() gather a stage's
 state into unsharded per-parameter tensors on every rank and back (small models, tests).
 
-DeepSpeed config the trainer needs with it: "gradient_clipping": 0 (clipping happens here, with the true
-global norm; train_config.check_ds_config refuses a user's value), "zero_allow_untested_optimizer": true for ZeRO >= 1, no "optimizer" / "scheduler" sections
-(the trainer owns the schedule), no fp16. ZeRO-3 also needs a sub_group_size above the
-stage's parameter count, so that DeepSpeed calls step() once with every parameter (build.ds_config sets it).
+DeepSpeed config the trainer needs with it: "gradient_clipping": 0 (the trainer clips, with the true global norm;
+train_config.check_ds_config refuses a user's value), "zero_allow_untested_optimizer": true for ZeRO >= 1, no
+"optimizer" / "scheduler" sections (the trainer owns the schedule), no fp16. ZeRO-3 also needs a sub_group_size
+above the stage's parameter count, so that DeepSpeed calls step() once with every parameter (build.ds_config sets
+it).
 The class name avoids the word "muon": DeepSpeed's ZeRO-1/2 switch to their own Muon path for optimizers
 whose class name contains it.
 """
@@ -62,7 +63,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from megachat.deepspeed_internals import zero3_master_flats
+from megachat.deepspeed_internals import reduced_gradients, zero3_master_flats
 from megachat.kernels import newton_schulz
 from megachat.parallel import Grid
 from megachat.zero_partitions import ExchangePlan, build_plan, shard_state_into, unshard_state, written_share
@@ -121,15 +122,15 @@ class HybridOptimizer(torch.optim.Optimizer):
     (Muon's exchange runs over its stage_group). matrix_lr / embedding_lr / lm_head_lr: the base rates, scaled by
     learning_rates(n_embd). ns_dtype: Newton-Schulz compute dtype (bf16 as nanochat; fp32 in tests);
     compile_newton_schulz: run it through torch.compile (kernels.newton_schulz(compiled=True)).
-    Before each step the caller sets the schedule (`set_schedule`: the 0-based step, the lr multiplier and Muon's
-    momentum); without it a step runs as step 0 with multiplier 1 and momentum 0.95.
+    Before each step the caller sets it (`set_schedule`: the 0-based step, the lr multiplier, Muon's momentum and
+    the clipping factor); a step without it only creates the state.
     """
 
     def __init__(self, named_parameters, grid: Grid = Grid(), *, n_embd: int,
                  matrix_lr: float = LEARNING_RATES["matrix"], embedding_lr: float = LEARNING_RATES["embedding"],
                  lm_head_lr: float = LEARNING_RATES["lm_head"], betas: tuple[float, float] = (0.8, 0.95),
                  eps: float = 1e-10, ns_steps: int = 5, ns_dtype: torch.dtype = torch.bfloat16,
-                 max_grad_norm: float = 1.0, compile_newton_schulz: bool = False):
+                 compile_newton_schulz: bool = False):
         named = [(n, p) for n, p in named_parameters if p.requires_grad]
         if not named:
             raise ValueError("HybridOptimizer got no trainable parameters: pass model.named_parameters()")
@@ -147,37 +148,38 @@ class HybridOptimizer(torch.optim.Optimizer):
                                  f"partition_dim on every tp-sharded weight, False on replicated ones")
         lrs = learning_rates(n_embd, {"matrix": matrix_lr, "embedding": embedding_lr, "lm_head": lm_head_lr})
         defaults = dict(lr=1.0, **{f"{kind}_lr": lr for kind, lr in lrs.items()}, betas=betas, eps=eps,
-                        ns_steps=ns_steps, max_grad_norm=max_grad_norm)
+                        ns_steps=ns_steps)
         super().__init__([{"params": list(self._params)}], defaults)
         self.ns_dtype, self.compile_newton_schulz = ns_dtype, compile_newton_schulz
-        self.set_schedule(0, 1.0, 0.95)
+        self._next: tuple | None = None  # set_schedule's (step, lr multiplier, momentum, gradient scale)
         self._plan: ExchangePlan | None = None
-        self.last_grad_norm: float | None = None
-        self.skipped = False  # whether the last step was skipped for a non-finite gradient norm
+        self.skipped = False  # whether the last step was skipped for a non-finite gradient scale
         self.last_step_seconds: float | None = None
 
-    def set_schedule(self, step: int, lr_multiplier: float, momentum: float) -> None:
-        """The schedule of the next step: its 0-based number (Adam's bias correction uses step + 1), the multiplier
-        of every base rate and Muon's momentum."""
-        self.schedule_step, self.lr_multiplier, self.momentum = int(step), float(lr_multiplier), float(momentum)
-        self.param_groups[0]["lr"] = self.lr_multiplier  # what DeepSpeed's engine reports as the lr
+    def set_schedule(self, step: int, lr_multiplier: float, momentum: float,
+                     grad_scale: torch.Tensor | None = None) -> None:
+        """The next step: its 0-based number (Adam's bias correction uses step + 1), the multiplier of every base
+        rate, Muon's momentum and grad_scale, the factor on every gradient (clip_coefficient's, for global-norm
+        clipping; None: 1). A non-finite grad_scale skips the step: no weight or state moves. A step() without a
+        set_schedule before it only creates the state (DeepSpeed's wrappers call one at construction)."""
+        self._next = (int(step), float(lr_multiplier), float(momentum), grad_scale)
+        self.param_groups[0]["lr"] = float(lr_multiplier)  # what DeepSpeed's engine reports as the lr
 
     def _prepare(self, local: list[torch.Tensor] | None = None):
-        """(plan, state, fresh): the layout of what this rank holds and its packed fp32 state (created
-        zero on first use; fresh = just created). local: the tensors DeepSpeed handed us, when the param
-        group does not hold them right now (ZeRO-3 empties it between steps)."""
+        """(plan, state): the layout of what this rank holds and its packed fp32 state (created zero on first
+        use). local: the tensors DeepSpeed hands us, when the param group does not hold them right now (ZeRO-3
+        empties it between steps; global_grad_norm runs before DeepSpeed's step)."""
         local = list(self.param_groups[0]["params"]) if local is None else list(local)
         plan = self._plan
         if plan is None or len(plan.local) != len(local) or any(a is not b for a, b in zip(plan.local, local)):
             plan = self._plan = build_plan(self.grid, self._names, self._params, self._kinds, local)
         state = self.state[plan.local[0]]
-        fresh = not state
-        if fresh:
+        if not state:
             device = plan.local[0].device
             state["momentum_buffer"] = torch.zeros(plan.matrix_numel, dtype=torch.float32, device=device)
             state["exp_avg"] = torch.zeros(plan.adam_numel, dtype=torch.float32, device=device)
             state["exp_avg_sq"] = torch.zeros(plan.adam_numel, dtype=torch.float32, device=device)
-        return plan, state, fresh
+        return plan, state
 
     def _orthogonalize(self, plan: ExchangePlan, us: list[torch.Tensor]):
         """us: fp32 1-D, the momentum-updated gradient of each of this rank's Muon pieces (plan.matrix_pieces) ->
@@ -230,34 +232,19 @@ class HybridOptimizer(torch.optim.Optimizer):
             raise ValueError("HybridOptimizer.step takes no closure")
         t0 = time.perf_counter()
         group = self.param_groups[0]
-        plan, state, fresh = self._prepare()
-        it, lrm, mom = self.schedule_step, self.lr_multiplier, self.momentum
+        plan, state = self._prepare()
+        if self._next is None:  # not a training step: DeepSpeed's wrappers call one at construction for the state
+            return
+        (it, lrm, mom, coef), self._next = self._next, None
+        self.skipped = coef is not None and not math.isfinite(float(coef))
+        if self.skipped:  # a non-finite loss or gradient: no weight or state moves
+            self.last_step_seconds = time.perf_counter() - t0
+            return
         flat = [t.view(-1) for t in plan.local]
         grads = [t.grad.view(-1) if t.grad is not None else torch.zeros_like(v) for t, v in zip(plan.local, flat)]
         device = flat[0].device
 
-        # 1. global gradient norm: each element of the unsharded model once, summed over the whole world
-        sq = torch.zeros((), dtype=torch.float32, device=device)
-        for piece in plan.pieces:
-            if piece.in_grad_norm:
-                sq += piece.of_local(grads).float().pow(2).sum()
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(sq)
-        norm = sq.sqrt()
-        self.last_grad_norm = float(norm)
-        self.skipped = not math.isfinite(self.last_grad_norm)
-        if self.skipped:  # a non-finite loss or gradient: no weight or state moves
-            self.last_step_seconds = time.perf_counter() - t0
-            return
-        coef = (group["max_grad_norm"] / (norm + 1e-6)).clamp(max=1.0) if group["max_grad_norm"] > 0 else None
-
-        if fresh and float(sq) == 0.0:
-            # DeepSpeed's FP16 / bf16-accumulation / ZeRO-3 wrappers call step() once with all-zero gradients
-            # at construction to create optimizer state; that is not a training step (it would shift Adam's
-            # bias correction and the schedule by one). A zero update changes no weight.
-            return
-
-        # 2. AdamW (elementwise: the pieces this rank holds are all it needs). In place, as torch's clipping and
+        # 1. AdamW (elementwise: the pieces this rank holds are all it needs). In place, as torch's clipping and
         # nanochat's Muon: the gradient is scaled in its own buffer, which then holds the denominator; an fp32
         # weight is updated in place (the same ops as out of place, bitwise; on a CPU each fresh buffer costs page
         # faults on the order of the math)
@@ -273,7 +260,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             denom = torch.sqrt(exp_avg_sq, out=g).div_(bias2_sqrt).add_(group["eps"])
             _add_into(piece.of_local(flat), lambda w: w.addcdiv_(exp_avg, denom, value=-lr / bias1))
 
-        # 3. Muon: elementwise Nesterov momentum, then whole-matrix Newton-Schulz at each matrix's owner
+        # 2. Muon: elementwise Nesterov momentum, then whole-matrix Newton-Schulz at each matrix's owner
         if plan.matrices:
             buf = state["momentum_buffer"]
             us = []
@@ -300,6 +287,38 @@ class HybridOptimizer(torch.optim.Optimizer):
         self._plan = None
 
 
+def global_grad_norm(engine_or_optimizer) -> torch.Tensor:
+    """The norm of the whole model's gradient (fp32, 0-d, the same on every rank): every element of the unsharded
+    model counted once, whatever tp / pp / dp / ZeRO stage, summed over the world; torch.nn.utils.clip_grad_norm_'s
+    on the one-process model. Call it after the last backward of a step and before the optimizer step: DeepSpeed
+    has reduced the gradients over dp by then and hands them to the optimizer in its step."""
+    opt, local, wrapper = _unwrap(engine_or_optimizer, with_wrapper=True)
+    reduced = reduced_gradients(wrapper) if wrapper is not None else None
+    if reduced is None:
+        local = list(opt.param_groups[0]["params"])
+        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in local]
+    else:
+        local, grads = reduced
+    plan, _ = opt._prepare(local)
+    grads = [g.view(-1) for g in grads]
+    sq = torch.zeros((), dtype=torch.float32, device=plan.local[0].device)
+    for piece in plan.pieces:
+        if piece.in_grad_norm:
+            sq += piece.of_local(grads).float().pow(2).sum()
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sq)
+    return sq.sqrt()
+
+
+def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None:
+    """The factor that clips a gradient of global norm `norm` to max_norm (torch.nn.utils.clip_grad_norm_'s:
+    max_norm / (norm + 1e-6), at most 1; None when max_norm is 0, no clipping), for HybridOptimizer.set_schedule.
+    NaN when the norm is not finite, which the step skips on."""
+    if not math.isfinite(float(norm)):
+        return torch.full_like(norm, math.nan)
+    return (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
+
+
 def _scaled_fp32(g: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
     """The gradient g x the clipping coefficient, fp32, in g's own buffer (a copy only when g is not fp32)."""
     g = g if g.dtype == torch.float32 else g.float()
@@ -314,8 +333,9 @@ def _add_into(w: torch.Tensor, update) -> None:
         w.copy_(update(w.float()))
 
 
-def _unwrap(obj) -> tuple[HybridOptimizer, list[torch.Tensor] | None]:
-    """(our optimizer, the tensors its wrapper hands it) from an engine, a DeepSpeed wrapper or ours."""
+def _unwrap(obj, with_wrapper: bool = False):
+    """(our optimizer, the tensors its wrapper hands it) from an engine, a DeepSpeed wrapper or ours;
+    with_wrapper: and the DeepSpeed wrapper around it (None without one)."""
     chain = [obj]
     for _ in range(3):  # engine -> ZeRO / BF16 wrapper -> ours
         if isinstance(chain[-1], HybridOptimizer):
@@ -327,6 +347,9 @@ def _unwrap(obj) -> tuple[HybridOptimizer, list[torch.Tensor] | None]:
     local = None
     if not opt.param_groups[0]["params"] and len(chain) > 1:  # ZeRO-3 empties the group between steps
         local = zero3_master_flats(chain[-2])
+    if with_wrapper:
+        wrapper = chain[-2] if len(chain) > 1 and not isinstance(chain[-2], torch.nn.Module) else None  # not the engine
+        return opt, local, wrapper
     return opt, local
 
 
@@ -336,7 +359,7 @@ def full_optimizer_state(engine_or_optimizer) -> dict:
     momentum_buffer (Muon) or exp_avg / exp_avg_sq (AdamW). For saving under one layout and resuming under
     another with load_full_optimizer_state."""
     opt, local = _unwrap(engine_or_optimizer)
-    plan, state, _ = opt._prepare(local)
+    plan, state = opt._prepare(local)
     params = {name: {key: unshard_state(plan, i, state[key]) for key in _STATE_KEYS[kind]}
               for i, (name, kind) in enumerate(zip(opt._names, opt._kinds))}
     return {"params": params}
@@ -347,7 +370,7 @@ def load_full_optimizer_state(engine_or_optimizer, full: dict) -> None:
     deepspeed.initialize (and any checkpoint load) and before the next step. A tensor whose unsharded
     shape differs (the vocab padded for another tp) is cropped / zero-padded to this layout's shape."""
     opt, local = _unwrap(engine_or_optimizer)
-    plan, state, _ = opt._prepare(local)
+    plan, state = opt._prepare(local)
     for i, (name, kind) in enumerate(zip(opt._names, opt._kinds)):
         if name not in full["params"]:
             raise ValueError(f"optimizer state has no entry for parameter {name!r}: it was saved from a "
@@ -377,7 +400,7 @@ def held_state(engine_or_optimizer, *, once: bool) -> list[HeldRun]:
     into the views sets the weights DeepSpeed steps from and the optimizer state). Call after
     deepspeed.initialize."""
     opt, local = _unwrap(engine_or_optimizer)
-    plan, state, _ = opt._prepare(local)
+    plan, state = opt._prepare(local)
     flats = [t.view(-1) for t in plan.local]
     runs = []
     for piece in plan.pieces:
@@ -399,11 +422,11 @@ def hybrid_optimizer(engine_or_optimizer) -> HybridOptimizer:
 
 def optimizer_stats(optimizer) -> dict:
     """Numbers of this rank's last optimizer step for the benchmark: step_seconds, bytes_sent (this rank,
-    both all_to_alls), bytes_min (the scheme's minimum total volume / ranks of the stage), grad_norm, skipped
-    (a non-finite gradient norm: the step changed nothing).
+    both all_to_alls), bytes_min (the scheme's minimum total volume / ranks of the stage), skipped (a non-finite
+    gradient scale: the step changed nothing).
     Accepts the HybridOptimizer or a DeepSpeed engine / wrapper around it."""
     opt, _ = _unwrap(optimizer)
     if opt._plan is None:
         raise ValueError("optimizer_stats: no optimizer step taken yet; call it after engine.step()")
     return dict(step_seconds=opt.last_step_seconds, bytes_sent=opt._plan.bytes_sent,
-                bytes_min=opt._plan.bytes_min, grad_norm=opt.last_grad_norm, skipped=opt.skipped)
+                bytes_min=opt._plan.bytes_min, skipped=opt.skipped)

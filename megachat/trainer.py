@@ -36,7 +36,8 @@ from megachat.evaluation.model_eval import GridForward
 from megachat.fileio import atomic_write_json
 from megachat.model import full_state_dict, nanochat_shapes
 from megachat.monitor import memory_gib, peak_flops
-from megachat.optim import learning_rates, lr_multiplier, muon_momentum, optimizer_stats
+from megachat.deepspeed_internals import pipeline_optimizer_step, pipeline_train_batch_without_step
+from megachat.optim import clip_coefficient, global_grad_norm, learning_rates, lr_multiplier, muon_momentum
 from megachat.parallel import Grid
 from megachat.train_config import TrainConfig, num_params
 from megachat.watchdog import Watchdog
@@ -73,13 +74,11 @@ class Trainer:
         across micro-batches and dp ranks, exactly as one process holding the global batch would weigh it (for
         packed pretraining data, the mean of the micro-batch means). Returns loss (the same on every rank),
         grad_norm (before clipping), lrm (the schedule's multiplier this step), lr (the block matrices' lr) and
-        the throughput. In order: this step's schedule onto the optimizer; forward and backward over the
-        micro-batches, DeepSpeed reducing the gradients over dp and, after the last micro-batch, running the optimizer
-        step (HybridOptimizer.step: the global gradient norm over tp / pp / dp and clipping, then Muon and AdamW);
-        then the schedule's step (self.step + 1)."""
+        the throughput. In order: forward and backward over the micro-batches (DeepSpeed reduces the gradients
+        over dp after the last); the global gradient norm over tp / pp / dp and the clipping factor; the optimizer
+        step (HybridOptimizer: Muon and AdamW on the clipped gradient, at this step's schedule); the schedule's
+        step (self.step + 1)."""
         t0 = time.perf_counter()
-        lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
-        self.optimizer.set_schedule(self.step, lrm, muon_momentum(self.step))
         batches = [tuple(t.to(self.device) for t in mb) for mb in micro_batches]
         if len(batches) != self.grad_accum:
             raise ValueError(f"train_step got {len(batches)} micro-batches, the config needs {self.grad_accum} "
@@ -91,31 +90,44 @@ class Trainer:
                              "data's masks")
         scale = self.grad_accum * self.grid.dp / trained  # DeepSpeed averages over micro-batches and dp ranks
         weighted = [(x, (y, (y >= 0).float() * scale * (rest[0] if rest else 1.0))) for x, y, *rest in batches]
+
+        # 1. forward and backward
         if self.cfg.pp > 1:
-            loss = self.ds_engine.train_batch(data_iter=iter(weighted)).detach().float()
+            loss = pipeline_train_batch_without_step(self.ds_engine, iter(weighted)).detach().float()
         else:
             loss = torch.zeros((), device=self.device)
-            for x, y in weighted:
+            for i, (x, y) in enumerate(weighted):
                 micro_loss = self.ds_engine(x, y)
                 self.ds_engine.backward(micro_loss)
-                self.ds_engine.step()
+                if i < len(weighted) - 1:
+                    self.ds_engine.step()  # DeepSpeed counts micro-batches here; the last one is the real step
                 loss += micro_loss.detach().float()
             loss /= self.grad_accum
             dist.all_reduce(loss, group=self.grid.dp_group)
             loss /= self.grid.dp
+
+        # 2. global gradient norm and clipping; 3. the optimizer step at this step's schedule
+        norm = global_grad_norm(self.ds_engine)
+        lrm = lr_multiplier(self.step, self.cfg.num_iterations, warmdown_ratio=self.cfg.warmdown_ratio)
+        self.optimizer.set_schedule(self.step, lrm, muon_momentum(self.step),
+                                    grad_scale=clip_coefficient(norm, self.cfg.grad_clip))
+        if self.cfg.pp > 1:
+            pipeline_optimizer_step(self.ds_engine)
+        else:
+            self.ds_engine.step()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        loss = loss.item()
-        self.step += 1  # the schedule's step
-        stats = optimizer_stats(self.ds_engine)
+        loss, grad_norm = loss.item(), float(norm)
+
+        # 4. the schedule's step
+        self.step += 1
         tokens_per_s = self.cfg.total_batch_size / dt
         flops_per_s = self.flops_per_token * tokens_per_s
         rec = {"loss": loss, "lr": learning_rates(self.cfg.model_config().n_embd)["matrix"] * self.cfg.lr_scale * lrm,
-               "lrm": lrm,
-               "grad_norm": stats["grad_norm"], "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s,
+               "lrm": lrm, "grad_norm": grad_norm, "tokens_per_s": tokens_per_s, "model_flops_per_s": flops_per_s,
                "step_time_s": dt, "memory_gib": memory_gib()}
-        if stats["skipped"] or not math.isfinite(loss):
+        if not math.isfinite(grad_norm) or not math.isfinite(loss):
             rec["skipped"] = 1  # a non-finite loss or gradient norm: HybridOptimizer changed nothing
         peak = peak_flops(self.cfg.dtype)
         if peak:

@@ -6,7 +6,9 @@ optimizer and communication (DeepSpeed's wall-clock-breakdown timers, max over r
 Synthetic token ids (no data files needed). On CPU it also times a plain fp32 matmul in the same process and
 prints the ratio of the model's achieved FLOP/s to it; on GPU, MFU against 989 TFLOP/s (H100 SXM, dense bf16).
 What the columns hold: fwd = forward micro-steps (tp all-reduces inside them included); bwd = backward compute
-(tp all-reduces included); optim = the optimizer step (ZeRO gathers and Muon's all_to_alls included);
+(tp all-reduces included); optim = the optimizer step (ZeRO gathers and Muon's all_to_alls included; the global
+gradient norm, which the train step computes before it, is not: --vs-nanochat counts it in "other", where nanochat's
+clip_grad_norm_ is in its "optim");
 comm = data-parallel gradient reduction + pipeline send/recv (which includes waiting for the other stage). With
 pp > 1 the time of each pipeline instruction is measured by wrapping the engine's instruction table, because
 DeepSpeed 0.19.8's PipelineEngine fails with wall_clock_breakdown on ("bwd_microstep timer has already been

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from megachat.kernels import newton_schulz
-from megachat.optim import (LEARNING_RATES, HybridOptimizer, learning_rates, lr_multiplier, muon_momentum,
-                            optimizer_stats, param_kind)
+from megachat.optim import (LEARNING_RATES, HybridOptimizer, clip_coefficient, global_grad_norm, learning_rates,
+                            lr_multiplier, muon_momentum, optimizer_stats, param_kind)
 
 GOLDEN = Path(__file__).parent / "fixtures" / "nanochat_v0_tiny.pt"
 
@@ -30,8 +30,7 @@ def test_muon_step_reproduces_nanochat(golden):
     w = torch.nn.Parameter(golden["muon_weight"].clone())
     w.grad = golden["muon_grad"].clone()
     m = float(golden["muon_momentum"])
-    opt = HybridOptimizer([("transformer.h.0.mlp.c_fc.weight", w)], n_embd=64, matrix_lr=float(golden["muon_lr"]),
-                          max_grad_norm=0.0)
+    opt = HybridOptimizer([("transformer.h.0.mlp.c_fc.weight", w)], n_embd=64, matrix_lr=float(golden["muon_lr"]))
     opt.set_schedule(0, 1.0, m)
     opt.step()
     got, want = w.detach() - golden["muon_weight"], golden["muon_weight_after"] - golden["muon_weight"]
@@ -87,6 +86,29 @@ def _tiny_model(seed=0):
     return {n: torch.nn.Parameter(torch.randn(s, generator=g)) for n, s in shapes.items()}
 
 
+def _clipped_step(opt, step: int, num_iterations: int) -> float:
+    """The trainer's order: the global gradient norm, then the step at the schedule with the gradient clipped to 1;
+    returns the norm."""
+    norm = global_grad_norm(opt)
+    opt.set_schedule(step, lr_multiplier(step, num_iterations), muon_momentum(step),
+                     grad_scale=clip_coefficient(norm, 1.0))
+    opt.step()
+    return float(norm)
+
+
+def test_a_step_without_a_schedule_creates_the_state_and_moves_nothing():
+    params = _tiny_model()
+    opt = HybridOptimizer(params.items(), n_embd=16)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.ones_like(p)
+    opt.step()  # as DeepSpeed's wrappers call it at construction
+    assert all(torch.equal(params[n].detach(), w) for n, w in before.items())
+    assert set(opt.state[opt.param_groups[0]["params"][0]]) == {"momentum_buffer", "exp_avg", "exp_avg_sq"}
+    _clipped_step(opt, 0, 10)
+    assert not any(torch.equal(params[n].detach(), w) for n, w in before.items())
+
+
 def test_single_process_step_matches_torch_adamw_and_reference_muon():
     params = _tiny_model()
     ref = {n: p.detach().clone().requires_grad_(True) for n, p in params.items()}
@@ -101,10 +123,9 @@ def test_single_process_step_matches_torch_adamw_and_reference_muon():
         grads = {n: torch.randn(p.shape, generator=g) for n, p in params.items()}
         for n in params:
             params[n].grad, ref[n].grad = grads[n].clone(), grads[n].clone()
-        opt.set_schedule(step, lr_multiplier(step, 10), muon_momentum(step))
-        opt.step()
+        got_norm = _clipped_step(opt, step, 10)
         norm = torch.nn.utils.clip_grad_norm_(list(ref.values()), 1.0)
-        assert opt.last_grad_norm == pytest.approx(float(norm), rel=1e-6)
+        assert got_norm == pytest.approx(float(norm), rel=1e-6)
         adam.step()
         m = muon_momentum(step)
         with torch.no_grad():
@@ -125,8 +146,7 @@ def test_state_dict_roundtrip_resumes_exactly():
         for step in range(first, first + steps):
             for p in params.values():
                 p.grad = torch.randn(p.shape, generator=g)
-            opt.set_schedule(step, lr_multiplier(step, 6), muon_momentum(step))
-            opt.step()
+            _clipped_step(opt, step, 6)
 
     a = _tiny_model()
     opt_a = HybridOptimizer(a.items(), n_embd=16)
@@ -154,18 +174,18 @@ def test_a_non_finite_gradient_skips_the_step_without_touching_weights_or_state(
     opt = HybridOptimizer(named, n_embd=4)
     for _, p in named:
         p.grad = torch.randn_like(p)
-    opt.step()  # one good step: momentum and moments are non-zero now
+    _clipped_step(opt, 0, 10)  # one good step: momentum and moments are non-zero now
     weights = [p.detach().clone() for _, p in named]
     state = {k: v.clone() for k, v in opt.state[opt.param_groups[0]["params"][0]].items()}
     for bad in (float("nan"), float("inf")):
         for _, p in named:
             p.grad = torch.randn_like(p)
         named[1][1].grad[3, 1] = bad
-        opt.step()
+        assert not torch.isfinite(torch.tensor(_clipped_step(opt, 1, 10)))
         assert optimizer_stats(opt)["skipped"]
         assert all(torch.equal(p, w) for (_, p), w in zip(named, weights))
         assert all(torch.equal(v, state[k]) for k, v in opt.state[opt.param_groups[0]["params"][0]].items())
     for _, p in named:
         p.grad = torch.randn_like(p)
-    opt.step()
+    _clipped_step(opt, 1, 10)
     assert not optimizer_stats(opt)["skipped"] and not torch.equal(named[0][1], weights[0])

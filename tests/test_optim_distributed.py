@@ -43,10 +43,14 @@ def _opt_kwargs(torch):
     return dict(n_embd=N_EMBD, ns_dtype=torch.float32)
 
 
-def _schedule(engine, step):
-    """The trainer's schedule for `step` onto the HybridOptimizer inside `engine` (momentum warms up over 3 steps)."""
-    from megachat.optim import hybrid_optimizer, lr_multiplier, muon_momentum
-    hybrid_optimizer(engine).set_schedule(step, lr_multiplier(step, NUM_ITERATIONS), muon_momentum(step, warmup_steps=3))
+def _step(engine, step):
+    """The trainer's optimizer step `step`, after the backward: the global gradient norm, the schedule (momentum warms
+    up over 3 steps) with the gradient clipped to 1 onto the HybridOptimizer inside `engine`, DeepSpeed's step."""
+    from megachat.optim import clip_coefficient, global_grad_norm, hybrid_optimizer, lr_multiplier, muon_momentum
+    norm = global_grad_norm(engine)
+    hybrid_optimizer(engine).set_schedule(step, lr_multiplier(step, NUM_ITERATIONS),
+                                          muon_momentum(step, warmup_steps=3), grad_scale=clip_coefficient(norm, 1.0))
+    engine.step()
 
 
 def _shard(t, pdim, grid):
@@ -172,10 +176,9 @@ def _run_layout(torch, tp, pp, zero, bf16, steps, ckpt=None):
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=cfg, mpu=grid)
 
     def one_step(step):
-        _schedule(engine, step)
         loss = engine(torch.tensor([step, grid.dp_rank]))
         engine.backward(loss)
-        engine.step()
+        _step(engine, step)
 
     if ckpt is None:
         for step in range(steps):
@@ -231,10 +234,9 @@ def _reshard(torch, first, second, steps):
         if state is not None:
             load_full_optimizer_state(engine, state)
         for step in todo:
-            _schedule(engine, step)
             loss = engine(torch.tensor([step, grid.dp_rank]))
             engine.backward(loss)
-            engine.step()
+            _step(engine, step)
             dps.append(grid.dp)
         if full is None:
             state = full_optimizer_state(engine)
