@@ -192,12 +192,11 @@ def share_fp32_master(wrapper) -> None:
         wrapper._link_all_hp_params()
 
 
-def reduced_gradients(wrapper) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+def reduced_gradients(wrapper) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(local, grads) between the last backward of a step and engine.step(): the tensors the wrapper will hand the
     client optimizer and, element for element, the reduced gradients it will set on them (in the gradient
     accumulation dtype; the optimizer reads them as fp32), so that the global gradient norm is known before the
-    step. None when `wrapper` is the client optimizer itself (no ZeRO wrapper: the parameters and their .grad).
-    0.19.8 keeps them, after the boundary's reduction, in:
+    step (without a wrapper they are the parameters' .grad). 0.19.8 keeps them, after the boundary's reduction, in:
     - ZeRO-3 (stage3.py's ipg epilogue, flattened by _prepare_fp32_grad_for_sub_group): averaged_gradients[g], the
       list of each parameter's gradient partition of sub group g;
     - ZeRO-1/2 (stage_1_and_2.py's epilogue, flattened in step()): averaged_gradients[i], either a group with a
@@ -223,7 +222,10 @@ def reduced_gradients(wrapper) -> tuple[list[torch.Tensor], list[torch.Tensor]] 
         local = [t for group in wrapper.fp32_groups for t in group]
         weights = [p for group in wrapper.fp16_groups for p in group]
         return local, [p.grad if p.grad is not None else torch.zeros_like(t) for p, t in zip(weights, local)]
-    return None
+    raise RuntimeError(f"DeepSpeed wrapped the optimizer in {type(wrapper).__name__}, whose reduced gradients "
+                       f"megachat.deepspeed_internals.reduced_gradients cannot find (written for deepspeed"
+                       f"{TESTED_VERSIONS}); the gradient norm would be wrong: use a ZeRO stage / precision of "
+                       f"docs/training.md or teach reduced_gradients this wrapper")
 
 
 def _flat(pieces, numel: int) -> torch.Tensor:

@@ -293,12 +293,11 @@ def global_grad_norm(engine_or_optimizer) -> torch.Tensor:
     on the one-process model. Call it after the last backward of a step and before the optimizer step: DeepSpeed
     has reduced the gradients over dp by then and hands them to the optimizer in its step."""
     opt, local, wrapper = _unwrap(engine_or_optimizer, with_wrapper=True)
-    reduced = reduced_gradients(wrapper) if wrapper is not None else None
-    if reduced is None:
+    if wrapper is None:
         local = list(opt.param_groups[0]["params"])
         grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in local]
     else:
-        local, grads = reduced
+        local, grads = reduced_gradients(wrapper)
     plan, _ = opt._prepare(local)
     grads = [g.view(-1) for g in grads]
     sq = torch.zeros((), dtype=torch.float32, device=plan.local[0].device)

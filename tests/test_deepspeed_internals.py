@@ -64,3 +64,10 @@ def test_setup_pins_deepspeed_to_the_tested_range():
     setup = (ROOT / "setup.py").read_text()
     assert f'"deepspeed{dsi.TESTED_VERSIONS}"' in setup
     assert deepspeed.__version__.split("+")[0] in SpecifierSet(dsi.TESTED_VERSIONS)
+
+
+def test_an_unknown_optimizer_wrapper_is_refused_rather_than_given_a_wrong_gradient_norm():
+    class NewWrapper:  # what a later DeepSpeed might wrap the client optimizer in
+        optimizer = None
+    with pytest.raises(RuntimeError, match="NewWrapper.*reduced_gradients cannot find"):
+        dsi.reduced_gradients(NewWrapper())
