@@ -241,7 +241,7 @@ class HybridOptimizer(torch.optim.Optimizer):
             self.last_step_seconds = time.perf_counter() - t0
             return
         flat = [t.view(-1) for t in plan.local]
-        grads = [t.grad.view(-1) if t.grad is not None else torch.zeros_like(v) for t, v in zip(plan.local, flat)]
+        grads = _grads(plan.local)
         device = flat[0].device
 
         # 1. AdamW (elementwise: the pieces this rank holds are all it needs). In place, as torch's clipping and
@@ -292,14 +292,14 @@ def global_grad_norm(engine_or_optimizer) -> torch.Tensor:
     model counted once, whatever tp / pp / dp / ZeRO stage, summed over the world; torch.nn.utils.clip_grad_norm_'s
     on the one-process model. Call it after the last backward of a step and before the optimizer step: DeepSpeed
     has reduced the gradients over dp by then and hands them to the optimizer in its step."""
-    opt, local, wrapper = _unwrap(engine_or_optimizer, with_wrapper=True)
-    if wrapper is None:
-        local = list(opt.param_groups[0]["params"])
-        grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in local]
+    opt, wrapper = _wrapped(engine_or_optimizer)
+    if wrapper is None:  # DeepSpeed hands the optimizer the parameters themselves, gradients in their .grad
+        plan, _ = opt._prepare()
+        grads = _grads(plan.local)
     else:
         local, grads = reduced_gradients(wrapper)
-    plan, _ = opt._prepare(local)
-    grads = [g.view(-1) for g in grads]
+        plan, _ = opt._prepare(local)
+        grads = [g.view(-1) for g in grads]
     sq = torch.zeros((), dtype=torch.float32, device=plan.local[0].device)
     for piece in plan.pieces:
         if piece.in_grad_norm:
@@ -318,6 +318,11 @@ def clip_coefficient(norm: torch.Tensor, max_norm: float) -> torch.Tensor | None
     return (max_norm / (norm + 1e-6)).clamp(max=1.0) if max_norm > 0 else None
 
 
+def _grads(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradient of each tensor, 1-D (zeros where it has none)."""
+    return [t.grad.view(-1) if t.grad is not None else torch.zeros_like(t).view(-1) for t in tensors]
+
+
 def _scaled_fp32(g: torch.Tensor, coef: torch.Tensor | None) -> torch.Tensor:
     """The gradient g x the clipping coefficient, fp32, in g's own buffer (a copy only when g is not fp32)."""
     g = g if g.dtype == torch.float32 else g.float()
@@ -332,9 +337,8 @@ def _add_into(w: torch.Tensor, update) -> None:
         w.copy_(update(w.float()))
 
 
-def _unwrap(obj, with_wrapper: bool = False):
-    """(our optimizer, the tensors its wrapper hands it) from an engine, a DeepSpeed wrapper or ours;
-    with_wrapper: and the DeepSpeed wrapper around it (None without one)."""
+def _wrapped(obj) -> tuple[HybridOptimizer, object | None]:
+    """(our optimizer, the DeepSpeed wrapper around it or None) from an engine, a DeepSpeed wrapper or ours."""
     chain = [obj]
     for _ in range(3):  # engine -> ZeRO / BF16 wrapper -> ours
         if isinstance(chain[-1], HybridOptimizer):
@@ -343,13 +347,16 @@ def _unwrap(obj, with_wrapper: bool = False):
     opt = chain[-1]
     if not isinstance(opt, HybridOptimizer):
         raise ValueError(f"{type(obj).__name__} does not wrap a megachat.optim.HybridOptimizer")
-    local = None
-    if not opt.param_groups[0]["params"] and len(chain) > 1:  # ZeRO-3 empties the group between steps
-        local = zero3_master_flats(chain[-2])
-    if with_wrapper:
-        wrapper = chain[-2] if len(chain) > 1 and not isinstance(chain[-2], torch.nn.Module) else None  # not the engine
-        return opt, local, wrapper
-    return opt, local
+    outer = chain[-2] if len(chain) > 1 else None
+    return opt, None if isinstance(outer, torch.nn.Module) else outer  # an engine is not a wrapper
+
+
+def _unwrap(obj) -> tuple[HybridOptimizer, list[torch.Tensor] | None]:
+    """(our optimizer, the tensors its wrapper hands it) from an engine, a DeepSpeed wrapper or ours."""
+    opt, wrapper = _wrapped(obj)
+    if not opt.param_groups[0]["params"] and wrapper is not None:  # ZeRO-3 empties the group between steps
+        return opt, zero3_master_flats(wrapper)
+    return opt, None
 
 
 def full_optimizer_state(engine_or_optimizer) -> dict:

@@ -31,12 +31,12 @@ import torch
 import torch.distributed as dist
 
 from megachat import checkpoint, sharded
+from megachat.deepspeed_internals import pipeline_optimizer_step, pipeline_train_batch_without_step
 from megachat.evaluation.loss_eval import evaluate_bpb
 from megachat.evaluation.model_eval import GridForward
 from megachat.fileio import atomic_write_json
 from megachat.model import full_state_dict, nanochat_shapes
 from megachat.monitor import memory_gib, peak_flops
-from megachat.deepspeed_internals import pipeline_optimizer_step, pipeline_train_batch_without_step
 from megachat.optim import clip_coefficient, global_grad_norm, learning_rates, lr_multiplier, muon_momentum
 from megachat.parallel import Grid
 from megachat.train_config import TrainConfig, num_params
