@@ -14,6 +14,7 @@ others waiting forever), and `device` names this process's device.
 from __future__ import annotations
 
 import os
+import random
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
@@ -207,7 +208,7 @@ def init_distributed(world_of_one: bool = True, timeout_s: float | None = None, 
         return
     if "RANK" not in os.environ:  # plain `python script.py`: one process
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(free_port())))
     _timeout = timedelta(seconds=collective_timeout_s(timeout_s, grace))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -225,7 +226,24 @@ def device():
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 that nothing holds now, for a rendezvous (MASTER_PORT) or a local server. Chosen at
+    random below the kernel's ephemeral range (ip_local_port_range), never in it: the kernel hands ports of that
+    range to every outgoing connection (gloo opens many), so a port picked there can be taken by another
+    process's connect() before the rendezvous listens on it, which then fails with EADDRINUSE."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA range's start
+        ephemeral = 49152
+    pick = random.SystemRandom()  # not the random module's state, which a seeded run shares between processes
+    for _ in range(200):
+        port = pick.randrange(max(1024, ephemeral // 2), ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # held by another process
+                continue
+            return port
+    raise RuntimeError(f"no free TCP port between {max(1024, ephemeral // 2)} and {ephemeral} on 127.0.0.1 after "
+                       f"200 tries: set MASTER_PORT to a port nothing holds")

@@ -13,7 +13,6 @@ at the start of the phase. Prints a markdown table; each launch's per-rank numbe
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from megachat import cli, sharded
 from megachat.build import build_trainer
 from megachat.model import GPTConfig, nanochat_shapes
 from megachat.optim import _STATE_KEYS, param_kind
-from megachat.parallel import init_distributed
+from megachat.parallel import free_port, init_distributed
 from megachat.train_config import TrainConfig
 
 GB = 1e9
@@ -150,9 +149,7 @@ def worker(args) -> None:
 
 
 def launch(args, phase: str) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.nprocs), "--master_port",
            str(port), __file__, "--phase", phase, "--nprocs", str(args.nprocs), "--depth", str(args.depth),
            "--vocab-size", str(args.vocab_size), "--seq-len", str(args.seq_len), "--steps", str(args.steps),

@@ -22,7 +22,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from megachat import sharded
 from megachat.checkpoint import load_run
 from megachat.engine import Engine, Sampling
 from megachat.model import GPTConfig, nanochat_shapes
-from megachat.parallel import Grid
+from megachat.parallel import Grid, free_port
 from megachat.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,12 +58,6 @@ def write_run(root: Path, depth: int, vocab: int, seq_len: int) -> Path:
     model = {k: getattr(cfg, k) for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd")}
     (root / "config.json").write_text(json.dumps({"model": model, "tokenizer": str(root / "tokenizer")}))
     return root
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:

@@ -3,7 +3,6 @@ function returned; `vocab_split_softcap_ce` is the 2-rank vocab-parallel cross-e
 tests/test_tensor_parallel.py and tests/_kernels_interp.py check (its local statistics from the torch reference, or
 from the Triton kernels when the environment dispatches to them)."""
 import os
-import socket
 import tempfile
 from datetime import timedelta
 
@@ -11,13 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from megachat.parallel import free_port  # noqa: F401  (the tests' launches take their ports from here)
 from megachat.tensor_parallel import vocab_parallel_loss
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _rank_main(rank, world, port, fn, args, out_dir, timeout_s):

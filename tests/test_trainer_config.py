@@ -2,6 +2,7 @@
 any process group is created) with a message naming the value and the fix; the DeepSpeed config (build.ds_config)
 gets the batch filled in."""
 import argparse
+from pathlib import Path
 
 import pytest
 
@@ -228,3 +229,15 @@ def test_largest_layer_is_the_largest_entry_of_the_unsharded_models_layers(kw):
     with torch.device("meta"):
         layers = GPT(c.model_config(), grid=Grid()).layers()
     assert largest_layer(c) == max(sum(p.numel() for p in layer.parameters()) for layer in layers)
+
+
+def test_free_ports_lie_below_the_ephemeral_range_where_no_outgoing_connection_takes_them():
+    import socket
+
+    from megachat.parallel import free_port
+    ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = {free_port() for _ in range(20)}
+    assert len(ports) > 1 and all(1024 <= p < ephemeral for p in ports), ports
+    for port in ports:  # and nothing holds them
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
